@@ -1,0 +1,49 @@
+"""jobledger: a durable ledger for background jobs. No accepted job is silently lost.
+
+The public API is small: settings, the record and state types, a store, the manager and the
+errors. Integrations live in :mod:`jobledger.integrations`, the test toolkit in
+:mod:`jobledger.testing`.
+"""
+
+from jobledger.config import Settings
+from jobledger.errors import (
+    ConfigError,
+    IntegrationMissing,
+    InvalidTransition,
+    JobLedgerError,
+    JobNotFound,
+    PublishError,
+    SchemaMissing,
+    StoreError,
+    StoreUnavailable,
+)
+from jobledger.lifecycle import Claim, Lifecycle
+from jobledger.model import Instance, JobRecord, JobState
+from jobledger.query import JobQuery, Page
+from jobledger.stores import Store, Transition, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Claim",
+    "ConfigError",
+    "Instance",
+    "IntegrationMissing",
+    "InvalidTransition",
+    "JobLedgerError",
+    "JobNotFound",
+    "JobQuery",
+    "JobRecord",
+    "JobState",
+    "Lifecycle",
+    "Page",
+    "PublishError",
+    "SchemaMissing",
+    "Settings",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "Transition",
+    "__version__",
+    "open_store",
+]

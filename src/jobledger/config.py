@@ -1,0 +1,151 @@
+"""Settings: one object, read from ``JOBLEDGER_*`` environment variables, overridable in code.
+
+Every field has a named default and is validated when the object is built, so a bad value fails
+at start-up with a line naming the variable, not later inside a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from jobledger.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///jobledger.db"
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_RECOVERY_INTERVAL = 30.0
+DEFAULT_MAX_RECOVERIES = 3
+DEFAULT_RECOVERY_WINDOW = 3600.0
+DEFAULT_KEEP_SUCCEEDED = 7 * 86400.0
+ENV_PREFIX = "JOBLEDGER_"
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from ``90``, ``90s``, ``1h30m``, ``3d``, ``500ms``; :class:`ConfigError` for a
+    negative, empty or unreadable duration."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        raw = str(text).strip().lower()
+        try:
+            value = float(raw)
+        except ValueError:
+            parts = _DURATION.findall(raw)
+            if not raw or "".join(n + u for n, u in parts) != raw.replace(" ", ""):
+                raise ConfigError(
+                    f"unreadable duration {text!r}: use seconds or e.g. 90s, 15m, 1h30m, 3d"
+                ) from None
+            value = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"a duration must be zero or more seconds, not {text!r}")
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"expected true or false, not {text!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """jobledger's settings. Build with :meth:`from_env` to read ``JOBLEDGER_*`` variables;
+    keyword arguments given there (or here) win over the environment."""
+
+    #: ``JOBLEDGER_DATABASE_URL``: the ledger database (SQLite file by default, no server).
+    database_url: str = DEFAULT_DATABASE_URL
+    #: ``JOBLEDGER_AUTO_MIGRATE``: apply the ledger's migrations on first use (default off:
+    #: ``jobledger migrate`` is the deliberate step).
+    auto_migrate: bool = False
+    #: ``JOBLEDGER_INSTANCE_NAME``: the stable part of an instance id (default: the host name;
+    #: on Kubernetes set it from the pod name).
+    instance_name: str = field(default_factory=socket.gethostname)
+    #: ``JOBLEDGER_HEARTBEAT_INTERVAL``: seconds between an instance's heartbeats (10).
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    #: ``JOBLEDGER_HEARTBEAT_TTL``: silence after which an instance is dead (3 x interval).
+    heartbeat_ttl: float | None = None
+    #: ``JOBLEDGER_RECOVERY_INTERVAL``: seconds between orphan sweeps (30).
+    recovery_interval: float = DEFAULT_RECOVERY_INTERVAL
+    #: ``JOBLEDGER_MAX_RECOVERIES``: recoveries within the window before a job is ``dead`` (3).
+    max_recoveries: int = DEFAULT_MAX_RECOVERIES
+    #: ``JOBLEDGER_RECOVERY_WINDOW``: the window the recovery cap counts in (1h).
+    recovery_window: float = DEFAULT_RECOVERY_WINDOW
+    #: ``JOBLEDGER_KEEP_SUCCEEDED``: how long ``prune`` keeps succeeded and cancelled jobs (7d);
+    #: 0 deletes them at once.
+    keep_succeeded: float = DEFAULT_KEEP_SUCCEEDED
+    #: ``JOBLEDGER_KEEP_FAILED``: how long ``prune`` keeps failed and dead jobs (unset: until a
+    #: person acts on them).
+    keep_failed: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.database_url, str) or not self.database_url.strip():
+            raise ConfigError("JOBLEDGER_DATABASE_URL must not be empty")
+        if not self.instance_name or len(self.instance_name) > 200 or ":" in self.instance_name:
+            raise ConfigError(
+                f"JOBLEDGER_INSTANCE_NAME must be 1-200 characters without ':', "
+                f"not {self.instance_name!r}"
+            )
+        for name in ("heartbeat_interval", "recovery_interval", "recovery_window"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_env(name)} must be more than zero seconds")
+        if self.heartbeat_ttl is not None and self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ConfigError(
+                f"JOBLEDGER_HEARTBEAT_TTL ({self.heartbeat_ttl}s) must be longer than "
+                f"JOBLEDGER_HEARTBEAT_INTERVAL ({self.heartbeat_interval}s)"
+            )
+        if self.max_recoveries < 0:
+            raise ConfigError("JOBLEDGER_MAX_RECOVERIES must be zero or more")
+        for name in ("keep_succeeded", "keep_failed"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{_env(name)} must be zero or more seconds")
+
+    @property
+    def ttl(self) -> float:
+        """The heartbeat TTL in force: the set one, or 3 x the interval (invariant 5)."""
+        return self.heartbeat_ttl if self.heartbeat_ttl is not None else 3 * self.heartbeat_interval
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``JOBLEDGER_*`` variables in ``environ`` (default ``os.environ``), with
+        ``overrides`` (None values ignored) taking precedence."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(_env(f.name))
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(f.type)
+    try:
+        if "bool" in kind:
+            return _parse_bool(raw)
+        if "int" in kind:
+            return int(raw)
+        if "float" in kind:
+            return parse_duration(raw)
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"{_env(f.name)}={raw!r}: {exc}") from None
+    return raw.strip()

@@ -1,0 +1,44 @@
+"""The exceptions jobledger raises.
+
+Every error a caller can act on is a subclass of :class:`JobLedgerError`, and its message is one
+line a person can act on (what went wrong, and what to do about it). The CLI prints that line and
+exits with status 2; nothing already recorded is altered by a call that raised.
+"""
+
+from __future__ import annotations
+
+
+class JobLedgerError(Exception):
+    """Base class of every error jobledger raises on purpose."""
+
+
+class ConfigError(JobLedgerError, ValueError):
+    """A setting or argument is malformed (a URL, a duration, a state name, an id)."""
+
+
+class InvalidTransition(JobLedgerError, ValueError):
+    """A transition that the state machine does not allow was asked for (a programming error)."""
+
+
+class StoreError(JobLedgerError):
+    """The ledger store could not do what was asked."""
+
+
+class StoreUnavailable(StoreError):
+    """The ledger database cannot be reached (down, wrong host, bad credentials)."""
+
+
+class SchemaMissing(StoreError):
+    """The ledger tables are missing or older than this version of jobledger."""
+
+
+class JobNotFound(JobLedgerError, LookupError):
+    """No job with that id is in the ledger."""
+
+
+class IntegrationMissing(JobLedgerError):
+    """No integration is registered for a job's queue system, so it cannot be published again."""
+
+
+class PublishError(JobLedgerError):
+    """The queue system refused or failed to take a job; the ledger was left unchanged."""

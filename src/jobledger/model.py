@@ -1,0 +1,277 @@
+"""Job records, instances, the job states and the transitions allowed between them.
+
+The state machine (see DESIGN.md)::
+
+     staged ──► queued ──► started ──► succeeded
+       │          ▲  │        │  ╲
+       │          │  │        │   ╲──► failed      (retries exhausted; kept for a person)
+       │          │  │        ▼
+       │          │  │     retrying ──► queued     (the queue's own retry)
+       │          └──┴──── (owner dead: recovered; recoveries += 1; over the cap ──► dead)
+       └──► cancelled (any non-final state, by a person)
+     failed / dead ──► queued   (restart by a person; same job id)
+
+Every change of state in a store is a compare-and-set on (id, expected states, expected owner);
+:data:`TRANSITIONS` is what a store refuses to do even when the compare would match.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from jobledger.errors import ConfigError, InvalidTransition
+
+#: The longest error text kept on a job; longer ones keep their head and tail.
+ERROR_MAX_LENGTH = 8192
+
+#: The longest job id, task name, queue name or instance id a store accepts.
+NAME_MAX_LENGTH = 255
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_.:@+=~,-]{1,255}")
+
+
+class JobState(str, enum.Enum):
+    """Where a job is in its life. The value is what the store keeps."""
+
+    STAGED = "staged"
+    QUEUED = "queued"
+    STARTED = "started"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """True for states only a person (restart) moves a job out of, or never."""
+        return self in FINAL_STATES
+
+    @classmethod
+    def parse(cls, value: str | JobState) -> JobState:
+        """The state named by ``value``; :class:`ConfigError` listing the known ones if none."""
+        if isinstance(value, JobState):
+            return value
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            known = ", ".join(s.value for s in cls)
+            raise ConfigError(f"unknown job state {value!r}; known states: {known}") from None
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED})
+PENDING_STATES = frozenset({JobState.STAGED, JobState.QUEUED, JobState.RETRYING})
+UNCOMPLETED_STATES = frozenset(JobState) - FINAL_STATES
+
+#: The allowed transitions: ``TRANSITIONS[a]`` holds every state a job in ``a`` may move to.
+#:
+#: Beyond the drawing: ``queued → queued`` is a re-publish (a restart of a job the broker lost);
+#: ``started → queued`` a recovery; ``started → started`` a claim that takes over a job whose
+#: owner died (a redelivery that beat the recovery sweep). A claim may also start a job that is
+#: still ``staged``, ``failed`` or ``dead``: the relay and a restart publish *first* and move the
+#: record after (invariant 1), so a fast worker can see the message before the record moved.
+TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.STAGED: frozenset({JobState.QUEUED, JobState.STARTED, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset(
+        {JobState.QUEUED, JobState.STARTED, JobState.CANCELLED, JobState.DEAD}
+    ),
+    JobState.STARTED: frozenset(
+        {
+            JobState.STARTED,
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.RETRYING,
+            JobState.QUEUED,
+            JobState.DEAD,
+            JobState.CANCELLED,
+        }
+    ),
+    JobState.RETRYING: frozenset(
+        {JobState.QUEUED, JobState.STARTED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.STARTED}),
+    JobState.DEAD: frozenset({JobState.QUEUED, JobState.STARTED}),
+    JobState.CANCELLED: frozenset(),
+}
+
+#: The states a claim starts a job from without asking who else holds it.
+CLAIMABLE_STATES = frozenset(
+    {JobState.STAGED, JobState.QUEUED, JobState.RETRYING, JobState.FAILED, JobState.DEAD}
+)
+
+#: The states a person may restart a job from (publish it again, same id).
+RESTARTABLE_STATES = frozenset({JobState.QUEUED, JobState.FAILED, JobState.DEAD})
+
+
+def check_transition(sources: Iterable[JobState], target: JobState) -> frozenset[JobState]:
+    """Return ``sources`` as a set, or raise :class:`InvalidTransition` if any cannot reach
+    ``target``: asking a store to make a forbidden move is a bug, not a lost race."""
+    sources = frozenset(sources)
+    if not sources:
+        raise InvalidTransition(f"a transition to {target.value} needs at least one source state")
+    bad = sorted(s.value for s in sources if target not in TRANSITIONS[s])
+    if bad:
+        raise InvalidTransition(f"a job cannot move from {', '.join(bad)} to {target.value}")
+    return sources
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return ``job_id`` if it is a well-formed id, else raise :class:`ConfigError`.
+
+    Ids are the queue's own (a UUID for Celery and Dramatiq, RQ's ids, Sidekiq's jid): 1 to 255
+    characters from letters, digits and ``_ . : @ + = ~ , -``. Anything else (spaces, slashes,
+    quotes) is refused so an id is always safe in a URL path and a shell.
+    """
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ConfigError(
+            f"malformed job id {job_id!r}: expected 1-255 characters from letters, digits "
+            "and _ . : @ + = ~ , -"
+        )
+    return job_id
+
+
+def bound_error(text: str | None) -> str | None:
+    """Cut an error text to :data:`ERROR_MAX_LENGTH`, keeping its head and its tail (where a
+    traceback says what actually went wrong)."""
+    if text is None or len(text) <= ERROR_MAX_LENGTH:
+        return text
+    marker = f"\n… [{len(text) - ERROR_MAX_LENGTH} characters cut] …\n"
+    keep = ERROR_MAX_LENGTH - len(marker)
+    head = keep // 2
+    return text[:head] + marker + text[len(text) - (keep - head) :]
+
+
+def to_datetime(epoch: float | None) -> datetime | None:
+    """A store's epoch seconds as an aware UTC datetime."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=timezone.utc)
+
+
+def to_epoch(moment: datetime | float | None) -> float | None:
+    """An aware datetime (naive ones are taken as UTC) or epoch seconds as epoch seconds."""
+    if moment is None or isinstance(moment, (int, float)):
+        return moment
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One tracked job as the ledger holds it.
+
+    ``args``/``kwargs``/``queue``/``options`` are everything an integration needs to publish the
+    job again without importing its code (invariant 10). Timestamps are the latest of each phase
+    (``first_queued_at`` excepted), aware UTC datetimes taken from the database's clock.
+    """
+
+    id: str
+    name: str
+    system: str = "python"
+    queue: str = "default"
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
+    state: JobState = JobState.QUEUED
+    owner: str | None = None
+    attempts: int = 0
+    recoveries: int = 0
+    restarts: int = 0
+    error: str | None = None
+    created_at: datetime | None = None
+    staged_at: datetime | None = None
+    first_queued_at: datetime | None = None
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    recovered_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        validate_job_id(self.id)
+        object.__setattr__(self, "state", JobState.parse(self.state))
+        for label in ("name", "system", "queue"):
+            value = getattr(self, label)
+            if not isinstance(value, str) or not value or len(value) > NAME_MAX_LENGTH:
+                raise ConfigError(f"job {label} must be 1-{NAME_MAX_LENGTH} characters: {value!r}")
+        if not isinstance(self.args, list):
+            object.__setattr__(self, "args", list(self.args))
+        object.__setattr__(self, "error", bound_error(self.error))
+
+    @property
+    def queued_to_finished(self) -> float | None:
+        """Seconds from the latest enqueue to the finish, or None while unfinished."""
+        return _seconds_between(self.queued_at, self.finished_at)
+
+    @property
+    def started_to_finished(self) -> float | None:
+        """Seconds from the latest start to the finish, or None while unfinished."""
+        return _seconds_between(self.started_at, self.finished_at)
+
+
+def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds()
+
+
+class InstanceState(str, enum.Enum):
+    """What an instance said of itself at its last heartbeat."""
+
+    RUNNING = "running"
+    DRAINING = "draining"  # warm shutdown: takes no new jobs, beats until its jobs are done
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One worker process incarnation: a stable ``name`` plus a ``nonce`` drawn at each boot.
+
+    ``id`` (``name:nonce``) is what a job's ``owner`` holds. ``alive`` and ``heartbeat_age`` are
+    judged by the store on the database's clock, so a skewed host cannot fake either.
+    """
+
+    name: str
+    nonce: str
+    hostname: str = ""
+    pid: int = 0
+    queues: tuple[str, ...] = ()
+    state: InstanceState = InstanceState.RUNNING
+    started_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    heartbeat_age: float | None = None
+    alive: bool = True
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}:{self.nonce}"
+
+
+@dataclass(frozen=True)
+class DurationStats:
+    """Durations of finished jobs of one task name, in seconds (nearest-rank percentiles)."""
+
+    name: str
+    count: int
+    p50: float
+    p95: float
+    max: float
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counts per state for one queue, and its lag: the age of its oldest pending job."""
+
+    queue: str
+    counts: dict[JobState, int]
+    oldest_queued_age: float | None
+    oldest_staged_age: float | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

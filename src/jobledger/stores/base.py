@@ -1,0 +1,161 @@
+"""The Store seam: everything the core asks of the place the ledger lives.
+
+Lifecycle, recovery, the manager, the CLI and the server are written once against
+:class:`Store`; the SQL store (SQLite, PostgreSQL, MariaDB/MySQL) and the in-memory store of
+:mod:`jobledger.testing` implement it, and ``tests/contract`` runs every implementation through
+the same suite. What every implementation promises:
+
+- **Compare-and-set.** :meth:`Store.transition` changes a job only if it is in one of the
+  expected states (and, if asked, held by the expected owner), and says whether it did. Of any
+  number of concurrent callers whose expectations match the same row, exactly one wins.
+- **The database's clock.** Timestamps, heartbeats, ages and orphan judgements use the store's
+  own clock (:meth:`Store.now`), never the caller's, so a skewed host creates no false orphans.
+- **Token-checked locks.** A lock is held by a token until it expires; only the holder renews or
+  releases it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from jobledger.model import (
+    DurationStats,
+    Instance,
+    JobRecord,
+    JobState,
+    QueueStats,
+    bound_error,
+    check_transition,
+)
+from jobledger.query import JobQuery, Page
+
+
+class _Sentinel(enum.Enum):
+    ANY = "any"
+    KEEP = "keep"
+
+
+#: ``expect_owner=ANY``: the transition does not look at the owner.
+ANY = _Sentinel.ANY
+#: ``error=KEEP``: the transition leaves the job's last error as it is.
+KEEP = _Sentinel.KEEP
+
+DurationKind = Literal["queued", "started"]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One compare-and-set move of a job.
+
+    The store stamps the phase time of ``to`` (``queued_at`` for queued, ``finished_at`` for a
+    final state, ...) with ``at`` or, when ``at`` is None, its own clock, and keeps the counters:
+    ``attempts`` + 1 on every start, ``recoveries`` + 1 (and ``recovered_at``) for a recovery,
+    ``restarts`` + 1 for a restart. Moving to ``queued`` or ``staged`` clears the owner; moving to
+    ``started`` sets it to ``owner``; other moves keep it (so a finished job shows who ran it).
+    """
+
+    to: JobState
+    expect: frozenset[JobState]
+    expect_owner: str | _Sentinel | None = ANY
+    owner: str | None = None
+    error: str | _Sentinel | None = KEEP
+    reason: Literal["recovery", "restart"] | None = None
+    at: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "expect", check_transition(self.expect, self.to))
+        if self.to is JobState.STARTED and not self.owner:
+            raise ValueError("a transition to started needs the owner instance id")
+        if isinstance(self.error, str):
+            object.__setattr__(self, "error", bound_error(self.error))
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where the ledger lives. See the module docstring for what every implementation promises."""
+
+    # -- schema and connection -------------------------------------------------------------
+    def migrate(self) -> None:
+        """Create or upgrade the ledger's tables; idempotent."""
+
+    def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+
+    def now(self) -> float:
+        """The store's clock, in epoch seconds."""
+
+    # -- jobs ------------------------------------------------------------------------------
+    def create(self, record: JobRecord) -> bool:
+        """Insert ``record``; False (and nothing changed) if a job with its id exists.
+
+        Timestamps the record carries are kept; ``created_at`` and the phase time of its state
+        default to the store's clock.
+        """
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The job with this id, or None."""
+
+    def transition(self, job_id: str, change: Transition) -> bool:
+        """Apply ``change`` if the job matches its expectations; True if this call won."""
+
+    def delete(
+        self, job_id: str, expect: frozenset[JobState], expect_owner: str | _Sentinel | None = ANY
+    ) -> bool:
+        """Delete the job if it is in one of ``expect`` (and held by ``expect_owner``)."""
+
+    def query(self, query: JobQuery, *, limit: int, cursor: str | None = None) -> Page[JobRecord]:
+        """One page of matching jobs, newest first, and the cursor of the next page."""
+
+    def iter_jobs(self, query: JobQuery, *, page_size: int = 500) -> Iterator[JobRecord]:
+        """Every matching job, newest first, fetched page by page in constant memory."""
+        cursor: str | None = None
+        while True:
+            page = self.query(query, limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def count(self, query: JobQuery) -> int:
+        """How many jobs match."""
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Counts per state and the lag of every queue that has jobs."""
+
+    def durations(
+        self, query: JobQuery, kind: DurationKind, *, limit: int, cursor: str | None = None
+    ) -> Page[tuple[JobRecord, float]]:
+        """Finished matching jobs with their queued→finished or started→finished seconds."""
+
+    def duration_stats(self, query: JobQuery, kind: DurationKind) -> list[DurationStats]:
+        """p50/p95/max of those durations per task name, by name."""
+
+    def prune(self, query: JobQuery, *, batch_size: int = 1000) -> int:
+        """Delete the final-state jobs that match, in batches; how many went."""
+
+    # -- instances -------------------------------------------------------------------------
+    def heartbeat(self, instance: Instance) -> None:
+        """Register ``instance`` or refresh its heartbeat (and state) on the store's clock."""
+
+    def deregister(self, instance_id: str) -> bool:
+        """Forget an instance (it shut down holding nothing); False if it was not there."""
+
+    def instances(self, ttl: float) -> list[Instance]:
+        """Every registered instance; ``alive`` means a heartbeat within ``ttl`` seconds."""
+
+    def is_alive(self, instance_id: str, ttl: float) -> bool:
+        """True if the instance is registered and has beaten within ``ttl`` seconds."""
+
+    def orphans(self, ttl: float, *, limit: int = 1000) -> list[JobRecord]:
+        """Started jobs whose owner is gone or has not beaten within ``ttl`` seconds."""
+
+    # -- locks -----------------------------------------------------------------------------
+    def acquire_lock(self, name: str, token: str, ttl: float) -> bool:
+        """Take the lock ``name`` for ``ttl`` seconds if it is free or expired, or renew it if
+        ``token`` holds it. True if ``token`` holds it now."""
+
+    def release_lock(self, name: str, token: str) -> bool:
+        """Free the lock if ``token`` holds it; False (nothing changed) otherwise."""

@@ -1,0 +1,133 @@
+"""The ledger's tables, and the database clock every SQL timestamp comes from.
+
+Times are stored as epoch seconds in double-precision columns rather than as dialect date types:
+one code path serves SQLite, PostgreSQL and MariaDB/MySQL, ages and durations are plain
+subtraction in SQL, and the only per-dialect piece is :class:`db_now`. Tables carry a
+``jobledger_`` prefix so they can live in the application's own database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+#: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
+#: database there. A test checks it is the newest revision shipped.
+SCHEMA_REVISION = "0001"
+
+#: Alembic's version table for the ledger's own migrations, apart from the application's.
+VERSION_TABLE = "jobledger_alembic_version"
+
+_MYSQL_TABLE: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    # Binary collation: ids, names and argument search are case-sensitive on every database.
+    "mysql_collate": "utf8mb4_bin",
+}
+
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+metadata = MetaData()
+
+
+def _stamp(name: str, nullable: bool = True) -> Column[Any]:
+    return Column(name, Double(), nullable=nullable)
+
+
+jobs = Table(
+    "jobledger_jobs",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("system", String(64), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("queue", String(255), nullable=False),
+    Column("args", LongText, nullable=False),
+    Column("kwargs", LongText, nullable=False),
+    Column("tags", LongText, nullable=False),
+    Column("options", LongText, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("owner", String(255)),
+    Column("attempts", Integer, nullable=False),
+    Column("recoveries", Integer, nullable=False),
+    Column("restarts", Integer, nullable=False),
+    Column("error", Text),
+    _stamp("created_at", nullable=False),
+    _stamp("staged_at"),
+    _stamp("first_queued_at"),
+    _stamp("queued_at"),
+    _stamp("started_at"),
+    _stamp("finished_at"),
+    _stamp("recovered_at"),
+    _stamp("updated_at", nullable=False),
+    Index("ix_jobledger_jobs_created", "created_at", "id"),
+    Index("ix_jobledger_jobs_state_created", "state", "created_at", "id"),
+    Index("ix_jobledger_jobs_state_updated", "state", "updated_at"),
+    Index("ix_jobledger_jobs_queue_state", "queue", "state", "queued_at"),
+    Index("ix_jobledger_jobs_name_state", "name", "state"),
+    Index("ix_jobledger_jobs_state_owner", "state", "owner"),
+    **_MYSQL_TABLE,
+)
+
+instances = Table(
+    "jobledger_instances",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("nonce", String(50), nullable=False),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    _stamp("started_at", nullable=False),
+    _stamp("heartbeat_at", nullable=False),
+    **_MYSQL_TABLE,
+)
+
+locks = Table(
+    "jobledger_locks",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("token", String(255), nullable=False),
+    _stamp("expires_at", nullable=False),
+    **_MYSQL_TABLE,
+)
+
+#: Columns of ``jobledger_jobs`` the argument search looks in.
+SEARCH_COLUMNS = ("args", "kwargs", "tags")
+
+
+class db_now(FunctionElement[float]):
+    """The database server's clock in epoch seconds (never the caller's)."""
+
+    type = Double()
+    inherit_cache = True
+
+
+@compiles(db_now)
+def _now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(db_now, "postgresql")
+def _now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CAST(extract(epoch from statement_timestamp()) AS double precision)"
+
+
+@compiles(db_now, "mysql")
+@compiles(db_now, "mariadb")
+def _now_mysql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(UNIX_TIMESTAMP(NOW(6)) + 0e0)"
