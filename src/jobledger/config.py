@@ -35,6 +35,8 @@ def parse_duration(text: str | float | int) -> float:
         value = float(text)
     else:
         raw = str(text).strip().lower()
+        if raw.startswith("-"):
+            raise ConfigError(f"a duration must be zero or more seconds, not {text!r}")
         try:
             value = float(raw)
         except ValueError:

@@ -1,0 +1,501 @@
+"""The ``jobledger`` command: queries, restarts and upkeep of the ledger from a shell.
+
+Tables for people, ``--json`` for scripts (one JSON document; job listings are JSON Lines so a
+million jobs stream in constant memory). Every command takes ``--database-url`` (default:
+``JOBLEDGER_DATABASE_URL``). A bad input ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jobledger.config import Settings, parse_duration
+from jobledger.errors import ConfigError, JobLedgerError
+from jobledger.manager import ActionReport, Manager
+from jobledger.model import JobRecord, JobState
+from jobledger.query import JobQuery
+from jobledger.serialize import (
+    duration_stats_to_dict,
+    format_seconds,
+    instance_to_dict,
+    job_to_dict,
+    queue_stats_to_dict,
+)
+from jobledger.stores import Store, open_store
+
+app = typer.Typer(
+    name="jobledger",
+    help="A durable ledger for background jobs: see what is stuck, restart it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+#: Piped output is not cut to 80 columns: a script reading it wants whole ids and states.
+out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Rows per printed table when streaming a listing (so widths stay fixed and memory flat).
+_CHUNK = 200
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="Ledger database URL [default: $JOBLEDGER_DATABASE_URL or sqlite:///jobledger.db]",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+States = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--state", "-s", help="Job state (repeatable): " + ", ".join(s.value for s in JobState)
+    ),
+]
+Queues = Annotated[list[str] | None, typer.Option("--queue", "-q", help="Queue (repeatable).")]
+Names = Annotated[list[str] | None, typer.Option("--name", "-n", help="Task name (repeatable).")]
+Match = Annotated[
+    str | None,
+    typer.Option("--match", "-m", help="Literal text the job's arguments contain."),
+]
+Regex = Annotated[bool, typer.Option("--regex", help="Read --match as a regular expression.")]
+OlderThan = Annotated[
+    str | None,
+    typer.Option("--older-than", help="In its current state for longer than this: 90s, 15m, 3d."),
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Say what would be done; change nothing.")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before a bulk change.")]
+AppModule = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        help="Module to import first so its queue integration registers (e.g. your Celery app).",
+    ),
+]
+
+
+def _command(**options: Any) -> Callable[[F], F]:
+    """Register a command whose jobledger errors end in one line and exit status 2."""
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except JobLedgerError as exc:
+                _fail(str(exc))
+            except BrokenPipeError:  # `jobledger jobs | head`: the reader left, that is fine
+                sys.stderr.close()
+                raise typer.Exit(0) from None
+
+        app.command(**options)(guarded)
+        return function
+
+    return decorate
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _open(database_url: str | None) -> tuple[Settings, Store]:
+    settings = Settings.from_env(database_url=database_url)
+    return settings, open_store(settings.database_url, auto_migrate=settings.auto_migrate)
+
+
+def _manager(database_url: str | None, app_module: str | None = None) -> Manager:
+    if app_module:
+        try:
+            importlib.import_module(app_module)
+        except Exception as exc:
+            raise ConfigError(f"cannot import --app {app_module!r}: {exc}") from None
+    settings, store = _open(database_url)
+    return Manager(store, settings=settings)
+
+
+def _query(
+    state: list[str] | None = None,
+    queue: list[str] | None = None,
+    name: list[str] | None = None,
+    match: str | None = None,
+    regex: bool = False,
+    older_than: str | None = None,
+) -> JobQuery:
+    return JobQuery(
+        states=frozenset(JobState.parse(s) for s in state or ()),
+        queues=frozenset(queue or ()),
+        names=frozenset(name or ()),
+        match=match,
+        regex=regex,
+        older_than=parse_duration(older_than) if older_than is not None else None,
+    )
+
+
+def _emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def _limited(records: Iterator[Any], limit: int) -> Iterator[Any]:
+    for count, record in enumerate(records):
+        if limit and count >= limit:
+            return
+        yield record
+
+
+def _args_text(record: JobRecord, width: int = 60) -> str:
+    text = json.dumps(record.args, ensure_ascii=False)
+    if record.kwargs:
+        text += " " + json.dumps(record.kwargs, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _job_table() -> Table:
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    table.add_column("ID", no_wrap=True, min_width=36, max_width=36, overflow="ellipsis")
+    table.add_column("STATE", min_width=9, max_width=9)
+    table.add_column("QUEUE", min_width=10, max_width=16, no_wrap=True, overflow="ellipsis")
+    table.add_column("NAME", min_width=20, max_width=32, no_wrap=True, overflow="ellipsis")
+    table.add_column("AGE", min_width=7, max_width=7, justify="right")
+    table.add_column("TRIES", min_width=5, max_width=5, justify="right")
+    table.add_column("ARGS", max_width=60, no_wrap=True, overflow="ellipsis")
+    return table
+
+
+def _print_jobs(records: Iterable[JobRecord], now: float, as_json: bool) -> int:
+    """Stream records: JSON Lines, or tables of :data:`_CHUNK` rows. Returns how many."""
+    count = 0
+    table = _job_table()
+    for record in records:
+        count += 1
+        if as_json:
+            sys.stdout.write(json.dumps(job_to_dict(record), ensure_ascii=False) + "\n")
+            continue
+        age = now - record.updated_at.timestamp() if record.updated_at else None
+        table.add_row(
+            record.id,
+            record.state.value,
+            record.queue,
+            record.name,
+            format_seconds(age),
+            str(record.attempts),
+            _args_text(record),
+        )
+        if table.row_count == _CHUNK:
+            out.print(table)
+            table = _job_table()
+            table.show_header = False
+    if not as_json and (table.row_count or count == 0):
+        out.print(table)
+    return count
+
+
+def _print_report(report: ActionReport, as_json: bool) -> None:
+    if as_json:
+        _emit_json(
+            {
+                "action": report.action,
+                "dry_run": report.dry_run,
+                "done": report.done,
+                "skipped": report.skipped,
+                "failed": report.failed,
+            }
+        )
+    else:
+        past = {"restart": "restarted", "cancel": "cancelled"}[report.action]
+        verb = f"would {report.action}" if report.dry_run else past
+        out.print(f"{verb}: {len(report.done)}")
+        for job_id in report.done:
+            out.print(f"  {job_id}")
+        for job_id, why in report.skipped.items():
+            out.print(f"skipped {job_id}: {why}")
+        for job_id, why in report.failed.items():
+            out.print(f"[red]failed[/red] {job_id}: {why}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _confirm_bulk(action: str, count: int, yes: bool) -> None:
+    """A bulk change by filter asks first; without a terminal it needs ``--yes``."""
+    if yes or count == 0:
+        return
+    if not sys.stdin.isatty():
+        raise ConfigError(f"{action} of {count} jobs by filter needs --yes (or --dry-run first)")
+    if not typer.confirm(f"{action.capitalize()} {count} jobs?", default=False):
+        raise typer.Exit(1)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+@_command(name="migrate")
+def migrate(database_url: DatabaseUrl = None) -> None:
+    """Create or upgrade the ledger tables (safe to run again)."""
+    settings = Settings.from_env(database_url=database_url)
+    from jobledger.stores.sql import SQLStore
+
+    store = SQLStore(settings.database_url)
+    report = store.migrate_report()
+    out.print(f"ledger schema is up to date in {store.safe_url}")
+    out.print(f"argument search: {report}")
+
+
+@_command(name="jobs")
+def jobs_command(
+    state: States = None,
+    queue: Queues = None,
+    name: Names = None,
+    match: Match = None,
+    regex: Regex = False,
+    older_than: OlderThan = None,
+    limit: Annotated[int, typer.Option(help="At most this many jobs; 0 for all.", min=0)] = 50,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List jobs, newest first (JSON Lines with --json)."""
+    query = _query(state, queue, name, match, regex, older_than)
+    _, store = _open(database_url)
+    now = store.now()
+    page_size = min(limit, 500) if limit else 500
+    shown = _print_jobs(_limited(store.iter_jobs(query, page_size=page_size), limit), now, as_json)
+    if not as_json and limit and shown == limit:
+        typer.echo(f"(first {limit}; --limit 0 for all)", err=True)
+
+
+@_command(name="show")
+def show(
+    job_id: Annotated[str, typer.Argument(help="The job id (the queue's own).")],
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Show one job: its timeline, arguments, owner and last error."""
+    record = _manager(database_url).get(job_id)
+    data = job_to_dict(record)
+    if as_json:
+        _emit_json(data)
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in data.items():
+        if key in ("args", "kwargs", "options", "tags"):
+            value = json.dumps(value, ensure_ascii=False)
+        elif key in ("queued_to_finished", "started_to_finished"):
+            value = format_seconds(value)
+        table.add_row(key, "-" if value is None else str(value))
+    out.print(table)
+
+
+@_command(name="stats")
+def stats(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
+    """Counts per state and lag (age of the oldest pending job) per queue."""
+    rows = _manager(database_url).stats()
+    if as_json:
+        _emit_json([queue_stats_to_dict(s) for s in rows])
+        return
+    states = list(JobState)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("QUEUE")
+    for s in states:
+        table.add_column(s.value.upper(), justify="right")
+    table.add_column("LAG", justify="right")
+    table.add_column("STAGED LAG", justify="right")
+    for row in rows:
+        table.add_row(
+            row.queue,
+            *(str(row.counts.get(s, 0)) for s in states),
+            format_seconds(row.oldest_queued_age),
+            format_seconds(row.oldest_staged_age),
+        )
+    out.print(table if rows else "no jobs in the ledger")
+
+
+@_command(name="durations")
+def durations(
+    kind: Annotated[str, typer.Option(help="From 'queued' or 'started' to finished.")] = "started",
+    per_job: Annotated[bool, typer.Option("--per-job", help="One line per job.")] = False,
+    state: States = None,
+    queue: Queues = None,
+    name: Names = None,
+    match: Match = None,
+    regex: Regex = False,
+    older_than: OlderThan = None,
+    limit: Annotated[
+        int, typer.Option(help="With --per-job: at most this many; 0 for all.", min=0)
+    ] = 50,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Durations of finished jobs: p50/p95/max per task name, or per job."""
+    if kind not in ("queued", "started"):
+        raise ConfigError(f"--kind must be 'queued' or 'started', not {kind!r}")
+    query = _query(state, queue, name, match, regex, older_than)
+    manager = _manager(database_url)
+    if per_job:
+        rows = _limited(manager.durations(query, kind), limit)  # type: ignore[arg-type]
+        for record, seconds in rows:
+            if as_json:
+                line = {"id": record.id, "name": record.name, "seconds": seconds}
+                sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+            else:
+                out.print(f"{record.id}  {record.name}  {format_seconds(seconds)}")
+        return
+    summary = manager.duration_stats(query, kind)  # type: ignore[arg-type]
+    if as_json:
+        _emit_json([duration_stats_to_dict(s) for s in summary])
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NAME", "COUNT", "P50", "P95", "MAX"):
+        table.add_column(column, justify="left" if column == "NAME" else "right")
+    for s in summary:
+        table.add_row(
+            s.name,
+            str(s.count),
+            format_seconds(s.p50),
+            format_seconds(s.p95),
+            format_seconds(s.max),
+        )
+    out.print(table if summary else "no finished jobs match")
+
+
+@_command(name="instances")
+def instances(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
+    """Worker instances with the age of their last heartbeat (on the database clock)."""
+    found = _manager(database_url).instances()
+    if as_json:
+        _emit_json([instance_to_dict(i) for i in found])
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("INSTANCE", "HOST", "PID", "STATE", "HEARTBEAT", "QUEUES"):
+        table.add_column(column)
+    for i in found:
+        status = i.state.value if i.alive else "[red]dead[/red]"
+        table.add_row(
+            i.id,
+            i.hostname,
+            str(i.pid),
+            status,
+            format_seconds(i.heartbeat_age) + " ago",
+            ",".join(i.queues),
+        )
+    out.print(table if found else "no instances registered")
+
+
+def _bulk(
+    action: str,
+    ids: list[str] | None,
+    query: JobQuery,
+    filtered: bool,
+    dry_run: bool,
+    yes: bool,
+    manager: Manager,
+) -> ActionReport:
+    if not ids and not filtered:
+        raise ConfigError(
+            f"say which jobs to {action}: job ids, or filters such as --state failed "
+            "(--state with every state selects all)"
+        )
+    run = manager.restart if action == "restart" else manager.cancel
+    if filtered and not dry_run:
+        preview = run(ids or (), query, dry_run=True)
+        _confirm_bulk(action, len(preview.done), yes)
+    return run(ids or (), query if filtered else None, dry_run=dry_run)
+
+
+@_command(name="restart")
+def restart(
+    ids: Annotated[list[str] | None, typer.Argument(help="Job ids.", show_default=False)] = None,
+    state: States = None,
+    queue: Queues = None,
+    name: Names = None,
+    match: Match = None,
+    regex: Regex = False,
+    older_than: OlderThan = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    app_module: AppModule = None,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Publish jobs again with their own ids (failed, dead, stuck queued, orphaned)."""
+    filtered = any((state, queue, name, match, older_than))
+    query = _query(state, queue, name, match, regex, older_than)
+    manager = _manager(database_url, app_module)
+    _print_report(_bulk("restart", ids, query, filtered, dry_run, yes, manager), as_json)
+
+
+@_command(name="cancel")
+def cancel(
+    ids: Annotated[list[str] | None, typer.Argument(help="Job ids.", show_default=False)] = None,
+    state: States = None,
+    queue: Queues = None,
+    name: Names = None,
+    match: Match = None,
+    regex: Regex = False,
+    older_than: OlderThan = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Cancel unfinished jobs: a later delivery is acknowledged and not run."""
+    filtered = any((state, queue, name, match, older_than))
+    query = _query(state, queue, name, match, regex, older_than)
+    manager = _manager(database_url)
+    _print_report(_bulk("cancel", ids, query, filtered, dry_run, yes, manager), as_json)
+
+
+@_command(name="prune")
+def prune(
+    keep_succeeded: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep succeeded/cancelled jobs this long "
+            "[default: $JOBLEDGER_KEEP_SUCCEEDED or 7d]"
+        ),
+    ] = None,
+    keep_failed: Annotated[
+        str | None,
+        typer.Option(help="Also delete failed/dead jobs older than this [default: keep them]"),
+    ] = None,
+    dry_run: DryRun = False,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Delete finished jobs past their keep time (pending jobs are never pruned)."""
+    settings = Settings.from_env(
+        database_url=database_url,
+        keep_succeeded=parse_duration(keep_succeeded) if keep_succeeded is not None else None,
+        keep_failed=parse_duration(keep_failed) if keep_failed is not None else None,
+    )
+    store = open_store(settings.database_url, auto_migrate=settings.auto_migrate)
+    counts = Manager(store, settings=settings).prune(dry_run=dry_run)
+    if as_json:
+        _emit_json({"dry_run": dry_run, "deleted": counts})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    out.print(", ".join(f"{verb} {n} {state}" for state, n in counts.items()))
+
+
+@_command(name="demo")
+def demo(
+    database_url: DatabaseUrl = None,
+) -> None:
+    """A short scripted tour of the ledger on a throwaway SQLite file."""
+    from jobledger.demo import run_demo
+
+    run_demo(database_url)
+
+
+def main() -> None:
+    """Entry point of the ``jobledger`` console script."""
+    app()

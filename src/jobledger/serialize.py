@@ -1,0 +1,64 @@
+"""Plain-JSON views of ledger objects, shared by the CLI's ``--json`` and the HTTP API."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from datetime import datetime
+from typing import Any
+
+from jobledger.model import DurationStats, Instance, JobRecord, QueueStats
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "value") and isinstance(value.value, str):  # a str enum
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def job_to_dict(record: JobRecord) -> dict[str, Any]:
+    """Every field of the record, times as ISO 8601 UTC, plus its two durations."""
+    data = {f.name: _plain(getattr(record, f.name)) for f in fields(record)}
+    data["queued_to_finished"] = record.queued_to_finished
+    data["started_to_finished"] = record.started_to_finished
+    return data
+
+
+def instance_to_dict(instance: Instance) -> dict[str, Any]:
+    data = {f.name: _plain(getattr(instance, f.name)) for f in fields(instance)}
+    data["id"] = instance.id
+    return data
+
+
+def queue_stats_to_dict(stats: QueueStats) -> dict[str, Any]:
+    return {
+        "queue": stats.queue,
+        "counts": {state.value: count for state, count in sorted(stats.counts.items())},
+        "total": stats.total,
+        "oldest_queued_age": stats.oldest_queued_age,
+        "oldest_staged_age": stats.oldest_staged_age,
+    }
+
+
+def duration_stats_to_dict(stats: DurationStats) -> dict[str, Any]:
+    return {f.name: getattr(stats, f.name) for f in fields(stats)}
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A short human duration: ``850ms``, ``42s``, ``12m5s``, ``3h2m``, ``4d3h``."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    whole = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if whole >= size:
+            rest = (whole % size) // sub_size
+            return f"{whole // size}{unit}{rest}{sub}" if rest else f"{whole // size}{unit}"
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if secs else f"{minutes}m"
