@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, TypeVar
@@ -17,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError, JobLedgerError
@@ -30,7 +32,7 @@ from jobledger.serialize import (
     job_to_dict,
     queue_stats_to_dict,
 )
-from jobledger.stores import Store, open_store
+from jobledger.stores import Store, store_for
 
 app = typer.Typer(
     name="jobledger",
@@ -39,8 +41,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class _Console(Console):
+    """Rich's console, except that a reader who left (``jobledger jobs | head``) ends the
+    command like a JSON listing does (exit 0), not with Rich's own ``SystemExit(1)``."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise BrokenPipeError
+
+
 #: Piped output is not cut to 80 columns: a script reading it wants whole ids and states.
-out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+out = _Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Rows per printed table when streaming a listing (so widths stay fixed and memory flat).
@@ -81,6 +95,34 @@ AppModule = Annotated[
         help="Module to import first so its queue integration registers (e.g. your Celery app).",
     ),
 ]
+BrokerUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--broker",
+        help="Celery broker URL: publish jobs by task name, without importing their code.",
+    ),
+]
+
+
+def _register_integration(
+    app_module: str | None, broker: str | None, database_url: str | None
+) -> None:
+    """Make ``publish`` work in this process: import ``--app`` (its integration registers
+    itself), or for ``--broker`` install the Celery integration on a bare app of that broker
+    (invariant 10: a record holds all a publish needs)."""
+    if app_module:
+        try:
+            importlib.import_module(app_module)
+        except Exception as exc:
+            raise ConfigError(f"cannot import --app {app_module!r}: {exc}") from None
+    if broker:
+        try:
+            from jobledger.integrations.celery import install_for_broker
+        except ImportError as exc:
+            raise ConfigError(
+                f"--broker needs Celery ({exc}): pip install 'jobledger[celery]'"
+            ) from None
+        install_for_broker(broker, Settings.from_env(database_url=database_url))
 
 
 def _command(**options: Any) -> Callable[[F], F]:
@@ -110,15 +152,13 @@ def _fail(message: str) -> None:
 
 def _open(database_url: str | None) -> tuple[Settings, Store]:
     settings = Settings.from_env(database_url=database_url)
-    return settings, open_store(settings.database_url, auto_migrate=settings.auto_migrate)
+    return settings, store_for(settings)
 
 
-def _manager(database_url: str | None, app_module: str | None = None) -> Manager:
-    if app_module:
-        try:
-            importlib.import_module(app_module)
-        except Exception as exc:
-            raise ConfigError(f"cannot import --app {app_module!r}: {exc}") from None
+def _manager(
+    database_url: str | None, app_module: str | None = None, broker: str | None = None
+) -> Manager:
+    _register_integration(app_module, broker, database_url)
     settings, store = _open(database_url)
     return Manager(store, settings=settings)
 
@@ -229,7 +269,8 @@ def _confirm_bulk(action: str, count: int, yes: bool) -> None:
     if yes or count == 0:
         return
     if not sys.stdin.isatty():
-        raise ConfigError(f"{action} of {count} jobs by filter needs --yes (or --dry-run first)")
+        jobs = "job" if count == 1 else "jobs"
+        raise ConfigError(f"{action} of {count} {jobs} by filter needs --yes (or --dry-run first)")
     if not typer.confirm(f"{action.capitalize()} {count} jobs?", default=False):
         raise typer.Exit(1)
 
@@ -423,13 +464,14 @@ def restart(
     dry_run: DryRun = False,
     yes: Yes = False,
     app_module: AppModule = None,
+    broker: BrokerUrl = None,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Publish jobs again with their own ids (failed, dead, stuck queued, orphaned)."""
     filtered = any((state, queue, name, match, older_than))
     query = _query(state, queue, name, match, regex, older_than)
-    manager = _manager(database_url, app_module)
+    manager = _manager(database_url, app_module, broker)
     _print_report(_bulk("restart", ids, query, filtered, dry_run, yes, manager), as_json)
 
 
@@ -477,7 +519,7 @@ def prune(
         keep_succeeded=parse_duration(keep_succeeded) if keep_succeeded is not None else None,
         keep_failed=parse_duration(keep_failed) if keep_failed is not None else None,
     )
-    store = open_store(settings.database_url, auto_migrate=settings.auto_migrate)
+    store = store_for(settings)
     counts = Manager(store, settings=settings).prune(dry_run=dry_run)
     if as_json:
         _emit_json({"dry_run": dry_run, "deleted": counts})
@@ -486,16 +528,116 @@ def prune(
     out.print(", ".join(f"{verb} {n} {state}" for state, n in counts.items()))
 
 
-@_command(name="demo")
-def demo(
+@_command(name="recover")
+def recover(
+    app_module: AppModule = None,
+    broker: BrokerUrl = None,
+    as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """A short scripted tour of the ledger on a throwaway SQLite file."""
-    from jobledger.demo import run_demo
+    """Run one recovery sweep now: publish the jobs of dead instances again (same ids)."""
+    from jobledger.recovery import Outcome, Recovery
 
-    run_demo(database_url)
+    _register_integration(app_module, broker, database_url)
+    settings, store = _open(database_url)
+    report = Recovery.from_settings(store, settings).sweep_once()
+    if as_json:
+        _emit_json(
+            {
+                "locked_out": report.locked_out,
+                **{o.value: report.ids(o) for o in Outcome},
+                "pruned_instances": report.pruned,
+            }
+        )
+    elif report.locked_out:
+        out.print("another recoverer holds the recovery lock: nothing done")
+    else:
+        for outcome in Outcome:
+            found = report.ids(outcome)
+            out.print(f"{outcome.value.replace('_', ' ')}: {len(found)}")
+            for job_id in found:
+                out.print(f"  {job_id}")
+        if report.pruned:
+            out.print(f"forgot long-dead instances: {', '.join(report.pruned)}")
+    if report.ids(Outcome.PUBLISH_FAILED) or report.locked_out:
+        raise typer.Exit(1)
+
+
+@_command(name="demo")
+def demo(
+    broker: Annotated[
+        str | None,
+        typer.Option("--broker", help="Celery broker URL [default: a temporary filesystem queue]"),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="How many jobs to enqueue.", min=4, max=200)] = 10,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="Ledger database URL [default: a temporary SQLite file]"
+        ),
+    ] = None,
+) -> None:
+    """A Celery worker killed mid-batch (SIGKILL), and every job still completes. No server."""
+    try:
+        from jobledger.demo import run_demo
+    except ImportError as exc:
+        raise ConfigError(
+            f"the demo needs Celery ({exc}): pip install 'jobledger[celery]'"
+        ) from None
+    if not run_demo(database_url, broker, jobs):
+        raise typer.Exit(1)
 
 
 def main() -> None:
-    """Entry point of the ``jobledger`` console script."""
-    app()
+    """Entry point of the ``jobledger`` console script.
+
+    Usage errors (an unknown option, ``--limit abc``) get the same one ``error:`` line and exit
+    status 2 as every other bad input, instead of click's boxed help text.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except TyperException as exc:  # typer's usage errors: unknown option, bad value, …
+        context = getattr(exc, "ctx", None)
+        hint = f" (see: {context.command_path} --help)" if context is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+@_command(name="serve")
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to bind [default: $JOBLEDGER_SERVER_HOST or 127.0.0.1]"),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port [default: $JOBLEDGER_SERVER_PORT or 8000]", min=0, max=65535),
+    ] = None,
+    maintenance: Annotated[
+        bool,
+        typer.Option(
+            "--maintenance/--no-maintenance",
+            help="Run the recovery sweep and pruning loops in this process.",
+        ),
+    ] = True,
+    app_module: AppModule = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run the supervisor: the HTTP API, the dashboard, /metrics and the maintenance loops."""
+    try:
+        from jobledger.server.run import serve as run_server
+    except ImportError as exc:
+        raise ConfigError(
+            f"the supervisor needs the server extra ({exc}): pip install 'jobledger[server]'"
+        ) from None
+    if app_module:
+        try:
+            importlib.import_module(app_module)
+        except Exception as exc:
+            raise ConfigError(f"cannot import --app {app_module!r}: {exc}") from None
+    settings = Settings.from_env(database_url=database_url, server_host=host, server_port=port)
+    run_server(settings, maintenance=maintenance)

@@ -17,11 +17,18 @@ from typing import Any
 from jobledger.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///jobledger.db"
+DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_RECOVERY_INTERVAL = 30.0
 DEFAULT_MAX_RECOVERIES = 3
 DEFAULT_RECOVERY_WINDOW = 3600.0
 DEFAULT_KEEP_SUCCEEDED = 7 * 86400.0
+DEFAULT_SERVER_HOST = "127.0.0.1"
+DEFAULT_SERVER_PORT = 8000
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_PRUNE_INTERVAL = 3600.0
+#: The shortest API token accepted: it is the only secret between the network and the ledger.
+API_TOKEN_MIN_LENGTH = 16
 ENV_PREFIX = "JOBLEDGER_"
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -70,6 +77,9 @@ class Settings:
     #: ``JOBLEDGER_AUTO_MIGRATE``: apply the ledger's migrations on first use (default off:
     #: ``jobledger migrate`` is the deliberate step).
     auto_migrate: bool = False
+    #: ``JOBLEDGER_CONNECT_TIMEOUT``: how long connecting to a ledger server may take before the
+    #: ledger counts as down (5s), so a silent host cannot hold up an enqueue.
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     #: ``JOBLEDGER_INSTANCE_NAME``: the stable part of an instance id (default: the host name;
     #: on Kubernetes set it from the pod name).
     instance_name: str = field(default_factory=socket.gethostname)
@@ -89,6 +99,21 @@ class Settings:
     #: ``JOBLEDGER_KEEP_FAILED``: how long ``prune`` keeps failed and dead jobs (unset: until a
     #: person acts on them).
     keep_failed: float | None = None
+    #: ``JOBLEDGER_API_TOKEN``: the supervisor's secret. Set, every write needs
+    #: ``Authorization: Bearer <token>`` and the dashboard a login; unset, ``jobledger serve``
+    #: listens on loopback only.
+    api_token: str | None = field(default=None, repr=False)
+    #: ``JOBLEDGER_OPEN_READS``: with a token set, let anyone read the API and the dashboard
+    #: (writes still need the token). Default off.
+    open_reads: bool = False
+    #: ``JOBLEDGER_SERVER_HOST``: the address ``jobledger serve`` binds (127.0.0.1).
+    server_host: str = DEFAULT_SERVER_HOST
+    #: ``JOBLEDGER_SERVER_PORT``: the port ``jobledger serve`` binds (8000).
+    server_port: int = DEFAULT_SERVER_PORT
+    #: ``JOBLEDGER_MAX_BODY_BYTES``: the largest request body the supervisor reads (1 MiB).
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: ``JOBLEDGER_PRUNE_INTERVAL``: seconds between the supervisor's prune runs (1h).
+    prune_interval: float = DEFAULT_PRUNE_INTERVAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.database_url, str) or not self.database_url.strip():
@@ -98,7 +123,12 @@ class Settings:
                 f"JOBLEDGER_INSTANCE_NAME must be 1-200 characters without ':', "
                 f"not {self.instance_name!r}"
             )
-        for name in ("heartbeat_interval", "recovery_interval", "recovery_window"):
+        for name in (
+            "connect_timeout",
+            "heartbeat_interval",
+            "recovery_interval",
+            "recovery_window",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_env(name)} must be more than zero seconds")
         if self.heartbeat_ttl is not None and self.heartbeat_ttl <= self.heartbeat_interval:
@@ -112,6 +142,23 @@ class Settings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{_env(name)} must be zero or more seconds")
+        self._check_server()
+
+    def _check_server(self) -> None:
+        if self.api_token is not None and (
+            len(self.api_token) < API_TOKEN_MIN_LENGTH or not self.api_token.isprintable()
+        ):
+            raise ConfigError(
+                f"JOBLEDGER_API_TOKEN must be at least {API_TOKEN_MIN_LENGTH} printable characters"
+            )
+        if not self.server_host or any(c.isspace() for c in self.server_host):
+            raise ConfigError("JOBLEDGER_SERVER_HOST must be a host name or address")
+        if not 0 <= self.server_port <= 65535:
+            raise ConfigError(f"JOBLEDGER_SERVER_PORT must be 0-65535, not {self.server_port}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("JOBLEDGER_MAX_BODY_BYTES must be at least 1024")
+        if not self.prune_interval > 0:
+            raise ConfigError("JOBLEDGER_PRUNE_INTERVAL must be more than zero seconds")
 
     @property
     def ttl(self) -> float:

@@ -1,107 +1,225 @@
-"""``jobledger demo``: a short scripted tour of the ledger and its CLI, no server needed.
+"""``jobledger demo``: a real Celery worker is SIGKILLed mid-batch and no job is lost.
 
-It plays two worker instances on a throwaway SQLite ledger: one finishes its jobs, one fails a
-job for good and then dies holding another. Then it runs the CLI a person would use to find the
-stuck jobs and restart them. (A real queue system joins the demo with its integration.)
+No server is needed: the broker is kombu's filesystem transport in a temporary directory and the
+ledger a SQLite file (``--broker redis://…`` and ``--database-url postgresql://…`` use real
+ones). The story: worker-a starts and takes a batch; it is killed with SIGKILL (main process
+and pool) while it runs some jobs; worker-b starts, its recovery sweep finds worker-a silent
+past the heartbeat TTL and publishes the jobs it held again, same ids; every job ends
+``succeeded`` and the recovered ones are named. The last line says whether that held.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
-from rich.rule import Rule
+from rich.table import Table
 
-from jobledger.integrations.base import registry
-from jobledger.lifecycle import Lifecycle
-from jobledger.model import Instance, JobRecord
+from jobledger.config import Settings
+from jobledger.model import JobRecord, JobState
+from jobledger.query import JobQuery
 from jobledger.stores.sql import SQLStore
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+T = TypeVar("T")
+
+#: Heartbeat interval of the demo's workers (TTL 3x): short, so the story takes seconds.
+INTERVAL = 0.5
+#: Seconds each demo job runs.
+JOB_SECONDS = 1.0
+#: How long the demo waits for any one step before it gives up.
+STEP_TIMEOUT = 40.0
 
 
-@dataclass
-class PrintingIntegration:
-    """Stands in for a queue system in the demo: "publishing" prints the job."""
-
-    system: str = "demo"
-    published: list[str] = field(default_factory=list)
-
-    def publish(self, record: JobRecord) -> None:
-        console.print(f"  [dim]→ published {record.name}{tuple(record.args)} as {record.id}[/dim]")
-        self.published.append(record.id)
+class DemoFailed(Exception):
+    """A step of the demo did not happen in time."""
 
 
-def run_demo(database_url: str | None = None) -> None:
-    """Fill a ledger with a small story, then show it through the CLI."""
-    from jobledger.cli import app
+def _wait(what: str, check: Callable[[], T | None], timeout: float = STEP_TIMEOUT) -> T:
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
+        pause.wait(0.1)
 
-    if database_url is None:
-        path = os.path.join(tempfile.mkdtemp(prefix="jobledger-demo-"), "ledger.db")
-        database_url = f"sqlite:///{path}"
+
+class _Worker:
+    """One ``celery worker`` process group of the demo."""
+
+    def __init__(self, name: str, env: dict[str, str], queue: str, log: Path) -> None:
+        self.name = name
+        self.log = log
+        command = [
+            sys.executable, "-m", "celery", "-A", "jobledger.demo_worker", "worker",
+            "-P", "prefork", "-c", "2", "-Q", queue, "-n", f"{name}@%h",
+            "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                command,
+                env={**env, "JOBLEDGER_INSTANCE_NAME": name},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise DemoFailed(f"{self.name} exited ({self.proc.returncode}):\n{tail}")
+        return True
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM to the main process), SIGKILL to the group if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(15)
+        self.kill()
+
+
+def run_demo(database_url: str | None = None, broker: str | None = None, jobs: int = 10) -> bool:
+    """Run the story; True if every job succeeded and the killed worker's jobs were recovered."""
+    from jobledger.demo_worker import TASK, make_app
+
+    workdir = Path(tempfile.mkdtemp(prefix="jobledger-demo-"))
+    folder = workdir / "broker"
+    folder.mkdir()
+    keep_dir = database_url is None
+    database_url = database_url or f"sqlite:///{workdir / 'ledger.db'}"
+    broker = broker or "filesystem://"
+    queue = f"jobledger-demo-{uuid.uuid4().hex[:8]}"
     store = SQLStore(database_url)
     store.migrate()
-    registry.register(PrintingIntegration())
-
-    def job(name: str, *args: object, queue: str = "default", **kwargs: object) -> str:
-        job_id = str(uuid.uuid4())
-        store.create(
-            JobRecord(
-                id=job_id,
-                name=name,
-                system="demo",
-                queue=queue,
-                args=list(args),
-                kwargs=dict(kwargs),
-                tags={"demo": True},
-            )
-        )
-        return job_id
-
-    alive = Instance(name="worker-a", nonce=uuid.uuid4().hex[:8], hostname="demo", pid=1)
-    doomed = Instance(name="worker-b", nonce=uuid.uuid4().hex[:8], hostname="demo", pid=2)
-    for instance in (alive, doomed):
-        store.heartbeat(instance)
-    a = Lifecycle(store, alive.id, ttl=30)
-    b = Lifecycle(store, doomed.id, ttl=30)
-
-    console.print(Rule("1. the application enqueues jobs; each gets a ledger row first"))
-    emails = [job("send_email", f"user{i}@example.com", template="welcome") for i in range(5)]
-    report = job("build_report", 2026, 11, queue="reports", model_id=4242)
-    invoice = job("charge_invoice", "inv_100%_off", queue="billing")
-    waiting = job("resize_image", "cat.png", queue="media", width=640)
-    console.print(f"  {len(emails) + 3} jobs recorded as queued")
-
-    console.print(
-        Rule("2. worker-a runs the emails; worker-b fails a charge, then dies mid-report")
+    settings = Settings.from_env(
+        database_url=database_url,
+        instance_name="demo-client",
+        heartbeat_interval=INTERVAL,
+        recovery_interval=INTERVAL,
     )
-    for job_id in emails:
-        a.claim(job_id)
-        a.succeed(job_id)
-    b.claim(invoice)
-    b.fail(invoice, "CardDeclined: insufficient funds", will_retry=False)
-    b.claim(report)
-    store.deregister(doomed.id)  # as good as a worker that stopped beating
-    console.print("  worker-b is gone while holding build_report: that job is now an orphan")
+    app, integration = make_app(broker, str(folder), queue, settings)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBLEDGER_")}
+    env.update(
+        JOBLEDGER_DATABASE_URL=database_url,
+        JOBLEDGER_HEARTBEAT_INTERVAL=str(INTERVAL),
+        JOBLEDGER_RECOVERY_INTERVAL=str(INTERVAL),
+        JLDEMO_BROKER=broker,
+        JLDEMO_FOLDER=str(folder),
+        JLDEMO_QUEUE=queue,
+    )
+    workers: list[_Worker] = []
 
-    def cli(*args: str) -> None:
-        console.print(f"\n[bold]$ jobledger {' '.join(args)}[/bold]")
-        app([*args, "--database-url", database_url], standalone_mode=False)
+    def start(name: str) -> _Worker:
+        worker = _Worker(name, env, queue, workdir / f"{name}.log")
+        workers.append(worker)
+        _wait(
+            f"{name} to register",
+            lambda: worker.alive() and any(i.name == name for i in store.instances(60)),
+        )
+        return worker
 
-    console.print(Rule("3. what a person sees"))
-    cli("stats")
-    cli("jobs", "--limit", "10")
-    cli("jobs", "--match", "4242")
-    cli("jobs", "--match", "100%")
-    cli("show", invoice)
-    cli("durations")
-    cli("instances")
+    def held_by(name: str) -> set[str]:
+        started = store.iter_jobs(
+            JobQuery(states=frozenset({JobState.STARTED}), queues=frozenset({queue}))
+        )
+        return {j.id for j in started if j.owner and j.owner.split(":")[0] == name}
 
-    console.print(Rule("4. restart what is stuck: the failed charge, the orphan, the waiting job"))
-    cli("restart", "--state", "failed", "--dry-run")
-    cli("restart", invoice, report, waiting)
-    cli("jobs", "--state", "queued")
-    console.print(f"\nThe ledger is in {database_url} — try `jobledger jobs --database-url ...`.")
+    def succeeded() -> int:
+        query = JobQuery(states=frozenset({JobState.SUCCEEDED}), queues=frozenset({queue}))
+        return store.count(query)
+
+    shown = "filesystem transport in " + str(folder) if broker == "filesystem://" else broker
+    console.print("[bold]jobledger demo[/bold]: a Celery worker is killed mid-batch")
+    console.print(f"  broker: {shown}\n  ledger: {store.safe_url}\n")
+    ok = False
+    try:
+        began = time.monotonic()
+        console.print("1. worker-a starts (2 pool processes)")
+        victim = start("worker-a")
+        ids = [app.send_task(TASK, args=[n, JOB_SECONDS]).id for n in range(jobs)]
+        number = {job_id: n for n, job_id in enumerate(ids)}
+        console.print(f"2. {jobs} jobs enqueued: {TASK}(0..{jobs - 1}), {JOB_SECONDS:.0f}s each")
+        _wait(
+            "worker-a to be mid-batch",
+            lambda: victim.alive() and succeeded() >= 2 and len(held_by("worker-a")) >= 2,
+        )
+        victim.kill()
+        held = held_by("worker-a")  # read after the kill: nothing more finishes there
+        console.print(
+            f"3. [red]SIGKILL[/red] to worker-a and its pool after {succeeded()} jobs, while it "
+            f"ran {', '.join(f'#{number[i]}' for i in sorted(held, key=lambda i: number[i]))}"
+        )
+        console.print(
+            f"4. worker-b starts; once worker-a is silent for {3 * INTERVAL:.1f}s (its TTL) "
+            "the recovery sweep publishes the jobs it held again, same ids"
+        )
+        start("worker-b")
+        _wait(f"all {jobs} jobs to succeed", lambda: succeeded() == jobs)
+        records = {r.id: r for r in store.iter_jobs(JobQuery(queues=frozenset({queue})))}
+        _print_jobs(ids, records)
+        recovered = [i for i in ids if records[i].recoveries]
+        ok = held <= set(recovered) and succeeded() == jobs
+        names = ", ".join(f"#{number[i]} {i}" for i in recovered) or "none"
+        console.print(
+            f"\noutcome: {'ok' if ok else 'FAILED'}: {succeeded()}/{jobs} jobs succeeded in "
+            f"{time.monotonic() - began:.1f}s; {len(recovered)} recovered from the killed "
+            f"worker: {names}"
+        )
+    except DemoFailed as exc:
+        console.print(f"\noutcome: FAILED: {exc}")
+    finally:
+        for worker in workers:
+            worker.stop()
+        if broker != "filesystem://":  # leave nothing behind on a real broker
+            with contextlib.suppress(Exception), app.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+        integration.close()
+        store.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        if keep_dir:
+            console.print(
+                f"\nThe ledger stays in {database_url}: try "
+                f"`jobledger jobs --database-url {database_url}`."
+            )
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return ok
+
+
+def _print_jobs(ids: list[str], records: dict[str, JobRecord]) -> None:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("#", "JOB ID", "STATE", "RAN ON", "ATTEMPTS", "RECOVERED"):
+        table.add_column(column)
+    for n, job_id in enumerate(ids):
+        job = records[job_id]
+        table.add_row(
+            str(n),
+            job_id,
+            job.state.value,
+            (job.owner or "-").split(":")[0],
+            str(job.attempts),
+            "[yellow]yes[/yellow]" if job.recoveries else "",
+        )
+    console.print()
+    console.print(table)

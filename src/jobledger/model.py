@@ -18,6 +18,7 @@ Every change of state in a store is a compare-and-set on (id, expected states, e
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class JobState(str, enum.Enum):
             return value
         try:
             return cls(value.strip().lower())
-        except ValueError:
+        except (ValueError, AttributeError):
             known = ", ".join(s.value for s in cls)
             raise ConfigError(f"unknown job state {value!r}; known states: {known}") from None
 
@@ -141,8 +142,15 @@ def bound_error(text: str | None) -> str | None:
     traceback says what actually went wrong)."""
     if text is None or len(text) <= ERROR_MAX_LENGTH:
         return text
-    marker = f"\n… [{len(text) - ERROR_MAX_LENGTH} characters cut] …\n"
-    keep = ERROR_MAX_LENGTH - len(marker)
+    # The marker takes room too, so more is cut than the excess; its length depends on the
+    # count it states, which settles after at most one more digit.
+    cut = len(text) - ERROR_MAX_LENGTH
+    while True:
+        marker = f"\n… [{cut} characters cut] …\n"
+        keep = ERROR_MAX_LENGTH - len(marker)
+        if len(text) - keep == cut:
+            break
+        cut = len(text) - keep
     head = keep // 2
     return text[:head] + marker + text[len(text) - (keep - head) :]
 
@@ -250,6 +258,13 @@ class Instance:
     @property
     def id(self) -> str:
         return f"{self.name}:{self.nonce}"
+
+
+def nearest_rank(p: float, count: int) -> int:
+    """The 0-based index of the ``p`` percentile (0 < p <= 1) in ``count`` sorted values, by
+    the nearest-rank method: the smallest value with at least ``p`` of the values at or below
+    it (so every percentile is a value that occurred)."""
+    return min(count, max(1, math.ceil(p * count))) - 1
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,15 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from jobledger.errors import ConfigError
-from jobledger.model import JobState, validate_job_id
+from jobledger.model import FINAL_STATES, JobState, validate_job_id
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class JobQuery:
       POSIX on PostgreSQL, PCRE on MariaDB/MySQL, Python's ``re`` on SQLite).
     - ``older_than``: seconds since the job entered its current state (its last transition),
       on the database's clock: "queued for more than an hour" is ``older_than=3600``.
+    - ``newer_than``: the opposite bound: "finished within the last hour" is
+      ``states={succeeded}, newer_than=3600`` (an index range, however big the ledger).
     """
 
     states: frozenset[JobState] = frozenset()
@@ -64,6 +67,7 @@ class JobQuery:
     match: str | None = None
     regex: bool = False
     older_than: float | None = None
+    newer_than: float | None = None
 
     def __post_init__(self) -> None:
         states = frozenset(JobState.parse(s) for s in _as_set(self.states))
@@ -82,8 +86,9 @@ class JobQuery:
                 raise ConfigError(
                     f"regular expression {self.match!r} does not compile: {exc}"
                 ) from None
-        if self.older_than is not None and not self.older_than >= 0:
-            raise ConfigError(f"age must be zero or more seconds, not {self.older_than!r}")
+        for age in (self.older_than, self.newer_than):
+            if age is not None and not age >= 0:
+                raise ConfigError(f"age must be zero or more seconds, not {age!r}")
 
     def narrowed(self, **changes: object) -> JobQuery:
         """A copy with some fields replaced (``states`` given here replace, not intersect)."""
@@ -104,3 +109,48 @@ class Page(Generic[T]):
 
     items: list[T] = field(default_factory=list)
     next_cursor: str | None = None
+
+
+def match_needles(needle: str) -> list[str]:
+    """The literal texts a ``match`` looks for in the stored JSON: ``needle`` as typed (a JSON
+    fragment such as ``"user": 7`` matches), and as the same text reads inside a JSON string
+    (quotes, backslashes and control characters escaped), so the raw value of a string
+    argument matches too. One entry when the two are the same, or when ``needle`` holds a
+    control character: stored JSON always escapes those, so only the escaped form can match
+    (and PostgreSQL refuses a NUL in a parameter)."""
+    escaped = json.dumps(needle, ensure_ascii=False)[1:-1]
+    if any(ord(c) < 0x20 for c in needle):
+        return [escaped]
+    return list(dict.fromkeys([needle, escaped]))
+
+
+def check_page_size(limit: int) -> int:
+    """``limit`` if it is a usable page (or batch) size; :class:`ConfigError` otherwise."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"page size must be at least 1, not {limit!r}")
+    return limit
+
+
+def page_of(
+    rows: Sequence[R], limit: int, convert: Callable[[R], T], position: Callable[[R], Cursor]
+) -> Page[T]:
+    """A page from up to ``limit`` + 1 rows fetched newest first: the first ``limit`` converted
+    and, if a further row came, the cursor after them. ``position`` reads the raw stored
+    (``created_at``, ``id``) of a row, so no rounding can skip or repeat a row."""
+    if len(rows) <= limit:
+        return Page(items=[convert(r) for r in rows])
+    rows = rows[:limit]
+    return Page(items=[convert(r) for r in rows], next_cursor=position(rows[-1]).encode())
+
+
+def finished_query(query: JobQuery) -> JobQuery:
+    """What durations are measured over: completed jobs, unless ``query`` names other final
+    states (its non-final states are ignored)."""
+    states = (query.states & FINAL_STATES) or frozenset({JobState.SUCCEEDED})
+    return query.narrowed(states=states)
+
+
+def prunable_states(query: JobQuery) -> frozenset[JobState]:
+    """The states a prune of ``query`` may delete: its final states (all of them if it names
+    none). Empty when it names only unfinished states: pending jobs are never pruned."""
+    return (query.states or FINAL_STATES) & FINAL_STATES

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from jobledger.errors import InvalidTransition
 from jobledger.model import (
     DurationStats,
     Instance,
@@ -68,7 +69,7 @@ class Transition:
     def __post_init__(self) -> None:
         object.__setattr__(self, "expect", check_transition(self.expect, self.to))
         if self.to is JobState.STARTED and not self.owner:
-            raise ValueError("a transition to started needs the owner instance id")
+            raise InvalidTransition("a transition to started needs the owner instance id")
         if isinstance(self.error, str):
             object.__setattr__(self, "error", bound_error(self.error))
 
@@ -92,7 +93,8 @@ class Store(Protocol):
         """Insert ``record``; False (and nothing changed) if a job with its id exists.
 
         Timestamps the record carries are kept; ``created_at`` and the phase time of its state
-        default to the store's clock.
+        default to the store's clock, and ``updated_at`` (what ``older_than`` measures) to that
+        phase time: the job entered its state then.
         """
 
     def get(self, job_id: str) -> JobRecord | None:

@@ -20,10 +20,12 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
+
+from jobledger.stores.rows import SEARCH_FIELDS
 
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
@@ -40,6 +42,9 @@ _MYSQL_TABLE: dict[str, Any] = {
 }
 
 LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+#: Job ids order byte-wise on every database (PostgreSQL's "C" collation, MySQL's utf8mb4_bin,
+#: SQLite's BINARY), so keyset pages tie-break the same way everywhere.
+JobId = String(255).with_variant(postgresql.VARCHAR(255, collation="C"), "postgresql")
 
 metadata = MetaData()
 
@@ -51,7 +56,7 @@ def _stamp(name: str, nullable: bool = True) -> Column[Any]:
 jobs = Table(
     "jobledger_jobs",
     metadata,
-    Column("id", String(255), primary_key=True),
+    Column("id", JobId, primary_key=True),
     Column("system", String(64), nullable=False),
     Column("name", String(255), nullable=False),
     Column("queue", String(255), nullable=False),
@@ -78,7 +83,6 @@ jobs = Table(
     Index("ix_jobledger_jobs_state_updated", "state", "updated_at"),
     Index("ix_jobledger_jobs_queue_state", "queue", "state", "queued_at"),
     Index("ix_jobledger_jobs_name_state", "name", "state"),
-    Index("ix_jobledger_jobs_state_owner", "state", "owner"),
     **_MYSQL_TABLE,
 )
 
@@ -106,8 +110,8 @@ locks = Table(
     **_MYSQL_TABLE,
 )
 
-#: Columns of ``jobledger_jobs`` the argument search looks in.
-SEARCH_COLUMNS = ("args", "kwargs", "tags")
+#: Columns of ``jobledger_jobs`` the argument search looks in (the same in every store).
+SEARCH_COLUMNS = SEARCH_FIELDS
 
 
 class db_now(FunctionElement[float]):

@@ -8,12 +8,10 @@ never both win. Every time comes from :class:`~jobledger.stores.schema.db_now`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -21,6 +19,7 @@ from sqlalchemy import (
     Engine,
     Row,
     and_,
+    case,
     create_engine,
     delete,
     event,
@@ -34,24 +33,32 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import StaticPool
 
+from jobledger.config import DEFAULT_CONNECT_TIMEOUT
 from jobledger.errors import ConfigError, SchemaMissing, StoreError, StoreUnavailable
-from jobledger.model import (
-    FINAL_STATES,
-    DurationStats,
-    Instance,
-    InstanceState,
-    JobRecord,
-    JobState,
-    QueueStats,
-    to_datetime,
-    to_epoch,
+from jobledger.model import DurationStats, Instance, JobRecord, JobState, QueueStats, nearest_rank
+from jobledger.query import (
+    Cursor,
+    JobQuery,
+    Page,
+    check_page_size,
+    finished_query,
+    match_needles,
+    page_of,
+    prunable_states,
 )
-from jobledger.query import Cursor, JobQuery, Page
-from jobledger.stores import migrations
-from jobledger.stores.base import ANY, KEEP, DurationKind, Store, Transition, _Sentinel
+from jobledger.stores.base import ANY, DurationKind, Store, Transition, _Sentinel
+from jobledger.stores.rows import (
+    creation_row,
+    dump_json,
+    duration_start,
+    instance_from_row,
+    record_from_row,
+    transition_values,
+)
 from jobledger.stores.schema import (
     SCHEMA_REVISION,
     SEARCH_COLUMNS,
@@ -64,33 +71,13 @@ from jobledger.stores.schema import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 #: Which extra brings the driver for a URL's dialect, for the error a person sees without it.
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 #: The driver jobledger picks when a URL names only the database (``postgresql://…``).
 _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 
-#: The phase timestamp a transition to each state stamps.
-_PHASE_STAMP = {
-    JobState.STAGED: "staged_at",
-    JobState.QUEUED: "queued_at",
-    JobState.STARTED: "started_at",
-    JobState.SUCCEEDED: "finished_at",
-    JobState.FAILED: "finished_at",
-    JobState.DEAD: "finished_at",
-    JobState.CANCELLED: "finished_at",
-}
-
 #: Errors worth one more try: deadlocks and serialization failures (PostgreSQL, MySQL).
 _TRANSIENT_CODES = {"40P01", "40001", 1213, 1205}
-
-
-def _dumps(value: Any) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"job arguments must be JSON-serializable: {exc}") from None
 
 
 def parse_url(url: str | URL) -> URL:
@@ -115,7 +102,8 @@ class SQLStore(Store):
     """The ledger in a SQL database reached through SQLAlchemy Core.
 
     ``auto_migrate`` applies the shipped migrations on first use instead of refusing with
-    :class:`SchemaMissing`. ``engine_options`` go to :func:`sqlalchemy.create_engine`.
+    :class:`SchemaMissing`. ``connect_timeout`` (seconds) bounds how long a connection attempt to
+    a database server may take. ``engine_options`` go to :func:`sqlalchemy.create_engine`.
     """
 
     def __init__(
@@ -123,10 +111,12 @@ class SQLStore(Store):
         url: str | URL,
         *,
         auto_migrate: bool = False,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = parse_url(url)
         self.auto_migrate = auto_migrate
+        self.connect_timeout = connect_timeout
         self._schema_checked = False
         self._schema_lock = threading.Lock()
         self.engine = self._create_engine(dict(engine_options or {}))
@@ -150,6 +140,13 @@ class SQLStore(Store):
                 options.setdefault("connect_args", {"check_same_thread": False})
             else:
                 options.setdefault("connect_args", {"timeout": 30})
+        else:
+            # A ledger host that does not answer must not hold a publish for minutes (invariant 7).
+            connect_args = options.setdefault("connect_args", {})
+            connect_args.setdefault("connect_timeout", max(1, round(self.connect_timeout)))
+            if backend in ("mysql", "mariadb"):
+                # UNIX_TIMESTAMP(NOW(6)) reads the session time zone: UTC has no repeated hour.
+                connect_args.setdefault("init_command", "SET time_zone = '+00:00'")
         try:
             engine = create_engine(self.url, **options)
         except (sa_exc.NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
@@ -170,6 +167,11 @@ class SQLStore(Store):
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             if _is_missing_table(exc):
                 raise self._missing_schema() from None
+            if _sqlstate(exc) in _TRANSIENT_CODES:
+                raise StoreError(
+                    f"ledger write on {self.safe_url} kept conflicting (deadlock or lock "
+                    f"timeout): {_first_line(exc)}"
+                ) from exc
             raise StoreUnavailable(
                 f"the ledger database at {self.safe_url} is unavailable: {_first_line(exc)}"
             ) from exc
@@ -249,6 +251,8 @@ class SQLStore(Store):
     def migrate_report(self) -> str:
         """Migrate, and say how argument search is served (trigram index or a scan)."""
         with self._translate(), self.engine.begin() as conn:
+            from jobledger.stores import migrations  # Alembic: only needed here, slow to import
+
             report = migrations.upgrade(conn)
         self._schema_checked = True
         return report
@@ -262,17 +266,7 @@ class SQLStore(Store):
 
     # -- jobs ------------------------------------------------------------------------------
     def create(self, record: JobRecord) -> bool:
-        values = _record_values(record)
-        now = db_now()
-        row: dict[str, Any] = {
-            key: (now if value is None and key in ("created_at", "updated_at") else value)
-            for key, value in values.items()
-        }
-        stamp = _PHASE_STAMP.get(record.state)
-        if stamp and row.get(stamp) is None:
-            row[stamp] = now
-        if record.state is JobState.QUEUED and row.get("first_queued_at") is None:
-            row["first_queued_at"] = row["queued_at"]
+        row = creation_row(record, db_now())
         try:
             with self._write() as conn:
                 conn.execute(insert(jobs).values(**row))
@@ -292,26 +286,13 @@ class SQLStore(Store):
         return won
 
     def _transition(self, conn: Connection, job_id: str, change: Transition) -> bool:
-        at: ColumnElement[float] = db_now() if change.at is None else literal(change.at)
-        values: dict[str, Any] = {"state": change.to.value, "updated_at": at}
-        stamp = _PHASE_STAMP.get(change.to)
-        if stamp:
-            values[stamp] = at
-        if change.to is JobState.QUEUED:
-            values["first_queued_at"] = func.coalesce(jobs.c.first_queued_at, at)
-            values["owner"] = None
-        elif change.to is JobState.STAGED:
-            values["owner"] = None
-        elif change.to is JobState.STARTED:
-            values["owner"] = change.owner
-            values["attempts"] = jobs.c.attempts + 1
-        if change.reason == "recovery":
-            values["recoveries"] = jobs.c.recoveries + 1
-            values["recovered_at"] = at
-        elif change.reason == "restart":
-            values["restarts"] = jobs.c.restarts + 1
-        if change.error is not KEEP:
-            values["error"] = change.error
+        at: ColumnElement[Any] = db_now() if change.at is None else literal(change.at)
+        values = transition_values(
+            change,
+            at,
+            increment=lambda name: jobs.c[name] + 1,
+            if_empty=lambda name: func.coalesce(jobs.c[name], at),
+        )
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, _state_in(change.expect), *_owner_is(change.expect_owner))
@@ -343,6 +324,8 @@ class SQLStore(Store):
                 clauses.append(column.in_(sorted(wanted)))
         if query.older_than is not None:
             clauses.append(jobs.c.updated_at <= db_now() - query.older_than)
+        if query.newer_than is not None:
+            clauses.append(jobs.c.updated_at > db_now() - query.newer_than)
         if query.match is not None:
             clauses.append(self._match(query.match, query.regex))
         return clauses
@@ -351,9 +334,7 @@ class SQLStore(Store):
         columns = [jobs.c[name] for name in SEARCH_COLUMNS]
         if regex:
             return or_(*(column.regexp_match(needle) for column in columns))
-        # As typed, and as the same text reads inside a JSON string (quotes and backslashes
-        # escaped), so both a JSON fragment and the raw value of a string argument match.
-        needles = dict.fromkeys([needle, json.dumps(needle, ensure_ascii=False)[1:-1]])
+        needles = match_needles(needle)
         return or_(*(self._contains(column, n) for column in columns for n in needles))
 
     def _contains(self, column: ColumnElement[str], needle: str) -> ColumnElement[bool]:
@@ -367,7 +348,7 @@ class SQLStore(Store):
 
     def query(self, query: JobQuery, *, limit: int, cursor: str | None = None) -> Page[JobRecord]:
         rows = self._page(select(jobs), query, limit, cursor)
-        return _paged(rows, limit, _to_record)
+        return page_of(rows, limit, _to_record, _position)
 
     def _page(
         self,
@@ -378,8 +359,7 @@ class SQLStore(Store):
         *extra: ColumnElement[bool],
     ) -> list[Row[Any]]:
         """``limit`` + 1 rows newest first after ``cursor`` (the extra row says: more follow)."""
-        if limit < 1:
-            raise ConfigError(f"page size must be at least 1, not {limit}")
+        check_page_size(limit)
         clauses = [*self._where(query), *extra]
         if cursor is not None:
             after = Cursor.decode(cursor)
@@ -403,26 +383,33 @@ class SQLStore(Store):
             return int(conn.execute(statement).scalar_one())
 
     def queue_stats(self) -> list[QueueStats]:
-        statement = select(
-            jobs.c.queue,
-            jobs.c.state,
-            func.count(),
-            func.min(jobs.c.queued_at),
-            func.min(jobs.c.staged_at),
+        # Counts and the queued lag come from the (queue, state, queued_at) index alone; the
+        # staged lag reads only staged rows. No query touches every row of a big ledger's heap.
+        counts = select(
+            jobs.c.queue, jobs.c.state, func.count(), func.min(jobs.c.queued_at)
         ).group_by(jobs.c.queue, jobs.c.state)
+        staged = (
+            select(jobs.c.queue, func.min(jobs.c.staged_at))
+            .where(jobs.c.state == JobState.STAGED.value)
+            .group_by(jobs.c.queue)
+        )
         with self._read() as conn:
             now = float(conn.execute(select(db_now())).scalar_one())
-            rows = conn.execute(statement).all()
+            rows = conn.execute(counts).all()
+            oldest_staged: dict[str, float] = {q: t for q, t in conn.execute(staged)}
         stats: dict[str, dict[str, Any]] = {}
-        for queue, state, count, oldest_queued, oldest_staged in rows:
-            entry = stats.setdefault(queue, {"counts": {}, "queued": None, "staged": None})
+        for queue, state, count, oldest_queued in rows:
+            entry = stats.setdefault(queue, {"counts": {}, "queued": None})
             entry["counts"][JobState(state)] = int(count)
             if state == JobState.QUEUED.value and oldest_queued is not None:
                 entry["queued"] = max(0.0, now - oldest_queued)
-            if state == JobState.STAGED.value and oldest_staged is not None:
-                entry["staged"] = max(0.0, now - oldest_staged)
         return [
-            QueueStats(queue, entry["counts"], entry["queued"], entry["staged"])
+            QueueStats(
+                queue,
+                entry["counts"],
+                entry["queued"],
+                None if oldest_staged.get(queue) is None else max(0.0, now - oldest_staged[queue]),
+            )
             for queue, entry in sorted(stats.items())
         ]
 
@@ -431,12 +418,31 @@ class SQLStore(Store):
     ) -> Page[tuple[JobRecord, float]]:
         seconds = _duration(kind)
         statement = select(jobs, seconds.label("seconds"))
-        rows = self._page(statement, _finished(query), limit, cursor, seconds.is_not(None))
-        return _paged(rows, limit, lambda r: (_to_record(r), float(r.seconds)))
+        rows = self._page(statement, finished_query(query), limit, cursor, seconds.is_not(None))
+        return page_of(rows, limit, lambda r: (_to_record(r), float(r.seconds)), _position)
 
     def duration_stats(self, query: JobQuery, kind: DurationKind) -> list[DurationStats]:
         seconds = _duration(kind)
-        clauses = [*self._where(_finished(query)), seconds.is_not(None)]
+        clauses = [*self._where(finished_query(query)), seconds.is_not(None)]
+        if self.dialect == "postgresql":
+            # One pass: percentile_disc is the nearest-rank percentile.
+            statement = (
+                select(
+                    jobs.c.name,
+                    func.count(),
+                    func.percentile_disc(0.5).within_group(seconds),
+                    func.percentile_disc(0.95).within_group(seconds),
+                    func.max(seconds),
+                )
+                .where(*clauses)
+                .group_by(jobs.c.name)
+                .order_by(jobs.c.name)
+            )
+            with self._read() as conn:
+                return [
+                    DurationStats(name, int(n), float(p50), float(p95), float(longest))
+                    for name, n, p50, p95, longest in conn.execute(statement)
+                ]
         result: list[DurationStats] = []
         with self._read() as conn:
             groups = conn.execute(
@@ -448,21 +454,23 @@ class SQLStore(Store):
             for name, count, longest in groups:
 
                 def rank(p: float, name: str = name, count: int = count) -> float:
-                    offset = max(0, math.ceil(p * count) - 1)
                     statement = (
                         select(seconds)
                         .where(*clauses, jobs.c.name == name)
                         .order_by(seconds)
-                        .offset(offset)
+                        .offset(nearest_rank(p, count))
                         .limit(1)
                     )
                     return float(conn.execute(statement).scalar_one())
 
-                result.append(DurationStats(name, int(count), rank(0.5), rank(0.95), longest))
+                result.append(
+                    DurationStats(name, int(count), rank(0.5), rank(0.95), float(longest))
+                )
         return result
 
     def prune(self, query: JobQuery, *, batch_size: int = 1000) -> int:
-        states = (query.states or FINAL_STATES) & FINAL_STATES
+        check_page_size(batch_size)
+        states = prunable_states(query)
         if not states:
             return 0
         clauses = self._where(query.narrowed(states=states))
@@ -487,7 +495,7 @@ class SQLStore(Store):
     def _heartbeat(self, conn: Connection, instance: Instance) -> None:
         values = {
             "state": instance.state.value,
-            "queues": _dumps(list(instance.queues)),
+            "queues": dump_json(list(instance.queues)),
             "heartbeat_at": db_now(),
         }
         found = conn.execute(
@@ -519,21 +527,7 @@ class SQLStore(Store):
             rows = conn.execute(
                 select(instances, age).order_by(instances.c.name, instances.c.started_at)
             ).all()
-        return [
-            Instance(
-                name=r.name,
-                nonce=r.nonce,
-                hostname=r.hostname,
-                pid=r.pid,
-                queues=tuple(json.loads(r.queues)),
-                state=InstanceState(r.state),
-                started_at=to_datetime(r.started_at),
-                heartbeat_at=to_datetime(r.heartbeat_at),
-                heartbeat_age=max(0.0, float(r.age)),
-                alive=float(r.age) <= ttl,
-            )
-            for r in rows
-        ]
+        return [instance_from_row(r._mapping, float(r.age), ttl) for r in rows]
 
     def is_alive(self, instance_id: str, ttl: float) -> bool:
         statement = select(instances.c.id).where(
@@ -551,7 +545,7 @@ class SQLStore(Store):
                 jobs.c.state == JobState.STARTED.value,
                 or_(instances.c.id.is_(None), instances.c.heartbeat_at < db_now() - ttl),
             )
-            .order_by(jobs.c.started_at)
+            .order_by(jobs.c.started_at, jobs.c.id)
             .limit(limit)
         )
         with self._read() as conn:
@@ -563,6 +557,8 @@ class SQLStore(Store):
         return won
 
     def _acquire_lock(self, conn: Connection, name: str, token: str, ttl: float) -> bool:
+        if self.dialect in ("mysql", "mariadb"):
+            return _acquire_lock_mysql(conn, name, token, ttl)
         taken = conn.execute(
             update(locks)
             .where(locks.c.name == name, or_(locks.c.token == token, locks.c.expires_at < db_now()))
@@ -583,6 +579,35 @@ class SQLStore(Store):
         with self._write() as conn:
             statement = delete(locks).where(locks.c.name == name, locks.c.token == token)
             return bool(conn.execute(statement).rowcount == 1)
+
+
+def _acquire_lock_mysql(conn: Connection, name: str, token: str, ttl: float) -> bool:
+    """Take or renew a lock on MySQL/MariaDB with one upsert, then read who holds it.
+
+    The update-then-insert of the other databases deadlocks on InnoDB when contenders race for
+    a missing lock: each one's UPDATE of the absent row takes a gap lock that blocks the others'
+    INSERT, InnoDB kills all but one, and the savepoint dies with its transaction (error 1305
+    instead of a lost race). ``ON DUPLICATE KEY UPDATE`` takes the row's exclusive lock at once,
+    so contenders queue. Its assignments run left to right: ``token`` first, so ``expires_at``
+    moves only when the token is now ours.
+    """
+    ours = locks.c.token == token
+    free = or_(ours, locks.c.expires_at < db_now())
+    statement = (
+        mysql.insert(locks)
+        .values(name=name, token=token, expires_at=db_now() + ttl)
+        .on_duplicate_key_update(
+            [
+                ("token", case((free, token), else_=locks.c.token)),
+                ("expires_at", case((ours, db_now() + ttl), else_=locks.c.expires_at)),
+            ]
+        )
+    )
+    conn.execute(statement)
+    holder = conn.execute(
+        select(locks.c.token).where(locks.c.name == name).with_for_update()
+    ).scalar()
+    return bool(holder == token)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -607,84 +632,16 @@ def _owner_is(owner: str | _Sentinel | None) -> list[ColumnElement[bool]]:
 
 
 def _duration(kind: DurationKind) -> ColumnElement[float]:
-    if kind not in ("queued", "started"):
-        raise ConfigError(f"duration kind must be 'queued' or 'started', not {kind!r}")
-    start = jobs.c.queued_at if kind == "queued" else jobs.c.started_at
-    return jobs.c.finished_at - start
-
-
-def _finished(query: JobQuery) -> JobQuery:
-    """Durations are of completed jobs unless the query names other final states."""
-    states = (query.states & FINAL_STATES) or frozenset({JobState.SUCCEEDED})
-    return query.narrowed(states=states)
-
-
-def _paged(rows: Sequence[Row[Any]], limit: int, convert: Callable[[Row[Any]], T]) -> Page[T]:
-    """The first ``limit`` rows converted and, if a further row was fetched, the cursor after
-    them (made of the raw stored values, so no rounding can skip or repeat a row)."""
-    if len(rows) <= limit:
-        return Page(items=[convert(r) for r in rows])
-    rows = rows[:limit]
-    last = rows[-1]._mapping
-    return Page(
-        items=[convert(r) for r in rows],
-        next_cursor=Cursor(float(last["created_at"]), last["id"]).encode(),
-    )
-
-
-def _record_values(record: JobRecord) -> dict[str, Any]:
-    return {
-        "id": record.id,
-        "system": record.system,
-        "name": record.name,
-        "queue": record.queue,
-        "args": _dumps(record.args),
-        "kwargs": _dumps(record.kwargs),
-        "tags": _dumps(record.tags),
-        "options": _dumps(record.options),
-        "state": record.state.value,
-        "owner": record.owner,
-        "attempts": record.attempts,
-        "recoveries": record.recoveries,
-        "restarts": record.restarts,
-        "error": record.error,
-        "created_at": to_epoch(record.created_at),
-        "staged_at": to_epoch(record.staged_at),
-        "first_queued_at": to_epoch(record.first_queued_at),
-        "queued_at": to_epoch(record.queued_at),
-        "started_at": to_epoch(record.started_at),
-        "finished_at": to_epoch(record.finished_at),
-        "recovered_at": to_epoch(record.recovered_at),
-        "updated_at": to_epoch(record.updated_at),
-    }
+    return jobs.c.finished_at - jobs.c[duration_start(kind)]
 
 
 def _to_record(row: Row[Any]) -> JobRecord:
-    m = row._mapping
-    return JobRecord(
-        id=m["id"],
-        system=m["system"],
-        name=m["name"],
-        queue=m["queue"],
-        args=json.loads(m["args"]),
-        kwargs=json.loads(m["kwargs"]),
-        tags=json.loads(m["tags"]),
-        options=json.loads(m["options"]),
-        state=JobState(m["state"]),
-        owner=m["owner"],
-        attempts=m["attempts"],
-        recoveries=m["recoveries"],
-        restarts=m["restarts"],
-        error=m["error"],
-        created_at=to_datetime(m["created_at"]),
-        staged_at=to_datetime(m["staged_at"]),
-        first_queued_at=to_datetime(m["first_queued_at"]),
-        queued_at=to_datetime(m["queued_at"]),
-        started_at=to_datetime(m["started_at"]),
-        finished_at=to_datetime(m["finished_at"]),
-        recovered_at=to_datetime(m["recovered_at"]),
-        updated_at=to_datetime(m["updated_at"]),
-    )
+    return record_from_row(row._mapping)
+
+
+def _position(row: Row[Any]) -> Cursor:
+    """Where ``row`` stands in the newest-first order, from its raw stored values."""
+    return Cursor(float(row._mapping["created_at"]), row._mapping["id"])
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 
 revision = "0001"
 down_revision = None
@@ -22,6 +22,7 @@ MYSQL: dict[str, Any] = {
     "mysql_collate": "utf8mb4_bin",
 }
 LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+JOB_ID = sa.String(255).with_variant(postgresql.VARCHAR(255, collation="C"), "postgresql")
 
 
 def stamp(name: str, nullable: bool = True) -> sa.Column[float]:
@@ -31,7 +32,7 @@ def stamp(name: str, nullable: bool = True) -> sa.Column[float]:
 def upgrade() -> None:
     op.create_table(
         "jobledger_jobs",
-        sa.Column("id", sa.String(255), primary_key=True),
+        sa.Column("id", JOB_ID, primary_key=True),
         sa.Column("system", sa.String(64), nullable=False),
         sa.Column("name", sa.String(255), nullable=False),
         sa.Column("queue", sa.String(255), nullable=False),
@@ -52,7 +53,6 @@ def upgrade() -> None:
         "state_updated": ["state", "updated_at"],
         "queue_state": ["queue", "state", "queued_at"],
         "name_state": ["name", "state"],
-        "state_owner": ["state", "owner"],
     }.items():
         op.create_index(f"ix_jobledger_jobs_{name}", "jobledger_jobs", columns)
     op.create_table(

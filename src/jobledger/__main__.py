@@ -1,0 +1,5 @@
+"""``python -m jobledger``: the same as the ``jobledger`` command."""
+
+from jobledger.cli import main
+
+main()

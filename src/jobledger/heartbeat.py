@@ -1,0 +1,215 @@
+"""Instance registration and the heartbeat thread (invariants 4, 5 and 9).
+
+An instance beats from a thread of its own, so a job that runs for hours never makes its
+worker look dead (invariant 5). At shutdown it keeps beating until its in-flight jobs are done
+and only then deletes its row (invariant 4): a draining worker is never mistaken for a dead one.
+If its own beats fail for longer than the TTL, :attr:`Heartbeat.can_claim` turns False so the
+worker stops taking jobs that another instance is about to be handed (invariant 9).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.sharedctypes
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from jobledger.config import Settings
+from jobledger.errors import JobLedgerError
+from jobledger.model import Instance, InstanceState
+from jobledger.stores.base import Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+def new_instance(settings: Settings, queues: Sequence[str] = ()) -> Instance:
+    """This process's instance: the stable name from the settings plus a fresh nonce, so a
+    restarted worker is a new instance and its predecessor's jobs become orphans."""
+    return Instance(
+        name=settings.instance_name,
+        nonce=secrets.token_hex(6),
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        queues=tuple(queues),
+    )
+
+
+class Health:
+    """The time of the last successful beat, readable from forked children.
+
+    The value lives in shared memory created before the fork, so a prefork pool child can judge
+    invariant 9 without a ledger read per job. Times are ``clock()`` values (the default,
+    ``time.monotonic``, is one clock for every process on the host).
+    """
+
+    def __init__(self, ttl: float, clock: Clock = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._last_ok: Any = multiprocessing.sharedctypes.RawValue("d", float("-inf"))
+
+    def mark_ok(self) -> None:
+        self._last_ok.value = self.clock()
+
+    @property
+    def last_ok(self) -> float:
+        return float(self._last_ok.value)
+
+    @property
+    def can_claim(self) -> bool:
+        """False once no beat has succeeded for longer than the TTL (or none ever did)."""
+        return self.clock() - self.last_ok <= self.ttl
+
+
+class Heartbeat:
+    """Registers ``instance`` and beats every ``interval`` seconds from a daemon thread.
+
+    ``in_flight`` says how many jobs the instance still holds; :meth:`drain` waits for it to reach
+    zero, pausing with ``wait`` (default: a :class:`threading.Event`'s ``wait``). The beating
+    thread pauses on an event of its own that :meth:`halt` sets, so stopping is immediate. Tests
+    inject ``clock`` and ``wait``; nothing here sleeps a fixed time.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        instance: Instance,
+        *,
+        interval: float,
+        ttl: float,
+        in_flight: Callable[[], int] = lambda: 0,
+        clock: Clock = time.monotonic,
+        health: Health | None = None,
+        wait: Callable[[float], object] | None = None,
+    ) -> None:
+        self.store = store
+        self.instance = instance
+        self.interval = interval
+        self.ttl = ttl
+        self.in_flight = in_flight
+        self.health = health if health is not None else Health(ttl, clock)
+        self.failures = 0
+        self._stopping = threading.Event()
+        self._wait = wait if wait is not None else threading.Event().wait
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._was_healthy = True
+
+    @classmethod
+    def from_settings(
+        cls,
+        store: Store,
+        settings: Settings,
+        *,
+        queues: Sequence[str] = (),
+        in_flight: Callable[[], int] = lambda: 0,
+    ) -> Heartbeat:
+        return cls(
+            store,
+            new_instance(settings, queues),
+            interval=settings.heartbeat_interval,
+            ttl=settings.ttl,
+            in_flight=in_flight,
+        )
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance.id
+
+    @property
+    def can_claim(self) -> bool:
+        """Invariant 9: False while this instance's beats have failed for longer than the TTL."""
+        return self.health.can_claim
+
+    def beat(self) -> bool:
+        """One heartbeat write; True if it reached the ledger. Never raises a ledger error."""
+        with self._lock:
+            try:
+                self.store.heartbeat(self.instance)
+            except JobLedgerError as exc:
+                self.failures += 1
+                log.warning("heartbeat of %s failed: %s", self.instance_id, exc)
+                self._report_health()
+                return False
+            self.health.mark_ok()
+            self._report_health()
+            return True
+
+    def _report_health(self) -> None:
+        healthy = self.health.can_claim
+        if healthy != self._was_healthy:
+            if healthy:
+                log.warning("instance %s beats again: claiming jobs again", self.instance_id)
+            else:
+                log.error(
+                    "instance %s has not reached the ledger for over %.1fs (its TTL): it takes "
+                    "no new jobs until it does, and its running jobs may be recovered elsewhere",
+                    self.instance_id,
+                    self.ttl,
+                )
+            self._was_healthy = healthy
+
+    def start(self) -> None:
+        """Register (a first beat, synchronously, so no claim precedes it) and start beating."""
+        if self._thread is not None:
+            return
+        self.beat()
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"jobledger-heartbeat-{self.instance.nonce}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            self.beat()
+
+    def mark_draining(self) -> None:
+        """Say ``draining`` from the next beat on (safe to call from a signal handler)."""
+        self.instance = replace(self.instance, state=InstanceState.DRAINING)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Warm shutdown: say ``draining``, keep beating until ``in_flight()`` is zero (or
+        ``timeout`` passes), then stop and deregister. True if the instance deregistered;
+        False if it still held jobs at the deadline (its row stays, so they become orphans
+        only once it really stops beating)."""
+        self.mark_draining()
+        self.beat()
+        deadline = None if timeout is None else self.health.clock() + timeout
+        poll = min(self.interval, 0.1)
+        while self.in_flight() > 0:
+            if deadline is not None and self.health.clock() >= deadline:
+                log.warning(
+                    "instance %s stops with %d jobs in flight: they will be recovered",
+                    self.instance_id,
+                    self.in_flight(),
+                )
+                self.halt()
+                return False
+            self._wait(poll)  # the beating thread keeps running meanwhile
+        self.halt()
+        try:
+            self.store.deregister(self.instance_id)
+        except JobLedgerError as exc:
+            log.warning("instance %s could not deregister: %s", self.instance_id, exc)
+            return False
+        log.info("instance %s drained and deregistered", self.instance_id)
+        return True
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """The same as :meth:`drain`: an instance never stops beating while it holds jobs."""
+        return self.drain(timeout)
+
+    def halt(self) -> None:
+        """Stop the beating thread without deregistering (the row ages into death)."""
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=max(1.0, 2 * self.interval))

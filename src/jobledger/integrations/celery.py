@@ -1,0 +1,611 @@
+# mypy: disable-error-code="import-untyped"
+"""The Celery integration: every tracked task gets a ledger record, a claim guard and recovery.
+
+``install(app)`` connects it. A task is tracked when declared ``@app.task(tracked=True)``, or
+with ``track_all=True`` unless declared ``tracked=False`` (Celery's own ``celery.*`` tasks never
+are). From then on:
+
+- **publish** (client side, ``before_task_publish``): a ``queued`` record with name, args,
+  kwargs, queue and the options needed to publish it again, and an enqueue timestamp header.
+  A ledger that is down costs a warning and a counter, never the publish (invariant 7); the
+  worker creates the missing record at claim.
+- **run** (pool process): the task class's ``__call__`` claims the job first (invariant 2). A
+  duplicate delivery raises :class:`~celery.exceptions.Ignore`: acknowledged, body not run,
+  no result stored over the real one. Success, failure, retry, revoke and a lost pool process
+  (``WorkerLostError``) are recorded. ``__call__`` is used and not ``task_prerun`` because a
+  signal receiver cannot stop the body: Celery logs and swallows its exceptions.
+- **worker** (main process): the heartbeat thread and the recovery loop.
+
+**One instance per worker, not per pool child.** The main process registers the instance
+before the pool forks, beats for it and drains it at warm shutdown; children inherit its id and
+claim as that instance. So liveness means "this worker's main process is alive"; a child that
+dies under a job is noticed at once by the main process (``WorkerLostError``), which recovers
+that one job itself instead of waiting a TTL. Per-child instances would multiply heartbeat
+writes by the concurrency, beat from processes whose job code may hold the GIL, and still need
+the main process to notice a dead child. Children learn whether the instance can claim
+(invariant 9) from shared memory the main process's heartbeat writes, not from a ledger read.
+
+Celery settings that pair with it: ``task_acks_late=True``: with early acks Celery acks a
+message when a pool process accepts it, a moment *before* the claim, so a kill in between loses
+the message while the ledger still says ``queued`` (visible as lag, but not an orphan the sweep
+would recover); late acks keep the message until the job's outcome is recorded, and the claim
+guard skips the redelivered copy of a job that ran. Leave ``task_reject_on_worker_lost`` off
+(the ledger puts a lost job back itself, with the poison-pill cap the broker's requeue lacks).
+A long Redis ``visibility_timeout`` is safe for running jobs (a redelivered running job is
+skipped by the claim guard), but it is also how long Redis keeps the messages a killed worker
+had *prefetched* and not started; keep ``worker_prefetch_multiplier`` low.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any, cast
+
+from celery import Celery, Task, signals
+from celery.app.trace import task_has_custom
+from celery.exceptions import Ignore, Reject, Retry, WorkerLostError
+
+from jobledger.config import Settings
+from jobledger.errors import JobLedgerError, PublishError
+from jobledger.heartbeat import Health, Heartbeat, new_instance
+from jobledger.integrations.base import registry
+from jobledger.lifecycle import Claim, Lifecycle
+from jobledger.model import JobRecord, JobState
+from jobledger.pending import PendingWrites
+from jobledger.recovery import Recovery, RecoveryLoop
+from jobledger.stores import Store, store_for
+from jobledger.stores.base import Transition
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "celery"
+#: Message header with the client's enqueue time (epoch seconds); Celery messages carry none.
+ENQUEUED_HEADER = "jobledger_enqueued_at"
+#: Message header saying the publisher tracked the job.
+TRACKED_HEADER = "jobledger_tracked"
+#: The publish options a record keeps, all that :meth:`CeleryIntegration.publish` passes on.
+REPUBLISH_OPTIONS = (
+    "exchange",
+    "routing_key",
+    "priority",
+    "expires",
+    "time_limit",
+    "soft_time_limit",
+)
+_WRAPPED = "_jobledger_wrapped"
+
+_STARTED = frozenset({JobState.STARTED})
+
+
+class CeleryIntegration:
+    """The ledger's side of one Celery app. Build it with :func:`install`."""
+
+    system = SYSTEM
+
+    def __init__(
+        self,
+        app: Celery,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        store_factory: Callable[[], Store] | None = None,
+        track_all: bool = False,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.track_all = track_all
+        self.counters: Counter[str] = Counter()
+        self._factory = store_factory or (lambda: store_for(settings))
+        self._stores: dict[int, Store] = {} if store is None else {os.getpid(): store}
+        self._stores_lock = threading.Lock()
+        self._pending: dict[int, PendingWrites] = {}
+        # Created before any fork so pool children read what the main process's thread writes.
+        self.health = Health(settings.ttl)
+        self.instance_id: str | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.recovery_loop: RecoveryLoop | None = None
+        self._claimed: set[str] = set()  # jobs this process claimed and runs now
+        self._retrying: set[str] = set()  # of those, the ones already moved to retrying
+        self._receivers: list[tuple[Any, Callable[..., Any]]] = []
+
+    # -- the ledger, one store per process (a forked child must not share its parent's pool) --
+    @property
+    def store(self) -> Store:
+        pid = os.getpid()
+        with self._stores_lock:
+            found = self._stores.get(pid)
+            if found is None:
+                found = self._stores[pid] = self._factory()
+            return found
+
+    @property
+    def pending(self) -> PendingWrites:
+        """This process's buffer of ledger writes waiting for the ledger (invariant 7)."""
+        pid = os.getpid()
+        with self._stores_lock:
+            found = self._pending.get(pid)
+            if found is None:
+                found = self._pending[pid] = PendingWrites(lambda: self.store)
+            return found
+
+    def lifecycle(self) -> Lifecycle:
+        assert self.instance_id is not None
+        return Lifecycle(self.store, self.instance_id, self.settings.ttl, pending=self.pending)
+
+    def _count(self, name: str) -> None:
+        self.counters[name] += 1
+
+    # -- which tasks ----------------------------------------------------------------------
+    def is_tracked(self, name: str, headers: Mapping[str, Any] | None = None) -> bool:
+        """The task's own ``tracked`` option wins; else ``track_all``, or the publisher's say."""
+        task = self.app.tasks.get(name)
+        declared = getattr(task, "tracked", None) if task is not None else None
+        if declared is not None:
+            return bool(declared)
+        if headers is not None and headers.get(TRACKED_HEADER):
+            return True
+        return self.track_all and not name.startswith("celery.")
+
+    def wrap_tasks(self, tasks: Iterable[Task] | None = None) -> None:
+        """Give every tracked task the claim guard (idempotent; called at finalize and boot)."""
+        for task in list(self.app.tasks.values()) if tasks is None else tasks:
+            if self.is_tracked(task.name):
+                self._wrap(task)
+
+    def _wrap(self, task: Task) -> None:
+        cls = type(task)
+        if cls.__dict__.get(_WRAPPED):
+            return
+        custom: Callable[..., Any] | None = (
+            cls.__call__ if task_has_custom(task, "__call__") else None
+        )
+        integration = self
+
+        def __call__(self: Task, *args: Any, **kwargs: Any) -> Any:
+            def body() -> Any:
+                return custom(self, *args, **kwargs) if custom else self.run(*args, **kwargs)
+
+            request = self.request
+            if request.called_directly or request.is_eager:
+                return (
+                    custom(self, *args, **kwargs)
+                    if custom
+                    else Task.__call__(self, *args, **kwargs)
+                )
+            return integration.run_guarded(self, body)
+
+        cls.__call__ = __call__
+        setattr(cls, _WRAPPED, True)
+
+    # -- publishing ---------------------------------------------------------------------
+    def publish(self, record: JobRecord) -> None:
+        """Send the job again with its id, name, args, kwargs, queue and options."""
+        options = {
+            k: record.options[k] for k in REPUBLISH_OPTIONS if record.options.get(k) is not None
+        }
+        try:
+            self.app.send_task(
+                record.name,
+                args=record.args,
+                kwargs=record.kwargs,
+                task_id=record.id,
+                queue=record.queue,
+                headers={TRACKED_HEADER: True},
+                **options,
+            )
+        except Exception as exc:
+            raise PublishError(
+                f"celery did not take job {record.id} ({record.name}): {exc}"
+            ) from exc
+
+    def on_before_publish(
+        self,
+        sender: str | None = None,
+        body: Any = None,
+        exchange: Any = None,
+        routing_key: str | None = None,
+        headers: dict[str, Any] | None = None,
+        declare: list[Any] | None = None,
+        **_: Any,
+    ) -> None:
+        if headers is None or "id" not in headers:
+            return  # protocol 1 or not a task message: nothing we can track
+        name = str(headers.get("task") or sender)
+        if not self.is_tracked(name, headers):
+            return
+        job_id = str(headers["id"])
+        headers[TRACKED_HEADER] = True
+        headers.setdefault(ENQUEUED_HEADER, time.time())
+        if job_id in self._claimed and job_id not in self._retrying:
+            self._moved_to_retrying(job_id)  # a retry: retrying *before* the message exists
+        args, kwargs = (
+            (body[0], body[1]) if isinstance(body, (tuple, list)) and len(body) >= 2 else ([], {})
+        )
+        queue = _queue_name(declare, routing_key)
+        options: dict[str, Any] = {}
+        exchange_name = getattr(exchange, "name", exchange)
+        if exchange_name:  # a non-default exchange: keep the route; else the queue says it all
+            options.update(exchange=exchange_name, routing_key=routing_key)
+        if headers.get("expires"):
+            options["expires"] = headers["expires"]
+        hard, soft = [*(headers.get("timelimit") or ()), None, None][:2]
+        options.update({k: v for k, v in (("time_limit", hard), ("soft_time_limit", soft)) if v})
+        try:
+            record = JobRecord(
+                id=job_id,
+                name=name,
+                system=SYSTEM,
+                queue=queue,
+                args=list(args),
+                kwargs=dict(kwargs),
+                options=options,
+            )
+            self.store.create(record)  # False: it exists (a retry, a recovery, a restart)
+        except JobLedgerError as exc:
+            self._count("publish_unrecorded")
+            log.warning("job %s (%s) published but not recorded: %s", job_id, name, exc)
+
+    def _moved_to_retrying(self, job_id: str) -> None:
+        error = sys.exc_info()[1]
+        text = f"retry: {error!r}" if error is not None else "retry requested"
+        try:
+            if self.lifecycle().fail(job_id, text, will_retry=True):
+                self._retrying.add(job_id)
+        except JobLedgerError as exc:
+            self._count("finish_unrecorded")
+            log.warning("job %s retry not recorded: %s", job_id, exc)
+
+    # -- running (in the pool process) ----------------------------------------------------
+    def run_guarded(self, task: Task, body: Callable[[], Any]) -> Any:
+        request = task.request
+        job_id = str(request.id)
+        if self.instance_id is None:
+            self._count("run_unguarded")
+            return body()  # not a worker started with our hooks: nothing to claim as
+        if not self.health.can_claim:
+            return self._refuse(task, job_id, body)
+        record = self._record_from_request(task)
+        lifecycle = self.lifecycle()
+        try:
+            claim = lifecycle.claim(job_id, record)
+        except JobLedgerError as exc:
+            self._count("claim_unrecorded")
+            log.warning("job %s runs unclaimed, the ledger is unavailable: %s", job_id, exc)
+            return body()  # at least once beats not at all
+        if claim is Claim.DEFERRED:
+            self._count("claim_deferred")
+        if not claim.should_run:
+            self._count("duplicates_skipped")
+            log.warning("job %s (%s) not run: %s", job_id, task.name, claim.value)
+            raise Ignore()
+        self._claimed.add(job_id)
+        try:
+            result = body()
+        except Retry:
+            if job_id not in self._retrying:
+                self._finish(lambda: lifecycle.fail(job_id, "retry", will_retry=True))
+            raise
+        except Ignore:
+            self._finish(lambda: lifecycle.succeed(job_id))
+            raise
+        except Reject as rejection:
+            if rejection.requeue:
+                self._finish(lambda: lifecycle.release(job_id))
+            else:
+                why = f"rejected: {rejection!r}"
+                self._finish(lambda: lifecycle.fail(job_id, why, will_retry=False))
+            raise
+        except Exception:
+            error = traceback.format_exc()
+            self._finish(lambda: lifecycle.fail(job_id, error, will_retry=False))
+            raise
+        finally:
+            self._claimed.discard(job_id)
+            self._retrying.discard(job_id)
+        self._finish(lambda: lifecycle.succeed(job_id))
+        return result
+
+    def _finish(self, write: Callable[[], object]) -> None:
+        """A finish write: kept and replayed by :attr:`pending` if the ledger is down."""
+        try:
+            write()
+        except JobLedgerError as exc:  # not a ledger outage (those are deferred): a bug
+            self._count("finish_unrecorded")
+            log.warning("a job's end could not be recorded: %s", exc)
+
+    def _refuse(self, task: Task, job_id: str, body: Callable[[], Any]) -> Any:
+        """Invariant 9: an instance that cannot beat hands the job back instead of running it."""
+        self._count("refused_unhealthy")
+        try:
+            self.publish(self._record_from_request(task))
+        except PublishError as exc:
+            log.error("job %s: cannot hand it back (%s), running it unclaimed", job_id, exc)
+            return body()
+        log.error("job %s handed back: this instance cannot reach the ledger", job_id)
+        raise Ignore()
+
+    def _record_from_request(self, task: Task) -> JobRecord:
+        request = task.request
+        delivery = request.delivery_info or {}
+        enqueued = getattr(request, ENQUEUED_HEADER, None)
+        queued_at = datetime.fromtimestamp(float(enqueued), tz=timezone.utc) if enqueued else None
+        return JobRecord(
+            id=str(request.id),
+            name=task.name,
+            system=SYSTEM,
+            queue=str(
+                delivery.get("routing_key") or task.queue or self.app.conf.task_default_queue
+            ),
+            args=list(request.args or ()),
+            kwargs=dict(request.kwargs or {}),
+            queued_at=queued_at,
+            first_queued_at=queued_at,
+        )
+
+    # -- main-process hooks -------------------------------------------------------------------
+    def on_task_failure(
+        self,
+        sender: Task | None = None,
+        task_id: str | None = None,
+        exception: BaseException | None = None,
+        **_: Any,
+    ) -> None:
+        """A pool process died under a job: recover that job now (publish, then queued).
+
+        This runs in the worker's event loop, so the ledger read and the publish happen in a
+        thread of their own: a slow ledger or broker must not stall the loop (invariant 7).
+        """
+        if (
+            not isinstance(exception, WorkerLostError)
+            or task_id is None
+            or self.instance_id is None
+        ):
+            return
+        threading.Thread(
+            target=self._recover_lost,
+            args=(task_id, str(exception)),
+            name=f"jobledger-lost-{task_id}",
+            daemon=True,
+        ).start()
+
+    def _recover_lost(self, task_id: str, exception: str) -> None:
+        try:
+            record = self.store.get(task_id)
+            if (
+                record is None
+                or record.state is not JobState.STARTED
+                or record.owner != self.instance_id
+            ):
+                return
+            Recovery.from_settings(self.store, self.settings, publish=self.publish).recover(
+                record, why=f"its pool process died: {exception}"
+            )
+        except JobLedgerError as exc:
+            log.warning("job %s lost its process; the sweep will recover it: %s", task_id, exc)
+
+    def on_task_revoked(
+        self, request: Any = None, terminated: bool = False, expired: bool = False, **_: Any
+    ) -> None:
+        job_id = getattr(request, "id", None)
+        if job_id is None or not self.is_tracked(str(getattr(request, "name", "") or "")):
+            return
+        reason = "expired" if expired else ("revoked and terminated" if terminated else "revoked")
+        try:
+            pending = Transition(
+                to=JobState.CANCELLED,
+                expect=frozenset({JobState.QUEUED, JobState.RETRYING, JobState.STAGED}),
+                error=reason,
+            )
+            if not self.store.transition(job_id, pending) and self.instance_id is not None:
+                running = Transition(
+                    to=JobState.CANCELLED,
+                    expect=_STARTED,
+                    expect_owner=self.instance_id,
+                    error=reason,
+                )
+                self.store.transition(job_id, running)
+        except JobLedgerError as exc:
+            self._count("finish_unrecorded")
+            log.warning("job %s %s, not recorded: %s", job_id, reason, exc)
+
+    def on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        """Register the instance before the pool forks, so children claim as a live one."""
+        from celery.worker import state as worker_state
+
+        self.wrap_tasks()
+        _install_fork_hooks()
+        with self._stores_lock:
+            pid = os.getpid()
+            store = self._stores.get(pid) or self._factory()
+            self._stores[pid] = cast(Store, _ForkGuardedStore(store))
+        queues: list[str] = []
+        with contextlib.suppress(Exception):  # varies by version and options; only informative
+            queues = sorted(self.app.amqp.queues.consume_from or self.app.amqp.queues)
+        instance = new_instance(self.settings, queues)
+        self.instance_id = instance.id
+        self.heartbeat = Heartbeat(
+            self.store,
+            instance,
+            interval=self.settings.heartbeat_interval,
+            ttl=self.settings.ttl,
+            in_flight=lambda: len(worker_state.active_requests),
+            health=self.health,
+        )
+        self.heartbeat.start()
+        recovery = Recovery.from_settings(self.store, self.settings, publish=self.publish)
+        self.recovery_loop = RecoveryLoop(
+            recovery,
+            interval=self.settings.recovery_interval,
+            enabled=lambda: self.health.can_claim,
+        )
+        log.info("jobledger instance %s registered", instance.id)
+
+    def on_worker_ready(self, **_: Any) -> None:
+        if self.recovery_loop is not None:
+            self.recovery_loop.start()
+
+    def on_worker_shutting_down(self, **_: Any) -> None:
+        """Warm shutdown begins (in a signal handler): say draining, write nothing here."""
+        if self.heartbeat is not None:
+            self.heartbeat.mark_draining()
+
+    def on_worker_shutdown(self, **_: Any) -> None:
+        """After Celery's warm shutdown waited for the pool: drain, then deregister."""
+        if self.recovery_loop is not None:
+            self.recovery_loop.stop()
+        self._flush_pending()
+        if self.heartbeat is not None:
+            self.heartbeat.drain(timeout=self.settings.ttl)
+
+    def on_worker_process_init(self, **_: Any) -> None:
+        self._claimed.clear()
+        self._retrying.clear()
+
+    def on_worker_process_shutdown(self, **_: Any) -> None:
+        """A pool process exits: one last try at the writes it still owes the ledger."""
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        pending = self._pending.get(os.getpid())
+        if pending is None or not len(pending):
+            return
+        try:
+            if not pending.flush():
+                log.warning(
+                    "%d ledger writes lost at exit: their jobs will be recovered", len(pending)
+                )
+        except Exception:
+            log.exception("flushing pending ledger writes at exit failed")
+
+    def connect(self) -> None:
+        """Connect the signal receivers (weakly held by Celery, so bound to this object)."""
+        pairs: list[tuple[Any, Callable[..., Any]]] = [
+            (signals.before_task_publish, self.on_before_publish),
+            (signals.task_failure, self.on_task_failure),
+            (signals.task_revoked, self.on_task_revoked),
+            (signals.worker_init, self.on_worker_init),
+            (signals.worker_ready, self.on_worker_ready),
+            (signals.worker_shutting_down, self.on_worker_shutting_down),
+            (signals.worker_shutdown, self.on_worker_shutdown),
+            (signals.worker_process_init, self.on_worker_process_init),
+            (signals.worker_process_shutdown, self.on_worker_process_shutdown),
+        ]
+        self._receivers = pairs
+        for signal, receiver in pairs:
+            signal.connect(receiver, weak=False)
+        self.app.on_after_finalize.connect(self._on_finalize, weak=False)
+
+    def _on_finalize(self, sender: Any = None, **_: Any) -> None:
+        self.wrap_tasks()
+
+    def disconnect(self) -> None:
+        """Undo :meth:`connect` and leave the registry (tests; a process with two apps)."""
+        for signal, receiver in self._receivers:
+            signal.disconnect(receiver)
+        self.app.on_after_finalize.disconnect(self._on_finalize)
+        registry.unregister(self.system)
+
+    def close(self) -> None:
+        """Disconnect, stop replaying pending writes and close this process's stores."""
+        self.disconnect()
+        with self._stores_lock:
+            pendings, self._pending = list(self._pending.values()), {}
+            stores, self._stores = list(self._stores.values()), {}
+        for pending in pendings:
+            pending.stop()
+        for store in stores:
+            store.close()
+
+
+class _ForkGuardedStore:
+    """The worker main process's store, never in use while the process forks a pool child.
+
+    SQLite keeps its file locks' bookkeeping per process: a child forked while another thread
+    of the parent holds a lock (a heartbeat, a sweep) inherits the bookkeeping but not the
+    thread, and its own writes then wait for a lock nobody will release. Each call holds
+    :data:`_FORK_LOCK`, which ``os.register_at_fork`` takes around every fork.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._store, name)
+        if not callable(target):
+            return target
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            with _FORK_LOCK:
+                return target(*args, **kwargs)
+
+        return guarded
+
+
+_FORK_LOCK = threading.RLock()
+_fork_hooks_installed = False
+
+
+def _install_fork_hooks() -> None:
+    global _fork_hooks_installed
+    if _fork_hooks_installed:
+        return
+    _fork_hooks_installed = True
+    os.register_at_fork(
+        before=_FORK_LOCK.acquire,
+        after_in_parent=_FORK_LOCK.release,
+        after_in_child=_release_in_child,
+    )
+
+
+def _release_in_child() -> None:
+    global _FORK_LOCK
+    try:
+        _FORK_LOCK.release()
+    except RuntimeError:  # not held by this thread after all: start the child with a fresh one
+        _FORK_LOCK = threading.RLock()
+
+
+def _queue_name(declare: list[Any] | None, routing_key: str | None) -> str:
+    for entity in declare or ():
+        name = getattr(entity, "name", None)
+        if name:
+            return str(name)
+    return routing_key or "celery"
+
+
+def install(
+    app: Celery,
+    store: Store | None = None,
+    settings: Settings | None = None,
+    *,
+    track_all: bool = False,
+    store_factory: Callable[[], Store] | None = None,
+) -> CeleryIntegration:
+    """Track ``app``'s tasks in the ledger and register the integration for restarts and
+    recovery. ``store`` serves this process only; forked pool children open their own through
+    ``store_factory`` (default: the settings' database URL)."""
+    settings = settings or Settings.from_env()
+    integration = CeleryIntegration(
+        app, settings, store=store, store_factory=store_factory, track_all=track_all
+    )
+    integration.connect()
+    if app.finalized:
+        integration.wrap_tasks()
+    registry.register(integration)
+    return integration
+
+
+def install_for_broker(broker: str, settings: Settings | None = None) -> CeleryIntegration:
+    """The integration on a bare Celery app of ``broker``: enough to publish jobs by task name
+    (recovery, restart, ``jobledger recover --broker``) in a process without the task code."""
+    app = Celery("jobledger", broker=broker, set_as_current=False)
+    return install(app, settings=settings)

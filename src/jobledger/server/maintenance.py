@@ -1,0 +1,135 @@
+"""The supervisor's background loops: the recovery sweep, pruning, and the heartbeat of the
+stand-in owner of HTTP jobs started without an instance.
+
+Each loop is a daemon thread that runs its task after ``first_delay`` and then every
+``interval`` seconds, logs (and counts) a failure and carries on, and stops promptly when asked:
+the wait is an :class:`threading.Event`, so shutdown never waits out an interval. Adding a loop
+(the outbox relay, when it lands) is one :class:`Loop` in :func:`maintenance_loops`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from jobledger.config import Settings
+from jobledger.errors import JobLedgerError
+from jobledger.integrations.base import Registry
+from jobledger.manager import Manager
+from jobledger.model import JobRecord
+from jobledger.recovery import Outcome, Recovery
+from jobledger.server.events import UNTRACKED
+from jobledger.server.metrics import Metrics
+from jobledger.stores.base import Store
+
+log = logging.getLogger(__name__)
+
+
+class Loop:
+    """Run ``task`` every ``interval`` seconds in a daemon thread until :meth:`stop`."""
+
+    def __init__(
+        self,
+        name: str,
+        interval: float,
+        task: Callable[[], object],
+        *,
+        first_delay: float = 0.0,
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self.interval = interval
+        self.task = task
+        self.first_delay = first_delay
+        self.on_error = on_error
+        self.runs = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping.clear()
+            self._thread = threading.Thread(
+                target=self._run, name=f"jobledger-{self.name}", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        delay = self.first_delay
+        while not self._stopping.wait(delay):
+            delay = self.interval
+            try:
+                self.task()
+            except JobLedgerError as exc:
+                self.on_error()
+                log.warning("%s failed: %s", self.name, exc)
+            except Exception:  # a bug must not end the loop; the next run may work
+                self.on_error()
+                log.exception("%s crashed", self.name)
+            self.runs += 1
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def untracked_heartbeat(store: Store, settings: Settings, metrics: Metrics) -> Loop:
+    """Keeps :data:`~jobledger.server.events.UNTRACKED` alive while the supervisor runs."""
+    return Loop(
+        "http-untracked-heartbeat",
+        settings.heartbeat_interval,
+        lambda: store.heartbeat(UNTRACKED),
+        on_error=metrics.ledger_errors.inc,
+    )
+
+
+def maintenance_loops(
+    store: Store,
+    settings: Settings,
+    manager: Manager,
+    integrations: Registry,
+    metrics: Metrics,
+) -> list[Loop]:
+    """The loops ``jobledger serve`` runs unless ``--no-maintenance``."""
+
+    def publish(record: JobRecord) -> None:
+        integrations.get(record.system).publish(record)
+
+    recovery = Recovery.from_settings(store, settings, publish=publish)
+
+    def sweep() -> None:
+        report = recovery.sweep_once()
+        moved = len(report.ids(Outcome.REQUEUED)) + len(report.ids(Outcome.DEAD))
+        if moved:
+            metrics.count_recoveries(moved)
+
+    def prune() -> None:
+        counts = manager.prune()
+        metrics.pruned.inc(sum(counts.values()))
+        if any(counts.values()):
+            log.info("pruned %s", ", ".join(f"{n} {state}" for state, n in counts.items()))
+
+    errors = metrics.ledger_errors.inc
+    return [
+        Loop(
+            "recovery",
+            settings.recovery_interval,
+            sweep,
+            first_delay=min(1.0, settings.recovery_interval),
+            on_error=errors,
+        ),
+        Loop(
+            "prune",
+            settings.prune_interval,
+            prune,
+            first_delay=min(5.0, settings.prune_interval),
+            on_error=errors,
+        ),
+    ]

@@ -1,0 +1,86 @@
+"""The figures of the dashboard's overview, read through the Store seam only.
+
+Jobs finished per interval are counted with ``newer_than`` thresholds (for a finished job its
+last transition is its finish), so the chart needs no store method of its own: N buckets cost
+N counts per series, each an index range over the window only, however big the ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobledger.model import FINAL_STATES, JobState, QueueStats
+from jobledger.query import JobQuery
+from jobledger.stores.base import Store
+
+FAILED = frozenset({JobState.FAILED, JobState.DEAD})
+SUCCEEDED = frozenset({JobState.SUCCEEDED})
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Jobs finished in one interval; ``ends_ago`` seconds before now is its end."""
+
+    ends_ago: float
+    succeeded: int
+    failed: int
+
+
+@dataclass
+class Overview:
+    totals: dict[JobState, int]
+    queues: list[QueueStats]
+    buckets: list[Bucket]
+    instances_alive: int
+    instances_dead: int
+    recovered_here: int
+
+    @property
+    def dead(self) -> int:
+        return self.totals.get(JobState.DEAD, 0)
+
+    @property
+    def backlog(self) -> int:
+        return self.totals.get(JobState.STAGED, 0)
+
+    @property
+    def finished_last_hour(self) -> int:
+        return sum(b.succeeded for b in self.buckets)
+
+    @property
+    def failed_last_hour(self) -> int:
+        return sum(b.failed for b in self.buckets)
+
+    @property
+    def busiest(self) -> int:
+        return max([1, *(max(b.succeeded, b.failed) for b in self.buckets)])
+
+
+def finished_buckets(store: Store, window: float = 3600.0, count: int = 12) -> list[Bucket]:
+    """Succeeded and failed/dead jobs per ``window / count`` seconds, oldest first."""
+    step = window / count
+
+    def series(states: frozenset[JobState]) -> list[int]:
+        # within[k]: jobs whose finish is less than k steps ago
+        within = [0] + [
+            store.count(JobQuery(states=states, newer_than=k * step)) for k in range(1, count + 1)
+        ]
+        return [within[k + 1] - within[k] for k in range(count)]
+
+    ok, bad = series(SUCCEEDED), series(FAILED & FINAL_STATES)
+    return [Bucket(k * step, ok[k], bad[k]) for k in reversed(range(count))]
+
+
+def overview(store: Store, ttl: float, recovered_here: int) -> Overview:
+    queues = store.queue_stats()
+    totals = {s: sum(q.counts.get(s, 0) for q in queues) for s in JobState}
+    instances = store.instances(ttl)
+    alive = sum(1 for i in instances if i.alive)
+    return Overview(
+        totals=totals,
+        queues=queues,
+        buckets=finished_buckets(store),
+        instances_alive=alive,
+        instances_dead=len(instances) - alive,
+        recovered_here=recovered_here,
+    )

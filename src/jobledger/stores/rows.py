@@ -1,0 +1,179 @@
+"""The ledger's rows as plain values, and what each write puts in them: shared by every store.
+
+The SQL store and the in-memory store keep a job as the same row (arguments as JSON text, times
+as epoch seconds) and build it, change it and read it back through these functions, so a
+transition, a default timestamp or an argument search means the same thing in both. The
+functions that write take the store's "now" and its "add one" as values of any type: a float
+and ``+ 1`` in memory, a SQL expression in the database.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from jobledger.errors import ConfigError
+from jobledger.model import (
+    Instance,
+    InstanceState,
+    JobRecord,
+    JobState,
+    to_datetime,
+    to_epoch,
+)
+from jobledger.stores.base import KEEP, DurationKind, Transition
+
+V = TypeVar("V")
+
+#: The phase timestamp a job entering each state is stamped with (``retrying`` has no phase of
+#: its own: the queue's retry waits in ``updated_at``, the time of the job's last move).
+PHASE_STAMP: Mapping[JobState, str] = {
+    JobState.STAGED: "staged_at",
+    JobState.QUEUED: "queued_at",
+    JobState.STARTED: "started_at",
+    JobState.RETRYING: "updated_at",
+    JobState.SUCCEEDED: "finished_at",
+    JobState.FAILED: "finished_at",
+    JobState.DEAD: "finished_at",
+    JobState.CANCELLED: "finished_at",
+}
+
+#: The row fields the argument search looks in (``match``).
+SEARCH_FIELDS = ("args", "kwargs", "tags")
+
+
+def dump_json(value: Any) -> str:
+    """``value`` as the JSON text a row keeps (non-ASCII kept as is, so a search sees it)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"job arguments must be JSON-serializable: {exc}") from None
+
+
+def record_to_row(record: JobRecord) -> dict[str, Any]:
+    """The row of ``record`` as given: JSON texts and epoch seconds, None where it has no time."""
+    return {
+        "id": record.id,
+        "system": record.system,
+        "name": record.name,
+        "queue": record.queue,
+        "args": dump_json(record.args),
+        "kwargs": dump_json(record.kwargs),
+        "tags": dump_json(record.tags),
+        "options": dump_json(record.options),
+        "state": record.state.value,
+        "owner": record.owner,
+        "attempts": record.attempts,
+        "recoveries": record.recoveries,
+        "restarts": record.restarts,
+        "error": record.error,
+        "created_at": to_epoch(record.created_at),
+        "staged_at": to_epoch(record.staged_at),
+        "first_queued_at": to_epoch(record.first_queued_at),
+        "queued_at": to_epoch(record.queued_at),
+        "started_at": to_epoch(record.started_at),
+        "finished_at": to_epoch(record.finished_at),
+        "recovered_at": to_epoch(record.recovered_at),
+        "updated_at": to_epoch(record.updated_at),
+    }
+
+
+def creation_row(record: JobRecord, now: object) -> dict[str, Any]:
+    """The row :meth:`Store.create` inserts: the record's own times kept, the missing ones
+    defaulted to ``now``. The job entered its state at that state's phase time, so
+    ``updated_at`` (what ``older_than`` measures) defaults to it, not to the insert time."""
+    row: dict[str, Any] = record_to_row(record)
+    if row["created_at"] is None:
+        row["created_at"] = now
+    stamp = PHASE_STAMP[record.state]
+    if row[stamp] is None:
+        row[stamp] = now
+    if row["updated_at"] is None:
+        row["updated_at"] = row[stamp]
+    if record.state is JobState.QUEUED and row["first_queued_at"] is None:
+        row["first_queued_at"] = row["queued_at"]
+    return row
+
+
+def transition_values(
+    change: Transition,
+    at: V,
+    *,
+    increment: Callable[[str], V],
+    if_empty: Callable[[str], V],
+) -> dict[str, Any]:
+    """The fields a won ``change`` writes (see :class:`~jobledger.stores.base.Transition`).
+
+    ``at`` is the moment of the move; ``increment(field)`` is the field plus one and
+    ``if_empty(field)`` the field's value, or ``at`` where it has none.
+    """
+    values: dict[str, Any] = {"state": change.to.value, "updated_at": at}
+    values[PHASE_STAMP[change.to]] = at
+    if change.to is JobState.QUEUED:
+        values["first_queued_at"] = if_empty("first_queued_at")
+        values["owner"] = None
+    elif change.to is JobState.STAGED:
+        values["owner"] = None
+    elif change.to is JobState.STARTED:
+        values["owner"] = change.owner
+        values["attempts"] = increment("attempts")
+    if change.reason == "recovery":
+        values["recoveries"] = increment("recoveries")
+        values["recovered_at"] = at
+    elif change.reason == "restart":
+        values["restarts"] = increment("restarts")
+    if change.error is not KEEP:
+        values["error"] = change.error
+    return values
+
+
+def record_from_row(row: Mapping[Any, Any]) -> JobRecord:
+    """The :class:`JobRecord` a stored row holds (new objects: nothing shared with the row)."""
+    return JobRecord(
+        id=row["id"],
+        system=row["system"],
+        name=row["name"],
+        queue=row["queue"],
+        args=json.loads(row["args"]),
+        kwargs=json.loads(row["kwargs"]),
+        tags=json.loads(row["tags"]),
+        options=json.loads(row["options"]),
+        state=JobState(row["state"]),
+        owner=row["owner"],
+        attempts=row["attempts"],
+        recoveries=row["recoveries"],
+        restarts=row["restarts"],
+        error=row["error"],
+        created_at=to_datetime(row["created_at"]),
+        staged_at=to_datetime(row["staged_at"]),
+        first_queued_at=to_datetime(row["first_queued_at"]),
+        queued_at=to_datetime(row["queued_at"]),
+        started_at=to_datetime(row["started_at"]),
+        finished_at=to_datetime(row["finished_at"]),
+        recovered_at=to_datetime(row["recovered_at"]),
+        updated_at=to_datetime(row["updated_at"]),
+    )
+
+
+def instance_from_row(row: Mapping[Any, Any], age: float, ttl: float) -> Instance:
+    """The :class:`Instance` a stored row holds, ``age`` seconds after its last heartbeat."""
+    return Instance(
+        name=row["name"],
+        nonce=row["nonce"],
+        hostname=row["hostname"],
+        pid=row["pid"],
+        queues=tuple(json.loads(row["queues"])),
+        state=InstanceState(row["state"]),
+        started_at=to_datetime(row["started_at"]),
+        heartbeat_at=to_datetime(row["heartbeat_at"]),
+        heartbeat_age=max(0.0, age),
+        alive=age <= ttl,
+    )
+
+
+def duration_start(kind: DurationKind) -> str:
+    """The field a duration of ``kind`` starts at (it ends at ``finished_at``)."""
+    if kind not in ("queued", "started"):
+        raise ConfigError(f"duration kind must be 'queued' or 'started', not {kind!r}")
+    return "queued_at" if kind == "queued" else "started_at"

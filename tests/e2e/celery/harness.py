@@ -1,0 +1,239 @@
+"""Real Celery workers as subprocesses, a SQLite ledger, and deadlines instead of sleeps.
+
+The fixtures live here, not in a conftest.py, so that the root conftest keeps its module name;
+test modules import them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+sys.path.insert(0, str(HERE))
+
+from e2eapp import RUNS_SCHEMA, make_app  # noqa: E402
+from tcpproxy import TcpProxy  # noqa: E402
+
+from jobledger.config import Settings  # noqa: E402
+from jobledger.stores.sql import SQLStore  # noqa: E402
+from ledgerdb import database_url, empty_sql_store  # noqa: E402
+
+REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ = os.environ.get("JOBLEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        pause.wait(0.05)
+
+
+class Worker:
+    """One ``celery worker`` process group; :meth:`kill` signals the whole group."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+        self.proc = proc
+        self.name = name
+        self.log = log
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def warm_shutdown(self) -> None:
+        """SIGTERM to the main process only, as an orchestrator stopping a container does."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGTERM)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Harness:
+    """A queue of the test's own on ``broker``, a ledger on ``ledger`` (``sqlite`` or
+    ``postgresql``), a runs table, and the workers started. With ``proxied``, the client and
+    the workers reach the ledger through a :class:`TcpProxy` (:attr:`proxy`) the test can cut;
+    :attr:`store` (the test's view) always goes direct."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        broker: str,
+        ledger: str = "sqlite",
+        *,
+        proxied: bool = False,
+        heartbeat_interval: float = 0.5,
+        visibility_timeout: float | None = None,
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.broker = broker
+        self.ledger = ledger
+        self.queue = f"jl-e2e-{uuid.uuid4().hex[:10]}"
+        self.url = database_url(ledger, tmp_path)
+        self.store: SQLStore = empty_sql_store(self.url)
+        self.proxy: TcpProxy | None = None
+        self.worker_url = self.url
+        if proxied:
+            parsed = self.store.url
+            self.proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+            self.proxy.start()
+            self.worker_url = self.proxy.url_for(self.url)
+        self.heartbeat_interval = heartbeat_interval
+        self.visibility_timeout = visibility_timeout
+        self.runs_db = str(tmp_path / "runs.db")
+        with sqlite3.connect(self.runs_db) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(RUNS_SCHEMA)
+        os.environ["E2E_RUNS_DB"] = self.runs_db
+        self.settings = Settings(
+            database_url=self.worker_url,
+            instance_name="client",
+            heartbeat_interval=heartbeat_interval,
+            recovery_interval=0.5,
+        )
+        self.app, self.integration = make_app(broker, self.queue, self.settings, visibility_timeout)
+        self.workers: list[Worker] = []
+
+    def env(self, name: str, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src")]),
+            E2E_BROKER=self.broker,
+            E2E_QUEUE=self.queue,
+            E2E_RUNS_DB=self.runs_db,
+            JOBLEDGER_DATABASE_URL=self.worker_url,
+            JOBLEDGER_INSTANCE_NAME=name,
+            JOBLEDGER_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
+            JOBLEDGER_RECOVERY_INTERVAL="0.5",
+            JOBLEDGER_MAX_RECOVERIES="3",
+        )
+        if self.visibility_timeout is not None:
+            env["E2E_VISIBILITY_TIMEOUT"] = str(self.visibility_timeout)
+        env.update(extra)
+        return env
+
+    def start_worker(self, name: str, concurrency: int = 4, **extra: str) -> Worker:
+        log = self.tmp_path / f"{name}.log"
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "e2eworker", "worker",
+            "-P", "prefork", "-c", str(concurrency), "-Q", self.queue,
+            "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+            "--without-heartbeat",
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=self.tmp_path, env=self.env(name, **extra), stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        worker = Worker(proc, name, log)
+        self.workers.append(worker)
+        wait_for(
+            f"worker {name} to register",
+            lambda: (
+                (proc.poll() is None and any(i.name == name for i in self.store.instances(ttl=10)))
+                or _died(worker)
+            ),
+        )
+        wait_for(f"worker {name} to be ready", lambda: "ready." in worker.output() or _died(worker))
+        return worker
+
+    def runs(self) -> list[tuple[str, str, str, float]]:
+        with sqlite3.connect(self.runs_db, timeout=60) as conn:
+            return list(conn.execute("SELECT job_id, phase, worker, at FROM runs"))
+
+    def pids(self, job_id: str) -> list[int]:
+        """The pool processes that started ``job_id``, in order."""
+        with sqlite3.connect(self.runs_db, timeout=60) as conn:
+            query = "SELECT pid FROM runs WHERE job_id = ? AND phase = 'start' ORDER BY at"
+            return [int(row[0]) for row in conn.execute(query, (job_id,))]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.kill(signal.SIGKILL)
+        for worker in self.workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(10)
+        self.integration.close()
+        self.store.close()
+        if self.proxy is not None:
+            self.proxy.close()
+        _purge(self.broker, self.queue, dict(self.app.conf.broker_transport_options))
+
+
+def _died(worker: Worker) -> Any:
+    if worker.proc.poll() is not None:
+        pytest.fail(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.output()}")
+    return False
+
+
+def _purge(broker: str, queue: str, options: dict[str, Any]) -> None:
+    from kombu import Connection
+
+    try:
+        with Connection(broker, connect_timeout=5, transport_options=options) as conn:
+            channel = conn.channel()
+            channel.queue_delete(queue)
+        prefix = options.get("global_keyprefix")
+        if prefix:  # the test's own unacked bookkeeping too
+            import redis
+
+            client = redis.Redis.from_url(broker)
+            for key in list(client.scan_iter(f"{prefix}*")):
+                client.delete(key)
+            client.close()
+    except Exception:  # best effort: the queue name is unique to the test anyway
+        pass
+
+
+@pytest.fixture(name="redis_harness")
+def redis_harness_fixture(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path, REDIS)
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(name="make_harness")
+def make_harness_fixture(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """Build harnesses with other ledgers or settings: ``make_harness(broker, ledger, ...)``."""
+    made: list[Harness] = []
+
+    def make(broker: str = REDIS, ledger: str = "sqlite", **options: Any) -> Harness:
+        made.append(Harness(tmp_path, broker, ledger, **options))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.close()
+
+
+@pytest.fixture(name="rabbit_harness")
+def rabbit_harness_fixture(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path, RABBITMQ)
+    yield harness
+    harness.close()

@@ -1,0 +1,77 @@
+"""Real databases for the tests, importable from any test module or subprocess helper.
+
+The servers default to the ones CI and the developer machines run; override with
+``JOBLEDGER_TEST_POSTGRES_URL`` / ``JOBLEDGER_TEST_MYSQL_URL``. Each test session creates its own
+database on each server (dropped at the end by ``conftest``), so concurrent runs never see each
+other's rows. A server that cannot be reached fails the tests that need it: a skipped test
+proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from sqlalchemy import create_engine, make_url, text
+
+from jobledger.stores.schema import instances, jobs, locks
+from jobledger.stores.sql import SQLStore
+
+POSTGRES_URL = os.environ.get(
+    "JOBLEDGER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+MYSQL_URL = os.environ.get("JOBLEDGER_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
+
+SQL_BACKENDS = ["sqlite", "postgresql", "mariadb"]
+
+
+_RUN_DATABASE = f"jl_test_{uuid.uuid4().hex[:10]}"
+_created: dict[str, str] = {}
+
+
+def _server_database(server_url: str) -> str:
+    """A database of this test session's own on the server at ``server_url`` (created once)."""
+    if server_url not in _created:
+        from jobledger.stores.sql import parse_url
+
+        url = parse_url(server_url)
+        admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {_RUN_DATABASE}"))
+        admin.dispose()
+        _created[server_url] = url.set(database=_RUN_DATABASE).render_as_string(hide_password=False)
+    return _created[server_url]
+
+
+def drop_session_databases() -> None:
+    """Drop the databases this session created."""
+    from jobledger.stores.sql import parse_url
+
+    for server_url in list(_created):
+        admin = create_engine(parse_url(server_url), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            if make_url(server_url).get_backend_name() == "postgresql":
+                conn.execute(text(f"DROP DATABASE IF EXISTS {_RUN_DATABASE} WITH (FORCE)"))
+            else:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {_RUN_DATABASE}"))
+        admin.dispose()
+        del _created[server_url]
+
+
+def database_url(backend: str, tmp_path: Path) -> str:
+    """The URL of a ledger for ``backend`` (SQLite: a fresh file under ``tmp_path``; a server:
+    this session's own database on it)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return _server_database({"postgresql": POSTGRES_URL, "mariadb": MYSQL_URL}[backend])
+
+
+def empty_sql_store(url: str) -> SQLStore:
+    """A migrated store on ``url`` with every ledger table emptied."""
+    store = SQLStore(url)
+    store.migrate()
+    with store.engine.begin() as conn:
+        for table in (jobs, instances, locks):
+            conn.execute(table.delete())
+    return store

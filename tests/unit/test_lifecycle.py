@@ -1,0 +1,136 @@
+"""Claim and finish (invariants 2 and 3) on a MemoryStore whose clock the tests move."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobledger.lifecycle import Claim, Lifecycle
+from jobledger.model import Instance, JobRecord, JobState
+from jobledger.testing import ManualClock, MemoryStore
+
+TTL = 30.0
+S = JobState
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def store(clock: ManualClock) -> MemoryStore:
+    return MemoryStore(clock=clock)
+
+
+def worker(store: MemoryStore, name: str) -> Lifecycle:
+    """A live instance (it has beaten) and its lifecycle."""
+    instance = Instance(name=name, nonce="1")
+    store.heartbeat(instance)
+    return Lifecycle(store, owner=instance.id, ttl=TTL)
+
+
+def state(store: MemoryStore, job_id: str) -> tuple[JobState, str | None, int]:
+    record = store.get(job_id)
+    assert record is not None
+    return record.state, record.owner, record.attempts
+
+
+def test_claim_a_queued_job(store: MemoryStore) -> None:
+    a = worker(store, "a")
+    assert store.create(JobRecord(id="j", name="t"))
+    outcome = a.claim("j")
+    assert outcome is Claim.CLAIMED and outcome.should_run
+    assert state(store, "j") == (S.STARTED, "a:1", 1)
+
+
+@pytest.mark.parametrize("source", [S.STAGED, S.RETRYING, S.FAILED, S.DEAD])
+def test_claim_from_every_claimable_state(store: MemoryStore, source: JobState) -> None:
+    assert store.create(JobRecord(id="j", name="t", state=source))
+    assert worker(store, "a").claim("j") is Claim.CLAIMED
+
+
+def test_claim_creates_a_missing_record(store: MemoryStore) -> None:
+    a = worker(store, "a")
+    outcome = a.claim("j", JobRecord(id="j", name="t", args=[1]))
+    assert outcome is Claim.CREATED and outcome.should_run
+    assert state(store, "j") == (S.STARTED, "a:1", 1)
+    with pytest.raises(LookupError):
+        a.claim("unknown")
+
+
+def test_claim_of_a_succeeded_job_is_skipped(store: MemoryStore) -> None:
+    assert store.create(JobRecord(id="j", name="t", state=S.SUCCEEDED, owner="x:1"))
+    outcome = worker(store, "a").claim("j")
+    assert outcome is Claim.ALREADY_SUCCEEDED and not outcome.should_run
+    assert state(store, "j") == (S.SUCCEEDED, "x:1", 0)
+
+
+def test_claim_of_a_cancelled_job_is_skipped(store: MemoryStore) -> None:
+    assert store.create(JobRecord(id="j", name="t", state=S.CANCELLED))
+    outcome = worker(store, "a").claim("j")
+    assert outcome is Claim.CANCELLED and not outcome.should_run
+
+
+def test_claim_of_a_job_running_on_a_live_instance_is_skipped(store: MemoryStore) -> None:
+    a, b = worker(store, "a"), worker(store, "b")
+    assert store.create(JobRecord(id="j", name="t"))
+    assert a.claim("j") is Claim.CLAIMED
+    assert b.claim("j") is Claim.RUNNING_ELSEWHERE
+    assert a.claim("j") is Claim.RUNNING_ELSEWHERE  # delivered again to its own owner
+    assert state(store, "j") == (S.STARTED, "a:1", 1)
+
+
+def test_claim_takes_over_from_a_dead_instance_and_only_the_owner_finishes(
+    store: MemoryStore, clock: ManualClock
+) -> None:
+    a = worker(store, "a")
+    assert store.create(JobRecord(id="j", name="t"))
+    assert a.claim("j") is Claim.CLAIMED
+    clock.advance(TTL + 1)  # a falls silent
+    b = worker(store, "b")
+    outcome = b.claim("j")
+    assert outcome is Claim.TAKEN_OVER and outcome.should_run
+    record = store.get("j")
+    assert record is not None
+    assert (record.owner, record.attempts, record.recoveries) == ("b:1", 2, 1)
+    # a was wrongly declared dead and finishes late: not applied over b.
+    assert not a.succeed("j")
+    assert not a.fail("j", "boom", will_retry=False)
+    assert state(store, "j") == (S.STARTED, "b:1", 2)
+    assert b.succeed("j")
+    assert state(store, "j") == (S.SUCCEEDED, "b:1", 2)
+
+
+def test_claim_takes_over_from_an_owner_that_never_beat(store: MemoryStore) -> None:
+    assert store.create(JobRecord(id="j", name="t", state=S.STARTED, owner="ghost:1"))
+    assert worker(store, "a").claim("j") is Claim.TAKEN_OVER
+
+
+def test_a_live_owner_just_inside_its_ttl_is_not_taken_over(
+    store: MemoryStore, clock: ManualClock
+) -> None:
+    a = worker(store, "a")
+    assert store.create(JobRecord(id="j", name="t"))
+    assert a.claim("j") is Claim.CLAIMED
+    clock.advance(TTL)
+    assert worker(store, "b").claim("j") is Claim.RUNNING_ELSEWHERE
+
+
+def test_finishing(store: MemoryStore) -> None:
+    a = worker(store, "a")
+    for job_id in ("ok", "retry", "fail", "cancel"):
+        assert store.create(JobRecord(id=job_id, name="t"))
+        assert a.claim(job_id) is Claim.CLAIMED
+    assert a.succeed("ok")
+    assert a.fail("retry", "flaky", will_retry=True)
+    assert a.fail("fail", "broken", will_retry=False)
+    assert a.cancel("cancel", "revoked")
+    got = {job_id: store.get(job_id) for job_id in ("ok", "retry", "fail", "cancel")}
+    assert {k: (v.state, v.error) for k, v in got.items() if v} == {
+        "ok": (S.SUCCEEDED, None),
+        "retry": (S.RETRYING, "flaky"),
+        "fail": (S.FAILED, "broken"),
+        "cancel": (S.CANCELLED, "revoked"),
+    }
+    assert not a.succeed("ok"), "a job finishes once"
+    assert not a.succeed("missing")
