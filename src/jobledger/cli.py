@@ -31,6 +31,7 @@ from jobledger.serialize import (
     instance_to_dict,
     job_to_dict,
     queue_stats_to_dict,
+    report_to_dict,
 )
 from jobledger.stores import Store, store_for
 
@@ -199,6 +200,15 @@ def _args_text(record: JobRecord, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _table(*headers: str, numbers: int | None = None) -> Table:
+    """A borderless table; columns from index ``numbers`` on are right-aligned figures."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for index, header in enumerate(headers):
+        numeric = numbers is not None and index >= numbers
+        table.add_column(header, justify="right" if numeric else "left")
+    return table
+
+
 def _job_table() -> Table:
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     table.add_column("ID", no_wrap=True, min_width=36, max_width=36, overflow="ellipsis")
@@ -241,15 +251,7 @@ def _print_jobs(records: Iterable[JobRecord], now: float, as_json: bool) -> int:
 
 def _print_report(report: ActionReport, as_json: bool) -> None:
     if as_json:
-        _emit_json(
-            {
-                "action": report.action,
-                "dry_run": report.dry_run,
-                "done": report.done,
-                "skipped": report.skipped,
-                "failed": report.failed,
-            }
-        )
+        _emit_json(report_to_dict(report))
     else:
         past = {"restart": "restarted", "cancel": "cancelled"}[report.action]
         verb = f"would {report.action}" if report.dry_run else past
@@ -284,7 +286,7 @@ def migrate(database_url: DatabaseUrl = None) -> None:
     settings = Settings.from_env(database_url=database_url)
     from jobledger.stores.sql import SQLStore
 
-    store = SQLStore(settings.database_url)
+    store = SQLStore(settings.database_url, connect_timeout=settings.connect_timeout)
     report = store.migrate_report()
     out.print(f"ledger schema is up to date in {store.safe_url}")
     out.print(f"argument search: {report}")
@@ -344,12 +346,7 @@ def stats(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
         _emit_json([queue_stats_to_dict(s) for s in rows])
         return
     states = list(JobState)
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    table.add_column("QUEUE")
-    for s in states:
-        table.add_column(s.value.upper(), justify="right")
-    table.add_column("LAG", justify="right")
-    table.add_column("STAGED LAG", justify="right")
+    table = _table("QUEUE", *(s.value.upper() for s in states), "LAG", "STAGED LAG", numbers=1)
     for row in rows:
         table.add_row(
             row.queue,
@@ -394,9 +391,7 @@ def durations(
     if as_json:
         _emit_json([duration_stats_to_dict(s) for s in summary])
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("NAME", "COUNT", "P50", "P95", "MAX"):
-        table.add_column(column, justify="left" if column == "NAME" else "right")
+    table = _table("NAME", "COUNT", "P50", "P95", "MAX", numbers=1)
     for s in summary:
         table.add_row(
             s.name,
@@ -415,9 +410,7 @@ def instances(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None
     if as_json:
         _emit_json([instance_to_dict(i) for i in found])
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("INSTANCE", "HOST", "PID", "STATE", "HEARTBEAT", "QUEUES"):
-        table.add_column(column)
+    table = _table("INSTANCE", "HOST", "PID", "STATE", "HEARTBEAT", "QUEUES")
     for i in found:
         status = i.state.value if i.alive else "[red]dead[/red]"
         table.add_row(
@@ -452,48 +445,39 @@ def _bulk(
     return run(ids or (), query if filtered else None, dry_run=dry_run)
 
 
-@_command(name="restart")
-def restart(
-    ids: Annotated[list[str] | None, typer.Argument(help="Job ids.", show_default=False)] = None,
-    state: States = None,
-    queue: Queues = None,
-    name: Names = None,
-    match: Match = None,
-    regex: Regex = False,
-    older_than: OlderThan = None,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    app_module: AppModule = None,
-    broker: BrokerUrl = None,
-    as_json: AsJson = False,
-    database_url: DatabaseUrl = None,
-) -> None:
-    """Publish jobs again with their own ids (failed, dead, stuck queued, orphaned)."""
-    filtered = any((state, queue, name, match, older_than))
-    query = _query(state, queue, name, match, regex, older_than)
-    manager = _manager(database_url, app_module, broker)
-    _print_report(_bulk("restart", ids, query, filtered, dry_run, yes, manager), as_json)
+def _bulk_command(action: str, summary: str) -> None:
+    """Register ``restart`` or ``cancel``: the same selection (ids and/or filters), asked
+    about before a bulk change, differing only in what the manager does with it."""
+
+    def command(
+        ids: Annotated[
+            list[str] | None, typer.Argument(help="Job ids.", show_default=False)
+        ] = None,
+        state: States = None,
+        queue: Queues = None,
+        name: Names = None,
+        match: Match = None,
+        regex: Regex = False,
+        older_than: OlderThan = None,
+        dry_run: DryRun = False,
+        yes: Yes = False,
+        app_module: AppModule = None,
+        broker: BrokerUrl = None,
+        as_json: AsJson = False,
+        database_url: DatabaseUrl = None,
+    ) -> None:
+        filtered = any((state, queue, name, match, older_than))
+        query = _query(state, queue, name, match, regex, older_than)
+        manager = _manager(database_url, app_module, broker)
+        _print_report(_bulk(action, ids, query, filtered, dry_run, yes, manager), as_json)
+
+    command.__doc__ = summary
+    command.__name__ = action
+    _command(name=action)(command)
 
 
-@_command(name="cancel")
-def cancel(
-    ids: Annotated[list[str] | None, typer.Argument(help="Job ids.", show_default=False)] = None,
-    state: States = None,
-    queue: Queues = None,
-    name: Names = None,
-    match: Match = None,
-    regex: Regex = False,
-    older_than: OlderThan = None,
-    dry_run: DryRun = False,
-    yes: Yes = False,
-    as_json: AsJson = False,
-    database_url: DatabaseUrl = None,
-) -> None:
-    """Cancel unfinished jobs: a later delivery is acknowledged and not run."""
-    filtered = any((state, queue, name, match, older_than))
-    query = _query(state, queue, name, match, regex, older_than)
-    manager = _manager(database_url)
-    _print_report(_bulk("cancel", ids, query, filtered, dry_run, yes, manager), as_json)
+_bulk_command("restart", "Publish jobs again with their own ids (failed, dead, stuck, orphaned).")
+_bulk_command("cancel", "Cancel unfinished jobs: a later delivery is acknowledged and not run.")
 
 
 @_command(name="prune")
@@ -634,10 +618,6 @@ def serve(
         raise ConfigError(
             f"the supervisor needs the server extra ({exc}): pip install 'jobledger[server]'"
         ) from None
-    if app_module:
-        try:
-            importlib.import_module(app_module)
-        except Exception as exc:
-            raise ConfigError(f"cannot import --app {app_module!r}: {exc}") from None
+    _register_integration(app_module, None, database_url)
     settings = Settings.from_env(database_url=database_url, server_host=host, server_port=port)
     run_server(settings, maintenance=maintenance)

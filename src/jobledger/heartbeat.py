@@ -129,13 +129,17 @@ class Heartbeat:
         return self.health.can_claim
 
     def beat(self) -> bool:
-        """One heartbeat write; True if it reached the ledger. Never raises a ledger error."""
+        """One heartbeat write; True if it reached the ledger. Never raises: the beating thread
+        must outlive any failure, or a live worker's running jobs would be recovered elsewhere."""
         with self._lock:
             try:
                 self.store.heartbeat(self.instance)
-            except JobLedgerError as exc:
+            except Exception as exc:
                 self.failures += 1
-                log.warning("heartbeat of %s failed: %s", self.instance_id, exc)
+                if isinstance(exc, JobLedgerError):
+                    log.warning("heartbeat of %s failed: %s", self.instance_id, exc)
+                else:
+                    log.exception("heartbeat of %s failed unexpectedly", self.instance_id)
                 self._report_health()
                 return False
             self.health.mark_ok()

@@ -17,6 +17,7 @@ from jobledger.errors import JobNotFound, PublishError
 from jobledger.integrations.base import Registry, registry
 from jobledger.model import (
     FINAL_STATES,
+    RESTARTABLE_STATES,
     UNCOMPLETED_STATES,
     DurationStats,
     Instance,
@@ -25,7 +26,7 @@ from jobledger.model import (
     QueueStats,
     validate_job_id,
 )
-from jobledger.query import JobQuery
+from jobledger.query import JobQuery, iter_pages
 from jobledger.stores.base import ANY, DurationKind, Store, Transition
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 WAITING_STATES = frozenset({JobState.QUEUED, JobState.RETRYING})
 #: What ``failed_jobs`` lists: jobs that need a person.
 FAILED_STATES = frozenset({JobState.FAILED, JobState.DEAD})
-#: States a restart never touches: done, or withdrawn by a person.
-_NOT_RESTARTABLE = frozenset({JobState.SUCCEEDED, JobState.CANCELLED})
 
 
 @dataclass
@@ -96,31 +95,22 @@ class Manager:
         self, match: str | None = None
     ) -> Iterator[tuple[JobRecord, float]]:
         """Succeeded jobs with their seconds from the latest enqueue to completion."""
-        return self._durations(_with(None, match), "queued")
+        return self.durations(_with(None, match), "queued")
 
     def started_to_completion_durations(
         self, match: str | None = None
     ) -> Iterator[tuple[JobRecord, float]]:
         """Succeeded jobs with their seconds from the latest start to completion."""
-        return self._durations(_with(None, match), "started")
+        return self.durations(_with(None, match), "started")
 
     def durations(
         self, query: JobQuery, kind: DurationKind, page_size: int = 500
     ) -> Iterator[tuple[JobRecord, float]]:
         """Finished jobs of ``query`` (succeeded unless it names other final states) with their
         queued→finished or started→finished seconds, paging in constant memory."""
-        return self._durations(query, kind, page_size)
-
-    def _durations(
-        self, query: JobQuery, kind: DurationKind, page_size: int = 500
-    ) -> Iterator[tuple[JobRecord, float]]:
-        cursor: str | None = None
-        while True:
-            page = self.store.durations(query, kind, limit=page_size, cursor=cursor)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        return iter_pages(
+            lambda cursor: self.store.durations(query, kind, limit=page_size, cursor=cursor)
+        )
 
     def duration_stats(self, query: JobQuery, kind: DurationKind) -> list[DurationStats]:
         """p50/p95/max per task name."""
@@ -157,7 +147,7 @@ class Manager:
         nothing, if any selected job's queue system has no integration in this process.
         """
         report = ActionReport("restart", dry_run)
-        targets = self._select(ids, query, report, _NOT_RESTARTABLE)
+        targets = self._select(ids, query, report, frozenset(JobState) - RESTARTABLE_STATES)
         integrations = {
             system: self.integrations.get(system) for system in {r.system for r in targets}
         }

@@ -66,7 +66,6 @@ class JobState(str, enum.Enum):
 
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED})
-PENDING_STATES = frozenset({JobState.STAGED, JobState.QUEUED, JobState.RETRYING})
 UNCOMPLETED_STATES = frozenset(JobState) - FINAL_STATES
 
 #: The allowed transitions: ``TRANSITIONS[a]`` holds every state a job in ``a`` may move to.
@@ -106,8 +105,9 @@ CLAIMABLE_STATES = frozenset(
     {JobState.STAGED, JobState.QUEUED, JobState.RETRYING, JobState.FAILED, JobState.DEAD}
 )
 
-#: The states a person may restart a job from (publish it again, same id).
-RESTARTABLE_STATES = frozenset({JobState.QUEUED, JobState.FAILED, JobState.DEAD})
+#: The states a person may restart a job from (publish it again, same id): all but the two a
+#: person closed for good. A ``started`` job is restarted only when its owner is dead.
+RESTARTABLE_STATES = frozenset(JobState) - {JobState.SUCCEEDED, JobState.CANCELLED}
 
 
 def check_transition(sources: Iterable[JobState], target: JobState) -> frozenset[JobState]:

@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
@@ -154,3 +154,15 @@ def prunable_states(query: JobQuery) -> frozenset[JobState]:
     """The states a prune of ``query`` may delete: its final states (all of them if it names
     none). Empty when it names only unfinished states: pending jobs are never pruned."""
     return (query.states or FINAL_STATES) & FINAL_STATES
+
+
+def iter_pages(fetch: Callable[[str | None], Page[T]]) -> Iterator[T]:
+    """Every item of a paged listing: ``fetch(cursor)`` gives one page, from the first
+    (``None``) until a page has no next cursor. Memory holds one page at a time."""
+    cursor: str | None = None
+    while True:
+        page = fetch(cursor)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor

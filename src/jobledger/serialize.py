@@ -6,6 +6,7 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
+from jobledger.manager import ActionReport
 from jobledger.model import DurationStats, Instance, JobRecord, QueueStats
 
 
@@ -45,6 +46,17 @@ def queue_stats_to_dict(stats: QueueStats) -> dict[str, Any]:
 
 def duration_stats_to_dict(stats: DurationStats) -> dict[str, Any]:
     return {f.name: getattr(stats, f.name) for f in fields(stats)}
+
+
+def report_to_dict(report: ActionReport) -> dict[str, Any]:
+    """What a restart, cancel or prune did, job by job."""
+    return {
+        "action": report.action,
+        "dry_run": report.dry_run,
+        "done": report.done,
+        "skipped": report.skipped,
+        "failed": report.failed,
+    }
 
 
 def format_seconds(seconds: float | None) -> str:

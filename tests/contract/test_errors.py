@@ -4,7 +4,7 @@ fix, as the right exception, never a driver's traceback."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -149,3 +149,37 @@ def test_tables_dropped_under_a_running_store_are_reported(tmp_path: Path) -> No
 def test_schema_revision_is_the_head_of_the_shipped_migrations() -> None:
     scripts = ScriptDirectory(str(migrations.HERE))
     assert scripts.get_heads() == [SCHEMA_REVISION]
+
+
+def test_a_newer_schema_is_refused_by_migrate_in_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    SQLStore(url).migrate()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(SchemaMissing, match="upgrade jobledger") as caught:
+        SQLStore(url).migrate()
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_the_migrations_build_exactly_the_tables_the_code_uses(
+    backend: str, make_sql_store: Callable[[str], SQLStore]
+) -> None:
+    """schema.py (what queries use) and the migrations (what databases get) never drift."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from jobledger.stores.schema import metadata
+
+    store = make_sql_store(backend)
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        differences = [
+            d
+            for d in compare_metadata(context, metadata)
+            # the trigram indexes are made beside the migrations, where pg_trgm can be had
+            if not (d[0] == "remove_index" and d[1].name.endswith("_trgm"))
+        ]
+    assert differences == []

@@ -29,11 +29,14 @@ class FlakyStore:
     def __init__(self, store: SQLStore) -> None:
         self.store = store
         self.down = False
+        self.fails_with: Exception | None = None
         self.beats = 0
 
     def heartbeat(self, instance: Instance) -> None:
         if self.down:
             raise StoreUnavailable("ledger down (test)")
+        if self.fails_with is not None:
+            raise self.fails_with
         self.beats += 1
         self.store.heartbeat(instance)
 
@@ -132,6 +135,16 @@ def test_cannot_claim_after_beats_fail_longer_than_the_ttl(store: SQLStore) -> N
     clock.now += 1.5
     assert not hb.beat() and not hb.can_claim  # silent for longer than the TTL
     flaky.down = False
+    assert hb.beat() and hb.can_claim
+
+
+def test_an_unexpected_error_does_not_stop_the_beating(store: SQLStore) -> None:
+    flaky = FlakyStore(store)
+    hb = Heartbeat(flaky, new_instance(Settings(instance_name="w")), interval=1, ttl=3)  # type: ignore[arg-type]
+    flaky.fails_with = RuntimeError("a bug below the store seam")
+    assert not hb.beat()  # logged, counted, not raised
+    assert hb.failures == 1
+    flaky.fails_with = None
     assert hb.beat() and hb.can_claim
 
 

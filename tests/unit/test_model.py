@@ -14,7 +14,6 @@ from jobledger.model import (
     CLAIMABLE_STATES,
     ERROR_MAX_LENGTH,
     FINAL_STATES,
-    PENDING_STATES,
     RESTARTABLE_STATES,
     TRANSITIONS,
     UNCOMPLETED_STATES,
@@ -46,7 +45,6 @@ def test_the_transition_table_is_the_drawing() -> None:
 def test_state_sets_partition_the_states() -> None:
     assert set(S) == FINAL_STATES | UNCOMPLETED_STATES
     assert not FINAL_STATES & UNCOMPLETED_STATES
-    assert PENDING_STATES < UNCOMPLETED_STATES
     assert all(state.is_final == (state in FINAL_STATES) for state in S)
     # Every non-final state can be cancelled by a person; nothing leaves succeeded/cancelled.
     assert all(S.CANCELLED in TRANSITIONS[s] for s in UNCOMPLETED_STATES)

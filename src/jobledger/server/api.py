@@ -13,7 +13,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from jobledger.errors import ConfigError, StoreError, StoreUnavailable
-from jobledger.manager import ActionReport
 from jobledger.model import JobState
 from jobledger.query import Cursor, JobQuery
 from jobledger.serialize import (
@@ -21,6 +20,7 @@ from jobledger.serialize import (
     instance_to_dict,
     job_to_dict,
     queue_stats_to_dict,
+    report_to_dict,
 )
 from jobledger.server.context import Context, context
 from jobledger.server.errors import ApiError
@@ -148,16 +148,6 @@ class Selection(BaseModel):
 
     def filtered(self) -> bool:
         return any((self.state, self.queue, self.name, self.system, self.match, self.older_than))
-
-
-def report_to_dict(report: ActionReport) -> dict[str, Any]:
-    return {
-        "action": report.action,
-        "dry_run": report.dry_run,
-        "done": report.done,
-        "skipped": report.skipped,
-        "failed": report.failed,
-    }
 
 
 def _act(ctx: Context, action: str, selection: Selection) -> dict[str, Any]:

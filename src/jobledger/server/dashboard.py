@@ -272,7 +272,7 @@ async def _render_job(
         job=record,
         timeline=timeline,
         pretty=lambda v: json.dumps(v, ensure_ascii=False, indent=2, sort_keys=True),
-        can_restart=record.state in RESTARTABLE_STATES or record.state is JobState.STARTED,
+        can_restart=record.state in RESTARTABLE_STATES,
         can_cancel=record.state in UNCOMPLETED_STATES,
         problem=problem,
     )

@@ -29,7 +29,7 @@ from jobledger.model import (
 )
 from jobledger.server.errors import ApiError
 from jobledger.server.inputs import job_id, parse_arguments, storable
-from jobledger.stores.base import ANY, KEEP, Store, Transition
+from jobledger.stores.base import KEEP, Store, Transition
 
 #: The queue system recorded for jobs reported over HTTP.
 HTTP_SYSTEM = "http"
@@ -233,7 +233,7 @@ def finished(store: Store, jid: str, event: JobEvent, to: JobState) -> Outcome:
     change = Transition(
         to=to,
         expect=frozenset({JobState.STARTED}),
-        expect_owner=owner if owner is not None else ANY,
+        expect_owner=owner or UNTRACKED.id,  # an anonymous event never finishes a worker's job
         error=KEEP if error is None else error,
     )
     if store.transition(jid, change):
@@ -247,6 +247,10 @@ def finished(store: Store, jid: str, event: JobEvent, to: JobState) -> Outcome:
     )
 
 
+#: The most queues an instance may list: what the ledger's instances table holds comfortably.
+MAX_QUEUES = 100
+
+
 def heartbeat(store: Store, name: str, beat: Heartbeat) -> Instance:
     """Register or refresh an HTTP client's instance on the ledger's clock."""
     name = job_id(name, "name")
@@ -254,6 +258,10 @@ def heartbeat(store: Store, name: str, beat: Heartbeat) -> Instance:
         raise ApiError(422, "instance name must be 1-200 characters without ':'", "name")
     queues = beat.queues.split(",") if isinstance(beat.queues, str) else beat.queues
     queues = [storable(q.strip(), "queues") for q in queues if q.strip()]
+    if len(queues) > MAX_QUEUES or any(len(q) > NAME_MAX_LENGTH for q in queues):
+        raise ApiError(
+            422, f"at most {MAX_QUEUES} queues of 1-{NAME_MAX_LENGTH} characters each", "queues"
+        )
     instance = Instance(
         name=name,
         nonce=beat.nonce,

@@ -31,7 +31,7 @@ from jobledger.model import (
     bound_error,
     check_transition,
 )
-from jobledger.query import JobQuery, Page
+from jobledger.query import JobQuery, Page, iter_pages
 
 
 class _Sentinel(enum.Enum):
@@ -113,13 +113,7 @@ class Store(Protocol):
 
     def iter_jobs(self, query: JobQuery, *, page_size: int = 500) -> Iterator[JobRecord]:
         """Every matching job, newest first, fetched page by page in constant memory."""
-        cursor: str | None = None
-        while True:
-            page = self.query(query, limit=page_size, cursor=cursor)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        return iter_pages(lambda cursor: self.query(query, limit=page_size, cursor=cursor))
 
     def count(self, query: JobQuery) -> int:
         """How many jobs match."""

@@ -25,8 +25,6 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from jobledger.stores.rows import SEARCH_FIELDS
-
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
 SCHEMA_REVISION = "0001"
@@ -111,7 +109,6 @@ locks = Table(
 )
 
 #: Columns of ``jobledger_jobs`` the argument search looks in (the same in every store).
-SEARCH_COLUMNS = SEARCH_FIELDS
 
 
 class db_now(FunctionElement[float]):

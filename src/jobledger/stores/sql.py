@@ -52,6 +52,7 @@ from jobledger.query import (
 )
 from jobledger.stores.base import ANY, DurationKind, Store, Transition, _Sentinel
 from jobledger.stores.rows import (
+    SEARCH_FIELDS,
     creation_row,
     dump_json,
     duration_start,
@@ -61,7 +62,6 @@ from jobledger.stores.rows import (
 )
 from jobledger.stores.schema import (
     SCHEMA_REVISION,
-    SEARCH_COLUMNS,
     VERSION_TABLE,
     db_now,
     instances,
@@ -181,6 +181,12 @@ class SQLStore(Store):
             raise StoreError(f"ledger query failed on {self.safe_url}: {_first_line(exc)}") from exc
         except sa_exc.DBAPIError as exc:
             raise StoreError(f"ledger query failed on {self.safe_url}: {_first_line(exc)}") from exc
+        except sa_exc.TimeoutError as exc:  # every pooled connection busy: the ledger is slow
+            raise StoreUnavailable(
+                f"no free connection to the ledger at {self.safe_url}: {_first_line(exc)}"
+            ) from exc
+        except sa_exc.SQLAlchemyError as exc:
+            raise StoreError(f"ledger call failed on {self.safe_url}: {_first_line(exc)}") from exc
 
     def _missing_schema(self) -> SchemaMissing:
         self._schema_checked = False
@@ -221,7 +227,7 @@ class SQLStore(Store):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
-        """A connection in a transaction that commits on success; retried once on deadlock."""
+        """A connection in a transaction that commits on success (see :meth:`_retrying`)."""
         self._ready()
         with self._translate(), self.engine.begin() as conn:
             yield conn
@@ -233,7 +239,8 @@ class SQLStore(Store):
             yield conn
 
     def _retrying(self, operation: Any, *args: Any) -> Any:
-        """Run a one-transaction write, once more if the database broke a deadlock with it."""
+        """Run a one-transaction write, up to three times while the database breaks deadlocks
+        or lock waits with it (compare-and-set writes are safe to repeat)."""
         for attempt in range(3):
             try:
                 with self._write() as conn:
@@ -250,10 +257,18 @@ class SQLStore(Store):
 
     def migrate_report(self) -> str:
         """Migrate, and say how argument search is served (trigram index or a scan)."""
-        with self._translate(), self.engine.begin() as conn:
-            from jobledger.stores import migrations  # Alembic: only needed here, slow to import
+        from alembic.util.exc import CommandError
 
-            report = migrations.upgrade(conn)
+        from jobledger.stores import migrations  # Alembic: only needed here, slow to import
+
+        try:
+            with self._translate(), self.engine.begin() as conn:
+                report = migrations.upgrade(conn)
+        except CommandError as exc:  # e.g. a database migrated by a newer jobledger
+            raise SchemaMissing(
+                f"cannot migrate the ledger in {self.safe_url}: {exc}; if a newer jobledger "
+                "migrated it, upgrade jobledger"
+            ) from None
         self._schema_checked = True
         return report
 
@@ -331,7 +346,7 @@ class SQLStore(Store):
         return clauses
 
     def _match(self, needle: str, regex: bool) -> ColumnElement[bool]:
-        columns = [jobs.c[name] for name in SEARCH_COLUMNS]
+        columns = [jobs.c[name] for name in SEARCH_FIELDS]
         if regex:
             return or_(*(column.regexp_match(needle) for column in columns))
         needles = match_needles(needle)
