@@ -11,14 +11,20 @@ import enum
 import logging
 from dataclasses import dataclass, replace
 
+from jobledger.config import DEFAULT_MAX_RECOVERIES, DEFAULT_RECOVERY_WINDOW
 from jobledger.errors import StoreError
 from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState
 from jobledger.pending import PendingWrites, TransitionWrite
+from jobledger.recovery import over_recovery_cap
 from jobledger.stores.base import KEEP, Store, Transition
 
 log = logging.getLogger(__name__)
 
 _STARTED = frozenset({JobState.STARTED})
+_STARTED_OR_RETRYING = frozenset({JobState.STARTED, JobState.RETRYING})
+#: Final states a claim starts a job from only for a restart's delivery (the restart publishes
+#: before it moves the record); any other delivery of such a job is a stray redelivery.
+_RESTART_ONLY = frozenset({JobState.FAILED, JobState.DEAD})
 
 
 class Claim(str, enum.Enum):
@@ -31,6 +37,8 @@ class Claim(str, enum.Enum):
     RUNNING_ELSEWHERE = "running_elsewhere"  # a live instance runs it now
     CANCELLED = "cancelled"  # a person cancelled it: acknowledge, do not run
     DEFERRED = "deferred"  # the ledger is unreachable: run it, the claim is replayed later
+    NOT_RESTARTED = "not_restarted"  # failed or dead, and this delivery is no restart: skip
+    POISON_PILL = "poison_pill"  # its dead owner's takeover is over the recovery cap: now dead
 
     @property
     def should_run(self) -> bool:
@@ -49,6 +57,9 @@ class Lifecycle:
     With ``pending``, a claim or finish that meets an unreachable ledger is kept there and
     replayed (invariant 7) instead of raising: the claim answers :attr:`Claim.DEFERRED` (run the
     body: at least once beats not at all) and the finish counts as done for now.
+
+    ``max_recoveries`` and ``recovery_window`` are the poison-pill cap a takeover obeys, as
+    the recovery sweep does.
     """
 
     store: Store
@@ -56,24 +67,30 @@ class Lifecycle:
     ttl: float
     delete_on_success: bool = False
     pending: PendingWrites | None = None
+    max_recoveries: int = DEFAULT_MAX_RECOVERIES
+    recovery_window: float = DEFAULT_RECOVERY_WINDOW
 
-    def claim(self, job_id: str, record: JobRecord | None = None) -> Claim:
+    def claim(
+        self, job_id: str, record: JobRecord | None = None, *, restart: bool = False
+    ) -> Claim:
         """Take the job before its body runs (invariant 2). ``record`` describes the job in case
-        the ledger has no record of it yet; it is created as started, owned by us."""
+        the ledger has no record of it yet; it is created as started, owned by us. ``restart``:
+        this delivery is a restart's message, so a failed or dead job may start again."""
         if self.pending is None:
-            return self._claim(job_id, record)
+            return self._claim(job_id, record, restart=restart)
         # What this process still owes the job goes first (a retry delivered back to us).
         if self.pending.flush(job_id):
             try:
-                return self._claim(job_id, record)
+                return self._claim(job_id, record, restart=restart)
             except StoreError as exc:
                 log.warning("job %s: claim deferred, the ledger is unavailable: %s", job_id, exc)
-        self.pending.add(ClaimWrite(job_id, record, self.owner, self.ttl))
+        self.pending.add(ClaimWrite(job_id, record, self, restart))
         return Claim.DEFERRED
 
-    def _claim(self, job_id: str, record: JobRecord | None) -> Claim:
+    def _claim(self, job_id: str, record: JobRecord | None, *, restart: bool) -> Claim:
+        expect = CLAIMABLE_STATES if restart else CLAIMABLE_STATES - _RESTART_ONLY
         for _ in range(3):
-            claim = Transition(to=JobState.STARTED, expect=CLAIMABLE_STATES, owner=self.owner)
+            claim = Transition(to=JobState.STARTED, expect=expect, owner=self.owner)
             if self.store.transition(job_id, claim):
                 return Claim.CLAIMED
             current = self.store.get(job_id)
@@ -83,12 +100,19 @@ class Lifecycle:
                 if self.store.create(self._as_started(record)):
                     return Claim.CREATED
                 continue  # created by someone else meanwhile: judge that record
-            outcome = self._judge(current)
+            outcome = self._judge(current, restart=restart)
             if outcome is not None:
                 return outcome
         return Claim.RUNNING_ELSEWHERE
 
-    def _judge(self, current: JobRecord) -> Claim | None:
+    def _judge(self, current: JobRecord, *, restart: bool) -> Claim | None:
+        if current.state in _RESTART_ONLY and not restart:
+            log.warning(
+                "job %s is %s and this delivery is no restart (a stray redelivery): skipped",
+                current.id,
+                current.state.value,
+            )
+            return Claim.NOT_RESTARTED
         if current.state is JobState.SUCCEEDED:
             log.warning("job %s already succeeded: duplicate delivery skipped", current.id)
             return Claim.ALREADY_SUCCEEDED
@@ -105,6 +129,8 @@ class Lifecycle:
                 "job %s runs on live instance %s: duplicate skipped", current.id, current.owner
             )
             return Claim.RUNNING_ELSEWHERE
+        if self._over_cap(current):
+            return self._bury(current)
         takeover = Transition(
             to=JobState.STARTED,
             expect=_STARTED,
@@ -116,6 +142,31 @@ class Lifecycle:
             log.warning("job %s taken over from dead instance %s", current.id, current.owner)
             return Claim.TAKEN_OVER
         return None
+
+    def _over_cap(self, record: JobRecord) -> bool:
+        return over_recovery_cap(
+            record,
+            max_recoveries=self.max_recoveries,
+            window=self.recovery_window,
+            now=self.store.now,
+        )
+
+    def _bury(self, current: JobRecord) -> Claim | None:
+        """A takeover would rerun a poison pill: move it started → dead instead, as the sweep
+        would, and skip. None: the job moved meanwhile; judge it again."""
+        error = (
+            f"poison pill: recovered {current.recoveries} times within "
+            f"{self.recovery_window:.0f}s (max {self.max_recoveries}); owner {current.owner} "
+            f"died under it and a redelivery would have run it again. Not run; restart it by "
+            f"hand once fixed."
+        )
+        dead = Transition(
+            to=JobState.DEAD, expect=_STARTED, expect_owner=current.owner, error=error
+        )
+        if not self.store.transition(current.id, dead):
+            return None
+        log.error("job %s (%s) is DEAD: %s", current.id, current.name, error)
+        return Claim.POISON_PILL
 
     def _as_started(self, record: JobRecord) -> JobRecord:
         return replace(record, state=JobState.STARTED, owner=self.owner, attempts=1)
@@ -130,6 +181,11 @@ class Lifecycle:
         """started → retrying (the queue retries it, invariant 8) or → failed (none left)."""
         return self._finish(job_id, JobState.RETRYING if will_retry else JobState.FAILED, error)
 
+    def fail_unsent_retry(self, job_id: str, error: str) -> bool:
+        """started or retrying → failed: the job failed while its retry was being published
+        (it may already be ``retrying``, moved before the broker refused the message)."""
+        return self._finish(job_id, JobState.FAILED, error, expect=_STARTED_OR_RETRYING)
+
     def cancel(self, job_id: str, reason: str | None = None) -> bool:
         """started → cancelled (revoked while we ran it)."""
         return self._finish(job_id, JobState.CANCELLED, reason)
@@ -139,10 +195,16 @@ class Lifecycle:
         return self._finish(job_id, JobState.QUEUED, None)
 
     def _finish(
-        self, job_id: str, to: JobState, error: str | None, *, delete: bool = False
+        self,
+        job_id: str,
+        to: JobState,
+        error: str | None,
+        *,
+        delete: bool = False,
+        expect: frozenset[JobState] = _STARTED,
     ) -> bool:
         change = Transition(
-            to=to, expect=_STARTED, expect_owner=self.owner, error=KEEP if error is None else error
+            to=to, expect=expect, expect_owner=self.owner, error=KEEP if error is None else error
         )
         write = TransitionWrite(job_id, change, delete=delete)
         if self.pending is None:
@@ -157,15 +219,17 @@ class ClaimWrite:
 
     job_id: str
     record: JobRecord | None
-    owner: str
-    ttl: float
+    lifecycle: Lifecycle
+    restart: bool = False
 
     def apply(self, store: Store, *, retried: bool = False) -> bool:
+        owner = self.lifecycle.owner
         if retried:  # an earlier try may have committed before its answer was lost
             current = store.get(self.job_id)
-            if current and current.state is JobState.STARTED and current.owner == self.owner:
+            if current and current.state is JobState.STARTED and current.owner == owner:
                 return True
-        claim = Lifecycle(store, self.owner, self.ttl)._claim(self.job_id, self.record)
+        on_store = replace(self.lifecycle, store=store, pending=None)
+        claim = on_store._claim(self.job_id, self.record, restart=self.restart)
         if claim.should_run:
             return True
         log.warning(

@@ -182,9 +182,17 @@ class PendingWrites:
                         "job %s: replaying %s crashed; dropped", head.job_id, head.describe()
                     )
                     self.counters["dropped"] += 1
-                with self._lock:
-                    self._writes.remove(head)
-                    self._forget(head.job_id)
+                self._discard(head)
+
+    def _discard(self, write: Write) -> None:
+        """Remove ``write`` itself (not an equal one) if it is still here: :meth:`add` may have
+        dropped it past the bound while it was being replayed."""
+        with self._lock:
+            for index, held in enumerate(self._writes):
+                if held is write:
+                    del self._writes[index]
+                    self._forget(write.job_id)
+                    return
 
     def _apply(self, write: Write, *, retried: bool) -> bool:
         applied = write.apply(self._store(), retried=retried)

@@ -16,7 +16,7 @@ import enum
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from jobledger.config import Settings
@@ -49,6 +49,24 @@ class Outcome(str, enum.Enum):
     PUBLISH_FAILED = "publish_failed"  # the broker did not take it; still started, next sweep
 
 
+def over_recovery_cap(
+    record: JobRecord, *, max_recoveries: int, window: float, now: Callable[[], float]
+) -> bool:
+    """True if recovering ``record`` once more would exceed the poison-pill cap (invariant 6).
+
+    The store keeps the total of recoveries and the time of the latest only, so the count is
+    taken as within the window when the latest recovery is; ``now`` (the store's clock) is
+    asked only then. Shared by the sweep and by a
+    claim that takes a job over from a dead owner, so neither path can rerun a poison pill.
+    """
+    if record.recoveries < max_recoveries:
+        return False
+    if max_recoveries == 0 or record.recovered_at is None:
+        return True
+    last = to_epoch(record.recovered_at)
+    return last is not None and now() - last <= window
+
+
 #: An instance silent for this many TTLs, holding no started job, is forgotten by the sweep.
 PRUNE_AFTER_TTLS = 10
 
@@ -73,6 +91,9 @@ class Recovery:
     sweeper blocks the others. ``max_recoveries`` and ``recovery_window`` are the poison-pill cap.
     Instances that crashed never deregister, so the sweep forgets those silent for
     ``PRUNE_AFTER_TTLS`` TTLs once they hold no started job (their rows would pile up forever).
+    ``systems`` limits the sweep to orphans of those queue systems (None: every system, and
+    ``publish`` decides): a worker recovers its own system's jobs only, since publishing another
+    system's job (an ``http`` job of the supervisor's seed endpoints) onto its queue loses it.
     """
 
     def __init__(
@@ -85,6 +106,7 @@ class Recovery:
         lock_ttl: float = 30.0,
         publish: Publisher = publish_through_registry,
         batch: int = 500,
+        systems: Collection[str] | None = None,
     ) -> None:
         self.store = store
         self.ttl = ttl
@@ -93,11 +115,17 @@ class Recovery:
         self.lock_ttl = lock_ttl
         self.publish = publish
         self.batch = batch
+        self.systems = None if systems is None else frozenset(systems)
         self.token = secrets.token_hex(8)
 
     @classmethod
     def from_settings(
-        cls, store: Store, settings: Settings, *, publish: Publisher = publish_through_registry
+        cls,
+        store: Store,
+        settings: Settings,
+        *,
+        publish: Publisher = publish_through_registry,
+        systems: Collection[str] | None = None,
     ) -> Recovery:
         return cls(
             store,
@@ -106,6 +134,7 @@ class Recovery:
             recovery_window=settings.recovery_window,
             lock_ttl=max(30.0, 2 * settings.recovery_interval),
             publish=publish,
+            systems=systems,
         )
 
     def sweep_once(self) -> SweepReport:
@@ -116,6 +145,8 @@ class Recovery:
             return report
         try:
             for orphan in self.store.orphans(self.ttl, limit=self.batch):
+                if not self.covers(orphan):
+                    continue  # another system's job: its own recoverer's business
                 # Renew before each job: if the lock was lost, another sweeper owns the rest.
                 if not self.store.acquire_lock(LOCK_NAME, self.token, self.lock_ttl):
                     log.warning("recovery lock lost mid-sweep: leaving the rest to its holder")
@@ -126,6 +157,10 @@ class Recovery:
         finally:
             self.store.release_lock(LOCK_NAME, self.token)
         return report
+
+    def covers(self, record: JobRecord) -> bool:
+        """True if this sweep recovers jobs of ``record``'s queue system."""
+        return self.systems is None or record.system in self.systems
 
     def _prune_dead_instances(self) -> list[str]:
         """Deregister instances long dead that no started job names as its owner. (A job's
@@ -184,17 +219,12 @@ class Recovery:
         return self._race_lost(orphan)
 
     def _over_cap(self, orphan: JobRecord) -> bool:
-        """True if this recovery would exceed the cap within the window.
-
-        The store keeps the total of recoveries and the time of the latest only, so the count
-        is taken as within the window when the latest recovery is.
-        """
-        if orphan.recoveries < self.max_recoveries:
-            return False
-        if self.max_recoveries == 0 or orphan.recovered_at is None:
-            return True
-        last = to_epoch(orphan.recovered_at)
-        return last is not None and self.store.now() - last <= self.recovery_window
+        return over_recovery_cap(
+            orphan,
+            max_recoveries=self.max_recoveries,
+            window=self.recovery_window,
+            now=self.store.now,
+        )
 
     def _race_lost(self, orphan: JobRecord) -> Outcome:
         current = self.store.get(orphan.id)

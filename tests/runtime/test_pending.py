@@ -135,3 +135,32 @@ def test_the_buffer_is_bounded_and_drops_the_oldest(flaky: FlakyStore) -> None:
     assert not pending.holds("j0") and pending.holds("j2")
     assert not pending.flush()  # still down: nothing replayed, nothing lost
     pending.stop()
+
+
+class DropsItselfWrite:
+    """A write whose replay sees the buffer fill up behind it and drop it, as a concurrent
+    :meth:`PendingWrites.add` past the bound does."""
+
+    job_id = "slow"
+
+    def __init__(self, pending: PendingWrites) -> None:
+        self.pending = pending
+
+    def apply(self, store: Any, *, retried: bool = False) -> bool:
+        for i in range(self.pending.limit):
+            change = Transition(JobState.SUCCEEDED, frozenset({JobState.STARTED}))
+            self.pending.add(TransitionWrite(f"later-{i}", change))
+        return True
+
+    def describe(self) -> str:
+        return "test write"
+
+
+def test_a_write_dropped_while_replayed_is_not_removed_twice(flaky: FlakyStore) -> None:
+    pending = PendingWrites(lambda: flaky, limit=2, interval=60)  # type: ignore[arg-type,return-value]
+    pending.add(DropsItselfWrite(pending))
+    flaky.down = True  # the later writes stay pending; the flush stops at the first of them
+    assert not pending.flush()
+    assert len(pending) == 2 and pending.counters["dropped"] == 1
+    assert not pending.holds("slow") and pending.holds("later-0") and pending.holds("later-1")
+    pending.stop()

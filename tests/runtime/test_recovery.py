@@ -25,11 +25,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLStore]:
     s.close()
 
 
-def started(store: SQLStore, job_id: str, owner: str, recoveries: int = 0) -> None:
+def started(
+    store: SQLStore, job_id: str, owner: str, recoveries: int = 0, system: str = "test"
+) -> None:
     record = JobRecord(
         id=job_id,
         name="t.work",
-        system="test",
+        system=system,
         state=JobState.STARTED,
         owner=owner,
         recoveries=recoveries,
@@ -97,6 +99,16 @@ def test_over_the_cap_a_job_is_dead_not_requeued(store: SQLStore) -> None:
     assert job is not None and job.state is JobState.DEAD
     assert job.error is not None and "poison pill" in job.error
     assert publish.published == ["poison", "poison"]
+
+
+def test_a_sweep_limited_to_its_systems_leaves_other_orphans_alone(store: SQLStore) -> None:
+    started(store, "mine", "dead:0")
+    started(store, "seed", "dead:0", system="http")  # from the supervisor's seed endpoints
+    publish = Recorder(store)
+    report = recovery(store, publish, systems={"test"}).sweep_once()
+    assert report.outcomes == {"mine": Outcome.REQUEUED} and publish.published == ["mine"]
+    seed = store.get("seed")
+    assert seed is not None and seed.state is JobState.STARTED and seed.owner == "dead:0"
 
 
 def test_a_failed_publish_leaves_the_job_started(store: SQLStore) -> None:

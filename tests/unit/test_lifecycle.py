@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobledger.lifecycle import Claim, Lifecycle
-from jobledger.model import Instance, JobRecord, JobState
+from jobledger.model import Instance, JobRecord, JobState, to_datetime
 from jobledger.testing import ManualClock, MemoryStore
 
 TTL = 30.0
@@ -46,7 +46,51 @@ def test_claim_a_queued_job(store: MemoryStore) -> None:
 @pytest.mark.parametrize("source", [S.STAGED, S.RETRYING, S.FAILED, S.DEAD])
 def test_claim_from_every_claimable_state(store: MemoryStore, source: JobState) -> None:
     assert store.create(JobRecord(id="j", name="t", state=source))
-    assert worker(store, "a").claim("j") is Claim.CLAIMED
+    # failed and dead start again for a restart's delivery only (it publishes, then moves)
+    restart = source in (S.FAILED, S.DEAD)
+    assert worker(store, "a").claim("j", restart=restart) is Claim.CLAIMED
+
+
+@pytest.mark.parametrize("source", [S.FAILED, S.DEAD])
+def test_a_stray_redelivery_of_a_failed_or_dead_job_is_skipped(
+    store: MemoryStore, source: JobState
+) -> None:
+    assert store.create(JobRecord(id="j", name="t", state=source, owner="x:1"))
+    outcome = worker(store, "a").claim("j")
+    assert outcome is Claim.NOT_RESTARTED and not outcome.should_run
+    assert state(store, "j") == (source, "x:1", 0)
+
+
+def test_a_takeover_over_the_recovery_cap_buries_the_poison_pill(store: MemoryStore) -> None:
+    recently = to_datetime(store.now())
+    for job_id, recoveries in (("pill", 3), ("once-more", 2)):
+        record = JobRecord(
+            id=job_id,
+            name="t",
+            state=S.STARTED,
+            owner="ghost:1",
+            recoveries=recoveries,
+            recovered_at=recently,
+        )
+        assert store.create(record)
+    a = Lifecycle(store, owner="a:1", ttl=TTL, max_recoveries=3)
+    outcome = a.claim("pill")
+    assert outcome is Claim.POISON_PILL and not outcome.should_run
+    buried = store.get("pill")
+    assert buried is not None and (buried.state, buried.owner) == (S.DEAD, "ghost:1")
+    assert buried.error is not None and "poison pill" in buried.error
+    assert a.claim("once-more") is Claim.TAKEN_OVER  # under the cap: taken over as before
+
+
+def test_a_failed_retry_publish_fails_the_job_it_moved_to_retrying(store: MemoryStore) -> None:
+    a = worker(store, "a")
+    assert store.create(JobRecord(id="j", name="t"))
+    assert a.claim("j") is Claim.CLAIMED
+    assert a.fail("j", "retry", will_retry=True)  # moved before the broker took the retry
+    assert not a.fail("j", "broker down", will_retry=False)
+    assert a.fail_unsent_retry("j", "broker down")
+    record = store.get("j")
+    assert record is not None and (record.state, record.error) == (S.FAILED, "broker down")
 
 
 def test_claim_creates_a_missing_record(store: MemoryStore) -> None:

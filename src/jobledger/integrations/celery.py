@@ -11,9 +11,12 @@ are). From then on:
   worker creates the missing record at claim.
 - **run** (pool process): the task class's ``__call__`` claims the job first (invariant 2). A
   duplicate delivery raises :class:`~celery.exceptions.Ignore`: acknowledged, body not run,
-  no result stored over the real one. Success, failure, retry, revoke and a lost pool process
-  (``WorkerLostError``) are recorded. ``__call__`` is used and not ``task_prerun`` because a
-  signal receiver cannot stop the body: Celery logs and swallows its exceptions.
+  no result stored over the real one. A failed or dead job runs again only from a restart's
+  message (:data:`RESTART_HEADER`); any other delivery of it (a broker's stray redelivery) is
+  skipped the same way. Success, failure, retry, ``Task.replace``, revoke, a lost pool process
+  (``WorkerLostError``) and a hard time limit (``TimeLimitExceeded``) are recorded.
+  ``__call__`` is used and not ``task_prerun`` because a signal receiver cannot stop the body:
+  Celery logs and swallows its exceptions.
 - **worker** (main process): the heartbeat thread and the recovery loop.
 
 **One instance per worker, not per pool child.** The main process registers the instance
@@ -52,7 +55,7 @@ from typing import Any, cast
 
 from celery import Celery, Task, signals
 from celery.app.trace import task_has_custom
-from celery.exceptions import Ignore, Reject, Retry, WorkerLostError
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 
 from jobledger.config import Settings
 from jobledger.errors import JobLedgerError, PublishError
@@ -72,15 +75,27 @@ SYSTEM = "celery"
 ENQUEUED_HEADER = "jobledger_enqueued_at"
 #: Message header saying the publisher tracked the job.
 TRACKED_HEADER = "jobledger_tracked"
-#: The publish options a record keeps, all that :meth:`CeleryIntegration.publish` passes on.
+#: Message header of a restart's publish: only such a delivery may start a failed or dead job.
+RESTART_HEADER = "jobledger_restart"
+#: The publish options a record keeps, all that :meth:`CeleryIntegration.publish` passes on
+#: (``send_task`` keywords; ``link``/``link_error``/``chain``/``chord`` are the message's embed).
 REPUBLISH_OPTIONS = (
     "exchange",
     "routing_key",
     "priority",
+    "eta",
     "expires",
+    "retries",
     "time_limit",
     "soft_time_limit",
+    "link",
+    "link_error",
+    "chain",
+    "chord",
 )
+#: Where ``send_task`` keywords are found in a message's embed (``body[2]``).
+_EMBED_OPTIONS = {"callbacks": "link", "errbacks": "link_error", "chain": "chain", "chord": "chord"}
+_RESTARTED = frozenset({JobState.FAILED, JobState.DEAD})
 _WRAPPED = "_jobledger_wrapped"
 
 _STARTED = frozenset({JobState.STARTED})
@@ -113,7 +128,8 @@ class CeleryIntegration:
         self.instance_id: str | None = None
         self.heartbeat: Heartbeat | None = None
         self.recovery_loop: RecoveryLoop | None = None
-        self._claimed: set[str] = set()  # jobs this process claimed and runs now
+        # jobs this process claimed and runs now: their task name and replacement nesting
+        self._claimed: dict[str, tuple[str, int]] = {}
         self._retrying: set[str] = set()  # of those, the ones already moved to retrying
         self._receivers: list[tuple[Any, Callable[..., Any]]] = []
 
@@ -139,7 +155,22 @@ class CeleryIntegration:
 
     def lifecycle(self) -> Lifecycle:
         assert self.instance_id is not None
-        return Lifecycle(self.store, self.instance_id, self.settings.ttl, pending=self.pending)
+        return Lifecycle(
+            self.store,
+            self.instance_id,
+            self.settings.ttl,
+            delete_on_success=self.settings.keep_succeeded == 0,
+            pending=self.pending,
+            max_recoveries=self.settings.max_recoveries,
+            recovery_window=self.settings.recovery_window,
+        )
+
+    def recovery(self) -> Recovery:
+        """Recovery of this system's orphans only: another system's job published as a Celery
+        task would be lost."""
+        return Recovery.from_settings(
+            self.store, self.settings, publish=self.publish, systems={SYSTEM}
+        )
 
     def _count(self, name: str) -> None:
         self.counters[name] += 1
@@ -188,10 +219,14 @@ class CeleryIntegration:
 
     # -- publishing ---------------------------------------------------------------------
     def publish(self, record: JobRecord) -> None:
-        """Send the job again with its id, name, args, kwargs, queue and options."""
+        """Send the job again with its id, name, args, kwargs, queue and options. A failed or
+        dead job's message says it is a restart, the one delivery that may run it again."""
         options = {
             k: record.options[k] for k in REPUBLISH_OPTIONS if record.options.get(k) is not None
         }
+        headers: dict[str, Any] = {TRACKED_HEADER: True}
+        if record.state in _RESTARTED:
+            headers[RESTART_HEADER] = True
         try:
             self.app.send_task(
                 record.name,
@@ -199,7 +234,7 @@ class CeleryIntegration:
                 kwargs=record.kwargs,
                 task_id=record.id,
                 queue=record.queue,
-                headers={TRACKED_HEADER: True},
+                headers=headers,
                 **options,
             )
         except Exception as exc:
@@ -214,6 +249,7 @@ class CeleryIntegration:
         exchange: Any = None,
         routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
+        properties: Mapping[str, Any] | None = None,
         declare: list[Any] | None = None,
         **_: Any,
     ) -> None:
@@ -226,19 +262,13 @@ class CeleryIntegration:
         headers[TRACKED_HEADER] = True
         headers.setdefault(ENQUEUED_HEADER, time.time())
         if job_id in self._claimed and job_id not in self._retrying:
-            self._moved_to_retrying(job_id)  # a retry: retrying *before* the message exists
+            # a retry or Task.replace: retrying *before* the message exists
+            self._moved_to_retrying(job_id, self._replacement(job_id, name, headers))
         args, kwargs = (
             (body[0], body[1]) if isinstance(body, (tuple, list)) and len(body) >= 2 else ([], {})
         )
         queue = _queue_name(declare, routing_key)
-        options: dict[str, Any] = {}
-        exchange_name = getattr(exchange, "name", exchange)
-        if exchange_name:  # a non-default exchange: keep the route; else the queue says it all
-            options.update(exchange=exchange_name, routing_key=routing_key)
-        if headers.get("expires"):
-            options["expires"] = headers["expires"]
-        hard, soft = [*(headers.get("timelimit") or ()), None, None][:2]
-        options.update({k: v for k, v in (("time_limit", hard), ("soft_time_limit", soft)) if v})
+        options = _republish_options(body, exchange, routing_key, headers, properties or {})
         try:
             record = JobRecord(
                 id=job_id,
@@ -254,9 +284,17 @@ class CeleryIntegration:
             self._count("publish_unrecorded")
             log.warning("job %s (%s) published but not recorded: %s", job_id, name, exc)
 
-    def _moved_to_retrying(self, job_id: str) -> None:
+    def _replacement(self, job_id: str, name: str, headers: Mapping[str, Any]) -> str | None:
+        """The reason if this publish of a running job is ``Task.replace`` (another task, or a
+        deeper replacement nesting, under the same id), not a retry."""
+        running, nesting = self._claimed[job_id]
+        if name == running and int(headers.get("replaced_task_nesting") or 0) <= nesting:
+            return None
+        return f"replaced by task {name} (Task.replace), which runs under the same job id"
+
+    def _moved_to_retrying(self, job_id: str, replaced: str | None = None) -> None:
         error = sys.exc_info()[1]
-        text = f"retry: {error!r}" if error is not None else "retry requested"
+        text = replaced or (f"retry: {error!r}" if error is not None else "retry requested")
         try:
             if self.lifecycle().fail(job_id, text, will_retry=True):
                 self._retrying.add(job_id)
@@ -276,7 +314,9 @@ class CeleryIntegration:
         record = self._record_from_request(task)
         lifecycle = self.lifecycle()
         try:
-            claim = lifecycle.claim(job_id, record)
+            claim = lifecycle.claim(
+                job_id, record, restart=bool(getattr(request, RESTART_HEADER, False))
+            )
         except JobLedgerError as exc:
             self._count("claim_unrecorded")
             log.warning("job %s runs unclaimed, the ledger is unavailable: %s", job_id, exc)
@@ -284,10 +324,14 @@ class CeleryIntegration:
         if claim is Claim.DEFERRED:
             self._count("claim_deferred")
         if not claim.should_run:
-            self._count("duplicates_skipped")
+            self._count(
+                "stray_redeliveries_skipped"
+                if claim is Claim.NOT_RESTARTED
+                else "duplicates_skipped"
+            )
             log.warning("job %s (%s) not run: %s", job_id, task.name, claim.value)
             raise Ignore()
-        self._claimed.add(job_id)
+        self._claimed[job_id] = (task.name, int(request.get("replaced_task_nesting") or 0))
         try:
             result = body()
         except Retry:
@@ -295,7 +339,8 @@ class CeleryIntegration:
                 self._finish(lambda: lifecycle.fail(job_id, "retry", will_retry=True))
             raise
         except Ignore:
-            self._finish(lambda: lifecycle.succeed(job_id))
+            if job_id not in self._retrying:  # else replaced: the replacement finishes the job
+                self._finish(lambda: lifecycle.succeed(job_id))
             raise
         except Reject as rejection:
             if rejection.requeue:
@@ -306,10 +351,13 @@ class CeleryIntegration:
             raise
         except Exception:
             error = traceback.format_exc()
-            self._finish(lambda: lifecycle.fail(job_id, error, will_retry=False))
+            if job_id in self._retrying:  # moved to retrying, then the retry's publish failed
+                self._finish(lambda: lifecycle.fail_unsent_retry(job_id, error))
+            else:
+                self._finish(lambda: lifecycle.fail(job_id, error, will_retry=False))
             raise
         finally:
-            self._claimed.discard(job_id)
+            self._claimed.pop(job_id, None)
             self._retrying.discard(job_id)
         self._finish(lambda: lifecycle.succeed(job_id))
         return result
@@ -359,23 +407,44 @@ class CeleryIntegration:
         exception: BaseException | None = None,
         **_: Any,
     ) -> None:
-        """A pool process died under a job: recover that job now (publish, then queued).
+        """Failures the pool process could not record, reported in the main process: a pool
+        process died under a job (recover that job now: publish, then queued), or Celery killed
+        it at the hard time limit (the job failed; Celery does not retry it).
 
         This runs in the worker's event loop, so the ledger read and the publish happen in a
         thread of their own: a slow ledger or broker must not stall the loop (invariant 7).
         """
-        if (
-            not isinstance(exception, WorkerLostError)
-            or task_id is None
-            or self.instance_id is None
-        ):
+        if task_id is None or self.instance_id is None:
             return
+        if isinstance(exception, WorkerLostError):
+            target: Callable[[str, str], None] = self._recover_lost
+        elif isinstance(exception, TimeLimitExceeded):
+            target = self._fail_timed_out
+        else:
+            return  # raised in the pool process, which recorded it itself
         threading.Thread(
-            target=self._recover_lost,
-            args=(task_id, str(exception)),
-            name=f"jobledger-lost-{task_id}",
+            target=target,
+            args=(task_id, f"{type(exception).__name__}: {exception}"),
+            name=f"jobledger-failed-{task_id}",
             daemon=True,
         ).start()
+
+    def _fail_timed_out(self, task_id: str, exception: str) -> None:
+        """started → failed for the job whose pool process Celery killed at its hard time limit
+        (the killed process recorded nothing); a job retrying meanwhile is left to its retry."""
+        assert self.instance_id is not None
+        change = Transition(
+            to=JobState.FAILED,
+            expect=_STARTED,
+            expect_owner=self.instance_id,
+            error=f"hard time limit exceeded, the pool process was killed ({exception})",
+        )
+        try:
+            if self.store.transition(task_id, change):
+                log.error("job %s failed: hard time limit exceeded", task_id)
+        except JobLedgerError as exc:
+            self._count("finish_unrecorded")
+            log.warning("job %s hit its hard time limit, not recorded: %s", task_id, exc)
 
     def _recover_lost(self, task_id: str, exception: str) -> None:
         try:
@@ -386,9 +455,7 @@ class CeleryIntegration:
                 or record.owner != self.instance_id
             ):
                 return
-            Recovery.from_settings(self.store, self.settings, publish=self.publish).recover(
-                record, why=f"its pool process died: {exception}"
-            )
+            self.recovery().recover(record, why=f"its pool process died: {exception}")
         except JobLedgerError as exc:
             log.warning("job %s lost its process; the sweep will recover it: %s", task_id, exc)
 
@@ -441,9 +508,8 @@ class CeleryIntegration:
             health=self.health,
         )
         self.heartbeat.start()
-        recovery = Recovery.from_settings(self.store, self.settings, publish=self.publish)
         self.recovery_loop = RecoveryLoop(
-            recovery,
+            self.recovery(),
             interval=self.settings.recovery_interval,
             enabled=lambda: self.health.can_claim,
         )
@@ -481,7 +547,10 @@ class CeleryIntegration:
         try:
             if not pending.flush():
                 log.warning(
-                    "%d ledger writes lost at exit: their jobs will be recovered", len(pending)
+                    "%d ledger writes lost at exit: this worker still owns their jobs, so they "
+                    "stay as last recorded (a started one until this worker stops beating and "
+                    "the sweep recovers it)",
+                    len(pending),
                 )
         except Exception:
             log.exception("flushing pending ledger writes at exit failed")
@@ -572,6 +641,36 @@ def _release_in_child() -> None:
         _FORK_LOCK.release()
     except RuntimeError:  # not held by this thread after all: start the child with a fresh one
         _FORK_LOCK = threading.RLock()
+
+
+def _republish_options(
+    body: Any,
+    exchange: Any,
+    routing_key: str | None,
+    headers: Mapping[str, Any],
+    properties: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``send_task`` keywords that publish this message again as it was (invariant 10):
+    route, priority, eta (kept absolute, so a restart does not run a delayed job at once),
+    expiry, retries so far, time limits and the embed (callbacks, errbacks, chain, chord)."""
+    options: dict[str, Any] = {}
+    exchange_name = getattr(exchange, "name", exchange)
+    if exchange_name:  # a non-default exchange: keep the route; else the queue says it all
+        options.update(exchange=exchange_name, routing_key=routing_key)
+    hard, soft = [*(headers.get("timelimit") or ()), None, None][:2]
+    found = {
+        "priority": properties.get("priority"),
+        "eta": headers.get("eta"),
+        "expires": headers.get("expires"),
+        "retries": headers.get("retries"),
+        "time_limit": hard,
+        "soft_time_limit": soft,
+    }
+    embed = body[2] if isinstance(body, (tuple, list)) and len(body) >= 3 else None
+    if isinstance(embed, Mapping):
+        found.update({option: embed.get(key) for key, option in _EMBED_OPTIONS.items()})
+    options.update({k: v for k, v in found.items() if v})
+    return options
 
 
 def _queue_name(declare: list[Any] | None, routing_key: str | None) -> str:

@@ -92,3 +92,15 @@ def test_a_late_acked_task_outliving_the_visibility_timeout_runs_once(
     assert [r[1] for r in h.runs() if r[0] == job_id] == ["start", "done"]
     job = h.store.get(job_id)
     assert job is not None and job.attempts == 1 and job.recoveries == 0
+
+
+def test_a_job_killed_at_its_hard_time_limit_is_failed(redis_harness: Harness) -> None:
+    h = redis_harness
+    worker = h.start_worker("w1", concurrency=1)
+    job_id = h.app.send_task("e2e.work", args=[1], kwargs={"seconds": 5.0}, time_limit=1).id
+    wait_for("the job to fail at its time limit", lambda: state_of(h, job_id) is JobState.FAILED)
+    job = h.store.get(job_id)
+    assert job is not None and job.owner is not None and job.owner.startswith("w1:")
+    assert job.error is not None and "hard time limit" in job.error
+    assert "Hard time limit (1" in worker.output()
+    assert [r[1] for r in h.runs() if r[0] == job_id] == ["start"]  # killed, never done

@@ -1,0 +1,177 @@
+"""The Celery integration in one process: an in-memory broker, a MemoryStore, no worker.
+
+What it publishes (options kept for a republish, the restart header) and what the claim path
+does with a delivery, driven through ``run_guarded`` with a pushed request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from celery import Celery, Task, signals
+from celery.exceptions import Ignore
+
+from jobledger.config import Settings
+from jobledger.integrations.celery import RESTART_HEADER, CeleryIntegration, install
+from jobledger.model import JobRecord, JobState
+from jobledger.testing import MemoryStore
+
+S = JobState
+
+
+@dataclass
+class Sent:
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: Any
+
+
+@dataclass
+class Env:
+    app: Celery
+    store: MemoryStore
+    integration: CeleryIntegration
+    sent: list[Sent]
+
+    def task(self, name: str) -> Task:
+        return self.app.tasks[name]
+
+
+@pytest.fixture
+def make_env() -> Iterator[Callable[..., Env]]:
+    made: list[Env] = []
+
+    def capture(headers: Any = None, properties: Any = None, body: Any = None, **_: Any) -> None:
+        for env in made:
+            env.sent.append(Sent(dict(headers or {}), dict(properties or {}), body))
+
+    signals.before_task_publish.connect(capture, weak=False)
+
+    def make(**settings: Any) -> Env:
+        app = Celery("unit", broker="memory://", set_as_current=False)
+        app.conf.update(task_default_queue="q", task_ignore_result=True)
+
+        @app.task(name="t.work", tracked=True, shared=False)
+        def work(n: int) -> int:
+            return n
+
+        @app.task(name="t.after", tracked=True, shared=False)
+        def after(n: int) -> int:
+            return n
+
+        store = MemoryStore()
+        integration = install(app, store=store, settings=Settings(**settings))
+        integration.instance_id = "w:1"
+        integration.health.mark_ok()
+        made.append(Env(app, store, integration, []))
+        return made[-1]
+
+    yield make
+    signals.before_task_publish.disconnect(capture)
+    for env in made:
+        env.integration.close()
+
+
+def run(env: Env, job_id: str, body: Callable[[], Any], **request: Any) -> Any:
+    """Run ``body`` through the claim guard as a delivery of ``job_id`` to ``t.work``."""
+    task = env.task("t.work")
+    task.push_request(id=job_id, args=[1], kwargs={}, delivery_info={"routing_key": "q"}, **request)
+    try:
+        return env.integration.run_guarded(task, body)
+    finally:
+        task.pop_request()
+
+
+def test_a_republish_keeps_priority_eta_expiry_and_callbacks(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    link = env.task("t.after").s(2)
+    result = env.task("t.work").apply_async(
+        (1,), priority=5, countdown=3600, expires=7200, link=link
+    )
+    record = env.store.get(result.id)
+    assert record is not None
+    assert {"priority", "eta", "expires", "link"} <= set(record.options)
+    first = env.sent[-1]
+    env.integration.publish(record)
+    again = env.sent[-1]
+    assert again is not first and again.headers["id"] == result.id
+    assert again.properties["priority"] == first.properties["priority"] == 5
+    for header in ("eta", "expires"):
+        assert again.headers[header] == first.headers[header] is not None
+    # as the broker sees them (a signature's args tuple is a list once serialized)
+    callbacks = [json.loads(json.dumps(sent.body[2]["callbacks"])) for sent in (first, again)]
+    assert callbacks[0] == callbacks[1] and callbacks[1][0]["task"] == "t.after"
+    assert RESTART_HEADER not in again.headers  # queued: a republish, not a restart
+
+
+@pytest.mark.parametrize("state", [S.FAILED, S.DEAD])
+def test_a_restart_publish_says_so_and_only_it_may_run_the_job_again(
+    make_env: Callable[..., Env], state: JobState
+) -> None:
+    env = make_env()
+    record = JobRecord(id="j", name="t.work", system="celery", queue="q", state=state)
+    assert env.store.create(record)
+    env.integration.publish(record)
+    assert env.sent[-1].headers[RESTART_HEADER] is True
+    ran: list[int] = []
+    with pytest.raises(Ignore):  # a stray redelivery (no header): acknowledged, not run
+        run(env, "j", lambda: ran.append(1))
+    assert ran == [] and env.integration.counters["stray_redeliveries_skipped"] == 1
+    still = env.store.get("j")
+    assert still is not None and still.state is state
+    run(env, "j", lambda: ran.append(1), **{RESTART_HEADER: True})
+    done = env.store.get("j")
+    assert ran == [1] and done is not None and done.state is S.SUCCEEDED
+
+
+def test_keep_succeeded_zero_deletes_a_job_on_success(make_env: Callable[..., Env]) -> None:
+    env = make_env(keep_succeeded=0)
+    assert env.store.create(JobRecord(id="j", name="t.work", system="celery", queue="q"))
+    assert run(env, "j", lambda: "ok") == "ok"
+    assert env.store.get("j") is None
+
+
+def test_a_retry_the_broker_refused_leaves_the_job_failed(make_env: Callable[..., Env]) -> None:
+    env = make_env()
+    assert env.store.create(JobRecord(id="j", name="t.work", system="celery", queue="q"))
+
+    def retry_whose_publish_fails() -> None:
+        # Celery's retry publishes first: our hook moves the job to retrying, then the broker
+        # refuses the message and the error propagates out of the task body.
+        env.integration.on_before_publish(headers={"id": "j", "task": "t.work"}, body=([1], {}))
+        raise ConnectionError("broker refused the retry (test)")
+
+    with pytest.raises(ConnectionError):
+        run(env, "j", retry_whose_publish_fails)
+    record = env.store.get("j")
+    assert record is not None and record.state is S.FAILED
+    assert record.error is not None and "broker refused the retry" in record.error
+
+
+def test_task_replace_is_recorded_as_such_and_left_to_the_replacement(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    assert env.store.create(JobRecord(id="j", name="t.work", system="celery", queue="q"))
+
+    def replaced() -> None:
+        # what Task.replace does: publish another task under this id, then raise Ignore
+        headers = {"id": "j", "task": "t.after", "replaced_task_nesting": 1}
+        env.integration.on_before_publish(headers=headers, body=([1], {}))
+        raise Ignore("Replaced by new task")
+
+    with pytest.raises(Ignore):
+        run(env, "j", replaced)
+    record = env.store.get("j")
+    assert record is not None and record.state is S.RETRYING  # claimable by the replacement
+    assert record.error is not None and record.error.startswith("replaced by task t.after")
+
+
+def test_a_worker_recovers_only_celery_jobs(make_env: Callable[..., Env]) -> None:
+    assert make_env().integration.recovery().systems == {"celery"}
