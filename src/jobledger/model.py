@@ -73,8 +73,9 @@ UNCOMPLETED_STATES = frozenset(JobState) - FINAL_STATES
 #: Beyond the drawing: ``queued → queued`` is a re-publish (a restart of a job the broker lost);
 #: ``started → queued`` a recovery; ``started → started`` a claim that takes over a job whose
 #: owner died (a redelivery that beat the recovery sweep). A claim may also start a job that is
-#: still ``staged``, ``failed`` or ``dead``: the relay and a restart publish *first* and move the
-#: record after (invariant 1), so a fast worker can see the message before the record moved.
+#: still ``staged``, or ``failed``/``dead`` when the delivery is the restart's own message: the
+#: relay and a restart publish *first* and move the record after (invariant 1), so a fast worker
+#: can see the message before the record moved.
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.STAGED: frozenset({JobState.QUEUED, JobState.STARTED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset(
@@ -100,7 +101,8 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.CANCELLED: frozenset(),
 }
 
-#: The states a claim starts a job from without asking who else holds it.
+#: The states a claim may start a job from without asking who else holds it (failed and dead
+#: only for a restart's own delivery: see :meth:`jobledger.lifecycle.Lifecycle.claim`).
 CLAIMABLE_STATES = frozenset(
     {JobState.STAGED, JobState.QUEUED, JobState.RETRYING, JobState.FAILED, JobState.DEAD}
 )

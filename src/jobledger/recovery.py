@@ -15,13 +15,13 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
-import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from jobledger.config import Settings
 from jobledger.errors import JobLedgerError
 from jobledger.integrations.base import registry
+from jobledger.loop import Loop
 from jobledger.model import JobRecord, JobState, to_epoch
 from jobledger.stores.base import Store, Transition
 
@@ -237,9 +237,8 @@ class Recovery:
         return Outcome.RACE_LOST
 
 
-class RecoveryLoop:
-    """Runs :meth:`Recovery.sweep_once` shortly after start, then every ``interval`` seconds,
-    from a daemon thread; a failing sweep is logged and tried again next interval.
+class RecoveryLoop(Loop):
+    """Runs :meth:`Recovery.sweep_once` shortly after start, then every ``interval`` seconds.
 
     ``enabled`` (e.g. the heartbeat's ``can_claim``) is asked before each sweep: an instance
     that cannot reach the ledger does not sweep.
@@ -253,37 +252,17 @@ class RecoveryLoop:
         first_delay: float | None = None,
         enabled: Callable[[], bool] = lambda: True,
     ) -> None:
+        super().__init__(
+            "recovery",
+            interval,
+            self._sweep,
+            first_delay=min(interval, 1.0) if first_delay is None else first_delay,
+        )
         self.recovery = recovery
-        self.interval = interval
-        self.first_delay = min(interval, 1.0) if first_delay is None else first_delay
         self.enabled = enabled
         self.sweeps = 0
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="jobledger-recovery", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        delay = self.first_delay
-        while not self._stopping.wait(delay):
-            delay = self.interval
-            if not self.enabled():
-                continue
-            try:
-                self.recovery.sweep_once()
-            except JobLedgerError as exc:
-                log.warning("recovery sweep failed: %s", exc)
-            except Exception:  # a bug must not kill the loop: the next sweep may work
-                log.exception("recovery sweep crashed")
+    def _sweep(self) -> None:
+        if self.enabled():
+            self.recovery.sweep_once()
             self.sweeps += 1
-
-    def stop(self) -> None:
-        self._stopping.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=10)

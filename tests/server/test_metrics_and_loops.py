@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from jobledger.cli import app as cli_app
+from jobledger.loop import Loop
 from jobledger.model import Instance, JobRecord, JobState
-from jobledger.server.maintenance import Loop
 from jobledger.stores.base import Transition
 from jobledger.stores.sql import SQLStore
 

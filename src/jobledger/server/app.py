@@ -20,13 +20,14 @@ from jobledger import __version__
 from jobledger.config import Settings
 from jobledger.errors import StoreError
 from jobledger.integrations.base import Registry, registry
+from jobledger.loop import Loop
 from jobledger.manager import Manager
 from jobledger.serialize import format_seconds
 from jobledger.server import api, dashboard, errors, seed
 from jobledger.server.auth import Auth
 from jobledger.server.context import Context, context
 from jobledger.server.limits import BodyLimit, SecurityHeaders
-from jobledger.server.maintenance import Loop, maintenance_loops, untracked_heartbeat
+from jobledger.server.maintenance import maintenance_loops, untracked_heartbeat
 from jobledger.server.metrics import CONTENT_TYPE, Metrics
 from jobledger.stores import Store, store_for
 
