@@ -17,10 +17,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +29,7 @@ from jobledger.config import Settings
 from jobledger.model import JobRecord, JobState
 from jobledger.query import JobQuery
 from jobledger.stores.sql import SQLStore
+from jobledger.testing import wait_for
 
 console = Console(highlight=False, soft_wrap=True)
 T = TypeVar("T")
@@ -45,18 +44,6 @@ STEP_TIMEOUT = 40.0
 
 class DemoFailed(Exception):
     """A step of the demo did not happen in time."""
-
-
-def _wait(what: str, check: Callable[[], T | None], timeout: float = STEP_TIMEOUT) -> T:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
-        pause.wait(0.1)
 
 
 class _Worker:
@@ -133,7 +120,7 @@ def run_demo(database_url: str | None = None, broker: str | None = None, jobs: i
     def start(name: str) -> _Worker:
         worker = _Worker(name, env, queue, workdir / f"{name}.log")
         workers.append(worker)
-        _wait(
+        wait_for(
             f"{name} to register",
             lambda: worker.alive() and any(i.name == name for i in store.instances(60)),
         )
@@ -160,7 +147,7 @@ def run_demo(database_url: str | None = None, broker: str | None = None, jobs: i
         ids = [app.send_task(TASK, args=[n, JOB_SECONDS]).id for n in range(jobs)]
         number = {job_id: n for n, job_id in enumerate(ids)}
         console.print(f"2. {jobs} jobs enqueued: {TASK}(0..{jobs - 1}), {JOB_SECONDS:.0f}s each")
-        _wait(
+        wait_for(
             "worker-a to be mid-batch",
             lambda: victim.alive() and succeeded() >= 2 and len(held_by("worker-a")) >= 2,
         )
@@ -175,7 +162,7 @@ def run_demo(database_url: str | None = None, broker: str | None = None, jobs: i
             "the recovery sweep publishes the jobs it held again, same ids"
         )
         start("worker-b")
-        _wait(f"all {jobs} jobs to succeed", lambda: succeeded() == jobs)
+        wait_for(f"all {jobs} jobs to succeed", lambda: succeeded() == jobs)
         records = {r.id: r for r in store.iter_jobs(JobQuery(queues=frozenset({queue})))}
         _print_jobs(ids, records)
         recovered = [i for i in ids if records[i].recoveries]
@@ -186,7 +173,7 @@ def run_demo(database_url: str | None = None, broker: str | None = None, jobs: i
             f"{time.monotonic() - began:.1f}s; {len(recovered)} recovered from the killed "
             f"worker: {names}"
         )
-    except DemoFailed as exc:
+    except (DemoFailed, TimeoutError) as exc:
         console.print(f"\noutcome: FAILED: {exc}")
     finally:
         for worker in workers:

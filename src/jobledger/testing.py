@@ -14,11 +14,30 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from jobledger.model import JobRecord
 from jobledger.stores.memory import MemoryStore
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
+    """Poll ``check`` until it returns something truthy, and return that; raise
+    :class:`TimeoutError` naming ``what`` at the deadline. Tests wait on conditions, not sleeps."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        pause.wait(0.02)
+
 
 __all__ = ["ManualClock", "MemoryStore", "RecordingIntegration"]
 

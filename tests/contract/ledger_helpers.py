@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -50,18 +49,6 @@ def bulk_create(store: Store, records: Iterable[JobRecord]) -> None:
     with store.engine.begin() as conn:
         for start in range(0, len(rows), 2000):
             conn.execute(jobs.insert(), rows[start : start + 2000])
-
-
-def wait_until(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll ``condition`` until it returns something truthy (returned), or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(0.01)
 
 
 def ids(records: Iterable[JobRecord]) -> set[str]:

@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from ledger_helpers import CLOCK_SLACK, epoch, job, started, wait_until
+from ledger_helpers import CLOCK_SLACK, epoch, job, started
 
 import jobledger
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import Instance, JobState
 from jobledger.stores.sql import SQLStore
+from jobledger.testing import wait_for
 
 SKEWS = [-600.0, 600.0]
 REAL_TIME = time.time
@@ -97,9 +98,10 @@ def test_genuine_orphans_are_found_under_a_skewed_clock(sql_store: SQLStore, ske
     assert {r.id for r in sql_store.orphans(ttl=30)} == {"never", "left"}
     assert not sql_store.is_alive(leaves.id, ttl=30)
     # A live owner that falls silent becomes one, after its TTL on the database's clock.
-    wait_until(
+    wait_for(
+        "silent owner's job becomes an orphan",
         lambda: {r.id for r in sql_store.orphans(ttl=0.3)} == {"never", "left", "kept"},
-        what="silent owner's job becomes an orphan",
+        timeout=10,
     )
     assert not sql_store.is_alive(stays.id, ttl=0.3)
 

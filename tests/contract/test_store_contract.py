@@ -21,7 +21,6 @@ from ledger_helpers import (
     ids,
     job,
     started,
-    wait_until,
 )
 
 from jobledger.errors import ConfigError, InvalidTransition
@@ -37,6 +36,7 @@ from jobledger.model import (
 )
 from jobledger.query import JobQuery
 from jobledger.stores.base import Store, Transition
+from jobledger.testing import wait_for
 
 S = JobState
 
@@ -711,7 +711,7 @@ def test_a_silent_instance_is_dead_after_its_ttl(store: Store) -> None:
     worker = Instance(name="worker-a", nonce="n1")
     store.heartbeat(worker)
     assert store.is_alive(worker.id, ttl=30)
-    wait_until(lambda: not store.is_alive(worker.id, ttl=0.2), what="instance silent past ttl")
+    wait_for("instance silent past ttl", lambda: not store.is_alive(worker.id, ttl=0.2), 10)
     [got] = store.instances(ttl=0.2)
     assert not got.alive and got.heartbeat_age is not None and got.heartbeat_age > 0.2
     [same] = store.instances(ttl=3600)
@@ -739,7 +739,7 @@ def test_orphans_are_started_jobs_of_gone_or_silent_owners(store: Store) -> None
     def silent() -> bool:
         return [r.id for r in store.orphans(ttl=0.2)] == ["mine", "ghost", "left"]
 
-    wait_until(silent, what="the silent owner's job is an orphan")
+    wait_for("the silent owner's job is an orphan", silent, 10)
     store.heartbeat(live)
     assert [r.id for r in store.orphans(ttl=30)] == ["ghost", "left"]
 
@@ -762,7 +762,7 @@ def test_lock_is_held_by_one_token(store: Store) -> None:
 
 def test_an_expired_lock_is_taken_by_another(store: Store) -> None:
     assert store.acquire_lock("sweep", "A", ttl=0.2)
-    wait_until(lambda: store.acquire_lock("sweep", "B", ttl=30), what="lock expiry")
+    wait_for("lock expiry", lambda: store.acquire_lock("sweep", "B", ttl=30), 10)
     assert not store.acquire_lock("sweep", "A", ttl=30), "the old holder lost it"
     assert not store.release_lock("sweep", "A")
     assert store.release_lock("sweep", "B")

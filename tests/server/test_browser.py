@@ -12,8 +12,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from jobledger.model import JobRecord, JobState
 from jobledger.stores.sql import SQLStore
+from jobledger.testing import wait_for
 
 from .conftest import TOKEN
 
@@ -42,14 +42,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Server:
@@ -84,7 +76,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        _wait(self._up, 30, "the supervisor to answer")
+        wait_for("the supervisor to answer", self._up, 30)
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
@@ -185,8 +177,10 @@ def test_filter_open_restart(
     page.click("#restart")
     expect(page.locator(".notice")).to_contain_text("queued again")
     expect(page.locator("#job-state")).to_have_text("queued")
-    _wait(
-        lambda: publish_log.exists() and "mail-failed-1" in publish_log.read_text(), 10, "publish"
+    wait_for(
+        "the publish",
+        lambda: publish_log.exists() and "mail-failed-1" in publish_log.read_text(),
+        10,
     )
     record = store.get("mail-failed-1")
     assert record is not None and record.state is JobState.QUEUED and record.restarts == 1

@@ -52,3 +52,12 @@ def test_the_fixtures(
     ledger_clock.advance(60)
     assert ledger_store.now() == ledger_clock()
     assert ledger_integration.system == "python" and ledger_integration.published == []
+
+
+def test_wait_for_returns_the_first_truthy_value_and_names_what_timed_out() -> None:
+    from jobledger.testing import wait_for
+
+    answers = iter([None, 0, "ready"])
+    assert wait_for("the third answer", lambda: next(answers), timeout=5) == "ready"
+    with pytest.raises(TimeoutError, match="waiting for never"):
+        wait_for("never", lambda: False, timeout=0.05)

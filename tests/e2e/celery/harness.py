@@ -12,8 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,25 +28,13 @@ from tcpproxy import TcpProxy  # noqa: E402
 
 from jobledger.config import Settings  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
+from jobledger.testing import wait_for  # noqa: E402 - the e2e tests import it from here
 from ledgerdb import database_url, empty_sql_store  # noqa: E402
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQ = os.environ.get("JOBLEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 T = TypeVar("T")
-
-
-def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        pause.wait(0.05)
 
 
 class Worker:
