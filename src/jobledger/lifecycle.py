@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
+import time
 from dataclasses import dataclass, replace
 
 from jobledger.config import DEFAULT_MAX_RECOVERIES, DEFAULT_RECOVERY_WINDOW
@@ -17,6 +19,11 @@ from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState
 from jobledger.pending import PendingWrites, TransitionWrite
 from jobledger.recovery import over_recovery_cap
 from jobledger.stores.base import KEEP, Store, Transition
+
+#: Seconds a redelivery to the job's own owner waits for the record to move (see
+#: :attr:`Lifecycle.own_redelivery_grace`).
+OWN_REDELIVERY_GRACE = 2.0
+_GRACE_PAUSE = threading.Event()  # never set: a sleep that reads as one
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,11 @@ class Lifecycle:
     pending: PendingWrites | None = None
     max_recoveries: int = DEFAULT_MAX_RECOVERIES
     recovery_window: float = DEFAULT_RECOVERY_WINDOW
+    #: How long a delivery of a job this instance itself holds waits for the record to move
+    #: before it is judged a duplicate: the instance's own recovery of a job whose pool process
+    #: died publishes first and moves the record a moment later (invariant 1), and its message
+    #: may be delivered back to this instance in between.
+    own_redelivery_grace: float = OWN_REDELIVERY_GRACE
 
     def claim(
         self, job_id: str, record: JobRecord | None = None, *, restart: bool = False
@@ -89,7 +101,9 @@ class Lifecycle:
 
     def _claim(self, job_id: str, record: JobRecord | None, *, restart: bool) -> Claim:
         expect = CLAIMABLE_STATES if restart else CLAIMABLE_STATES - _RESTART_ONLY
-        for _ in range(3):
+        grace_ends: float | None = None
+        tries = 0
+        while tries < 3:
             claim = Transition(to=JobState.STARTED, expect=expect, owner=self.owner)
             if self.store.transition(job_id, claim):
                 return Claim.CLAIMED
@@ -99,7 +113,14 @@ class Lifecycle:
                     raise LookupError(f"job {job_id} is not in the ledger and no record was given")
                 if self.store.create(self._as_started(record)):
                     return Claim.CREATED
+                tries += 1
                 continue  # created by someone else meanwhile: judge that record
+            if current.state is JobState.STARTED and current.owner == self.owner:
+                grace_ends = grace_ends or time.monotonic() + self.own_redelivery_grace
+                if time.monotonic() < grace_ends:
+                    _GRACE_PAUSE.wait(0.05)  # our own recovery may be about to move it
+                    continue
+            tries += 1
             outcome = self._judge(current, restart=restart)
             if outcome is not None:
                 return outcome

@@ -36,7 +36,7 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) ->
             return value
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        pause.wait(0.02)
+        pause.wait(0.05)
 
 
 __all__ = ["ManualClock", "MemoryStore", "RecordingIntegration"]

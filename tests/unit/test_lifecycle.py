@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import Instance, JobRecord, JobState, to_datetime
+from jobledger.stores.base import Transition
 from jobledger.testing import ManualClock, MemoryStore
 
 TTL = 30.0
@@ -120,8 +123,28 @@ def test_claim_of_a_job_running_on_a_live_instance_is_skipped(store: MemoryStore
     assert store.create(JobRecord(id="j", name="t"))
     assert a.claim("j") is Claim.CLAIMED
     assert b.claim("j") is Claim.RUNNING_ELSEWHERE
+    a.own_redelivery_grace = 0.1
     assert a.claim("j") is Claim.RUNNING_ELSEWHERE  # delivered again to its own owner
     assert state(store, "j") == (S.STARTED, "a:1", 1)
+
+
+def test_a_redelivery_to_its_own_owner_waits_for_that_owners_recovery(store: MemoryStore) -> None:
+    """The worker's main process recovers a job whose pool process died: it publishes first,
+    then moves the record; the message can reach a sibling pool process in between. That
+    delivery must wait for the move and run, not be skipped (the message would be gone)."""
+    a = worker(store, "a")
+    assert store.create(JobRecord(id="j", name="t"))
+    assert a.claim("j") is Claim.CLAIMED
+    recovery = Transition(
+        to=S.QUEUED, expect=frozenset({S.STARTED}), expect_owner="a:1", reason="recovery"
+    )
+    mover = threading.Timer(0.2, lambda: store.transition("j", recovery))
+    mover.start()
+    try:
+        assert a.claim("j") is Claim.CLAIMED
+    finally:
+        mover.join()
+    assert state(store, "j") == (S.STARTED, "a:1", 2)
 
 
 def test_claim_takes_over_from_a_dead_instance_and_only_the_owner_finishes(

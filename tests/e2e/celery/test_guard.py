@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
+import pytest
 from harness import REDIS, Harness, make_harness_fixture, redis_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
@@ -47,7 +48,10 @@ def test_a_task_that_kills_its_pool_process_ends_dead_after_the_cap(redis_harnes
     worker = h.start_worker("w1", concurrency=2)
     job_id = h.app.send_task("e2e.suicide").id
     # ~5s a cycle: billiard hands the next job out only once the dead child is replaced
-    wait_for("the poison pill to be dead", lambda: state_of(h, job_id) is JobState.DEAD, 50)
+    try:
+        wait_for("the poison pill to be dead", lambda: state_of(h, job_id) is JobState.DEAD, 50)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}; ledger: {h.store.get(job_id)}; worker:\n{worker.output()[-6000:]}")
     job = h.store.get(job_id)
     assert job is not None and job.recoveries == 3 and job.error and "poison pill" in job.error
     starts = [r for r in h.runs() if r[0] == job_id and r[1] == "start"]
