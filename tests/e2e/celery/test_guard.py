@@ -21,8 +21,10 @@ def test_the_same_task_id_delivered_three_times_runs_once(redis_harness: Harness
     h = redis_harness
     worker = h.start_worker("w1", concurrency=4)
     job_id = str(uuid.uuid4())
-    for _ in range(2):  # the second arrives while the first runs: a live instance holds it
-        h.app.send_task("e2e.work", args=[1], kwargs={"seconds": 1.0}, task_id=job_id)
+    # The second arrives while the first runs: a live instance holds it. The job outlasts
+    # Lifecycle.own_redelivery_grace, so the duplicate is judged while it still runs.
+    for _ in range(2):
+        h.app.send_task("e2e.work", args=[1], kwargs={"seconds": 4.0}, task_id=job_id)
     wait_for("the job to succeed", lambda: state_of(h, job_id) is JobState.SUCCEEDED)
     h.app.send_task("e2e.work", args=[1], task_id=job_id)  # after success
     wait_for("the late duplicate to be skipped", lambda: "already_succeeded" in worker.output())
