@@ -1,6 +1,6 @@
 """jobledger: a durable ledger for background jobs. No accepted job is silently lost.
 
-The public API is small: settings, the record and state types, a store, the manager and the
+The public API is small: settings, the record and state types, a store, the outbox and the
 errors. Integrations live in :mod:`jobledger.integrations`, the test toolkit in
 :mod:`jobledger.testing`.
 """
@@ -14,11 +14,13 @@ from jobledger.errors import (
     JobNotFound,
     PublishError,
     SchemaMissing,
+    StagingError,
     StoreError,
     StoreUnavailable,
 )
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import Instance, JobRecord, JobState
+from jobledger.outbox import Outbox, staging_in
 from jobledger.query import JobQuery, Page
 from jobledger.stores import Store, Transition, open_store
 
@@ -36,14 +38,17 @@ __all__ = [
     "JobRecord",
     "JobState",
     "Lifecycle",
+    "Outbox",
     "Page",
     "PublishError",
     "SchemaMissing",
     "Settings",
+    "StagingError",
     "Store",
     "StoreError",
     "StoreUnavailable",
     "Transition",
     "__version__",
     "open_store",
+    "staging_in",
 ]

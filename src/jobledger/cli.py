@@ -11,7 +11,9 @@ import functools
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -23,15 +25,15 @@ from typer.exceptions import TyperException
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError, JobLedgerError
 from jobledger.manager import ActionReport, Manager
-from jobledger.model import JobRecord, JobState
+from jobledger.model import JobRecord, JobState, OutboxStats
 from jobledger.query import JobQuery
 from jobledger.serialize import (
     duration_stats_to_dict,
     format_seconds,
     instance_to_dict,
     job_to_dict,
-    queue_stats_to_dict,
     report_to_dict,
+    stats_to_dict,
 )
 from jobledger.stores import Store, store_for
 
@@ -340,10 +342,11 @@ def show(
 
 @_command(name="stats")
 def stats(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
-    """Counts per state and lag (age of the oldest pending job) per queue."""
+    """Counts per state and lag (age of the oldest pending job) per queue, and the outbox
+    backlog (staged jobs not yet published) with the age of the oldest."""
     rows = _manager(database_url).stats()
     if as_json:
-        _emit_json([queue_stats_to_dict(s) for s in rows])
+        _emit_json(stats_to_dict(rows))
         return
     states = list(JobState)
     table = _table("QUEUE", *(s.value.upper() for s in states), "LAG", "STAGED LAG", numbers=1)
@@ -355,6 +358,12 @@ def stats(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
             format_seconds(row.oldest_staged_age),
         )
     out.print(table if rows else "no jobs in the ledger")
+    outbox = OutboxStats.of(rows)
+    if outbox.backlog:
+        out.print(
+            f"outbox: {outbox.backlog} staged, not yet published; the oldest staged "
+            f"{format_seconds(outbox.oldest_staged_age)} ago"
+        )
 
 
 @_command(name="durations")
@@ -545,6 +554,68 @@ def recover(
             out.print(f"forgot long-dead instances: {', '.join(report.pruned)}")
     if report.ids(Outcome.PUBLISH_FAILED) or report.locked_out:
         raise typer.Exit(1)
+
+
+@_command(name="relay")
+def relay(
+    once: Annotated[
+        bool, typer.Option("--once", help="One pass over the backlog, then exit.")
+    ] = False,
+    grace: Annotated[
+        str | None,
+        typer.Option(
+            help="Only jobs staged at least this long ago [default: JOBLEDGER_RELAY_GRACE]."
+        ),
+    ] = None,
+    app_module: AppModule = None,
+    broker: BrokerUrl = None,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Publish staged jobs the fast path missed (a crash after commit, a broker outage).
+
+    Runs until interrupted, backing off while the broker is down; with --once, one pass, and
+    exit status 1 if the broker refused a job. Relays may run side by side: none publishes a
+    job another is publishing.
+    """
+    from jobledger.integrations.base import registry
+    from jobledger.relay import Relay, RelayLoop
+
+    _register_integration(app_module, broker, database_url)
+    systems = registry.systems()
+    if not systems:
+        raise ConfigError(
+            "no queue integration to publish with: pass --app (your Celery app's module) or "
+            "--broker"
+        )
+    settings, store = _open(database_url)
+    if grace is not None:
+        settings = settings.replace(relay_grace=parse_duration(grace))
+    worker = Relay.from_settings(store, settings, systems=systems)
+    if once:
+        report = worker.run_once()
+        error = None if report.error is None else str(report.error)
+        if as_json:
+            _emit_json({"published": report.published, "batches": report.batches, "error": error})
+        else:
+            out.print(f"published {report.published} staged jobs")
+            if error:
+                out.print(f"stopped: {error}")
+        if error:
+            raise typer.Exit(1)
+        return
+    loop = RelayLoop(
+        worker, interval=settings.relay_interval, max_backoff=settings.relay_max_backoff
+    )
+    out.print(f"relaying staged {', '.join(systems)} jobs from {store!r}; Ctrl-C stops")
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    loop.start()
+    while not stopping.wait(0.5):
+        pass
+    loop.stop()
+    out.print(f"relay stopped; {loop.runs} passes")
 
 
 @_command(name="demo")

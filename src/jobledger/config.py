@@ -27,6 +27,10 @@ DEFAULT_SERVER_HOST = "127.0.0.1"
 DEFAULT_SERVER_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_PRUNE_INTERVAL = 3600.0
+DEFAULT_RELAY_INTERVAL = 1.0
+DEFAULT_RELAY_GRACE = 5.0
+DEFAULT_RELAY_BATCH_SIZE = 500
+DEFAULT_RELAY_MAX_BACKOFF = 30.0
 #: The shortest API token accepted: it is the only secret between the network and the ledger.
 API_TOKEN_MIN_LENGTH = 16
 ENV_PREFIX = "JOBLEDGER_"
@@ -114,6 +118,24 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: ``JOBLEDGER_PRUNE_INTERVAL``: seconds between the supervisor's prune runs (1h).
     prune_interval: float = DEFAULT_PRUNE_INTERVAL
+    #: ``JOBLEDGER_RELAY``: run the outbox relay as a thread in every worker (default on; it
+    #: costs one indexed query per interval while nothing is staged).
+    relay: bool = True
+    #: ``JOBLEDGER_RELAY_INTERVAL``: seconds between the relay's looks for staged jobs (1s).
+    relay_interval: float = DEFAULT_RELAY_INTERVAL
+    #: ``JOBLEDGER_RELAY_GRACE``: how old a staged job must be before the relay publishes it
+    #: (5s): the fast path's time to publish it right after the commit. Shorter means less delay
+    #: after a crash, and more chance of a duplicate publish while a fast path is slow.
+    relay_grace: float = DEFAULT_RELAY_GRACE
+    #: ``JOBLEDGER_RELAY_BATCH_SIZE``: staged jobs a relay holds and publishes at once (500).
+    relay_batch_size: int = DEFAULT_RELAY_BATCH_SIZE
+    #: ``JOBLEDGER_RELAY_MAX_BACKOFF``: the longest wait between relay tries while the broker
+    #: is down (30s); waits grow from the interval, with jitter.
+    relay_max_backoff: float = DEFAULT_RELAY_MAX_BACKOFF
+    #: ``JOBLEDGER_STAGE_IN_ATOMIC``: stage every tracked task's ``delay``/``apply_async``
+    #: called inside an open Django ``transaction.atomic`` block instead of publishing it (the
+    #: job then commits with the block); a task declared ``staged=False`` opts out. Default off.
+    stage_in_atomic: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.database_url, str) or not self.database_url.strip():
@@ -159,6 +181,23 @@ class Settings:
             raise ConfigError("JOBLEDGER_MAX_BODY_BYTES must be at least 1024")
         if not self.prune_interval > 0:
             raise ConfigError("JOBLEDGER_PRUNE_INTERVAL must be more than zero seconds")
+        self._check_relay()
+
+    def _check_relay(self) -> None:
+        for name in ("relay_interval", "relay_max_backoff"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_env(name)} must be more than zero seconds")
+        if self.relay_grace < 0:
+            raise ConfigError("JOBLEDGER_RELAY_GRACE must be zero or more seconds")
+        if not 1 <= self.relay_batch_size <= 10_000:
+            raise ConfigError(
+                f"JOBLEDGER_RELAY_BATCH_SIZE must be 1-10000, not {self.relay_batch_size}"
+            )
+        if self.relay_max_backoff < self.relay_interval:
+            raise ConfigError(
+                f"JOBLEDGER_RELAY_MAX_BACKOFF ({self.relay_max_backoff}s) must be at least "
+                f"JOBLEDGER_RELAY_INTERVAL ({self.relay_interval}s)"
+            )
 
     @property
     def ttl(self) -> float:

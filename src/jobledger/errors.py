@@ -42,3 +42,8 @@ class IntegrationMissing(JobLedgerError):
 
 class PublishError(JobLedgerError):
     """The queue system refused or failed to take a job; the ledger was left unchanged."""
+
+
+class StagingError(JobLedgerError):
+    """A job could not be staged in the caller's transaction (no usable transaction holder, no
+    ledger tables in that database, an unknown task); nothing was written."""

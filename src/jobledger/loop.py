@@ -49,7 +49,6 @@ class Loop:
     def _run(self) -> None:
         delay = self.first_delay
         while not self._stopping.wait(delay):
-            delay = self.interval
             try:
                 self.task()
             except JobLedgerError as exc:
@@ -59,6 +58,11 @@ class Loop:
                 self.on_error()
                 log.exception("%s crashed", self.name)
             self.runs += 1
+            delay = self.delay()
+
+    def delay(self) -> float:
+        """Seconds until the next run: ``interval``; a loop that backs off overrides it."""
+        return self.interval
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()

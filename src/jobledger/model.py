@@ -292,3 +292,20 @@ class QueueStats:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """The outbox backlog: jobs staged and committed but not yet published, and the age of the
+    oldest (a growing one means the broker is down or no relay runs)."""
+
+    backlog: int
+    oldest_staged_age: float | None
+
+    @classmethod
+    def of(cls, queues: list[QueueStats]) -> OutboxStats:
+        ages = [q.oldest_staged_age for q in queues if q.oldest_staged_age is not None]
+        return cls(
+            backlog=sum(q.counts.get(JobState.STAGED, 0) for q in queues),
+            oldest_staged_age=max(ages) if ages else None,
+        )

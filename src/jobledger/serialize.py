@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from jobledger.manager import ActionReport
-from jobledger.model import DurationStats, Instance, JobRecord, QueueStats
+from jobledger.model import DurationStats, Instance, JobRecord, JobState, OutboxStats, QueueStats
 
 
 def _plain(value: Any) -> Any:
@@ -41,6 +41,16 @@ def queue_stats_to_dict(stats: QueueStats) -> dict[str, Any]:
         "total": stats.total,
         "oldest_queued_age": stats.oldest_queued_age,
         "oldest_staged_age": stats.oldest_staged_age,
+    }
+
+
+def stats_to_dict(queues: list[QueueStats]) -> dict[str, Any]:
+    """``jobledger stats --json`` and ``GET /api/stats``: per queue, totals and the outbox."""
+    outbox = OutboxStats.of(queues)
+    return {
+        "queues": [queue_stats_to_dict(q) for q in queues],
+        "totals": {s.value: sum(q.counts.get(s, 0) for q in queues) for s in JobState},
+        "outbox": {"backlog": outbox.backlog, "oldest_staged_age": outbox.oldest_staged_age},
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import time
 from datetime import datetime
@@ -261,7 +262,9 @@ def test_show(cli: Cli, ledger: Ledger) -> None:
 
 def test_stats(cli: Cli, ledger: Ledger) -> None:
     from_env = {"JOBLEDGER_DATABASE_URL": cli.url}  # the variable, not --database-url
-    rows = {row["queue"]: row for row in cli("stats", "--json", url=False, env=from_env).json()}
+    stats = cli("stats", "--json", url=False, env=from_env).json()
+    assert set(stats) == {"queues", "totals", "outbox"}
+    rows = {row["queue"]: row for row in stats["queues"]}
     assert list(rows) == ["billing", "mail", "media", "reports"]
     assert {q: (r["counts"], r["total"]) for q, r in rows.items()} == {
         "billing": ({"dead": 1, "failed": 1, "queued": 1}, 3),
@@ -274,6 +277,18 @@ def test_stats(cli: Cli, ledger: Ledger) -> None:
     assert_age(rows["reports"]["oldest_staged_age"], 500)
     assert rows["media"]["oldest_queued_age"] is rows["media"]["oldest_staged_age"] is None
     assert rows["reports"]["oldest_queued_age"] is None
+    assert stats["totals"] == {
+        "staged": 1,
+        "queued": 3,
+        "started": 1,
+        "retrying": 1,
+        "succeeded": 2,
+        "failed": 1,
+        "dead": 1,
+        "cancelled": 1,
+    }
+    assert stats["outbox"]["backlog"] == 1
+    assert_age(stats["outbox"]["oldest_staged_age"], 500)
 
     lines = cli.quick("stats").ok().stdout.splitlines()
     assert lines[0].split() == [
@@ -283,10 +298,18 @@ def test_stats(cli: Cli, ledger: Ledger) -> None:
     mail = next(line.split() for line in lines if line.startswith("mail"))
     assert mail[:9] == ["mail", "0", "2", "0", "0", "0", "0", "0", "1"]
     assert mail[9] == "3d" and mail[10] == "-"
+    # 500 s and the moments since seeding: 8m20s, 8m21s, ...
+    assert re.fullmatch(
+        r"outbox: 1 staged, not yet published; the oldest staged 8m2\ds ago", lines[-1]
+    ), lines[-1]
 
 
 def test_stats_on_an_empty_ledger(cli: Cli) -> None:
-    assert cli.quick("stats", "--json").json() == []
+    assert cli.quick("stats", "--json").json() == {
+        "queues": [],
+        "totals": {state.value: 0 for state in JobState},
+        "outbox": {"backlog": 0, "oldest_staged_age": None},
+    }
     assert cli.quick("stats").ok().stdout.strip() == "no jobs in the ledger"
 
 

@@ -63,6 +63,12 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "server_port": ("9000", 9000),
     "max_body_bytes": ("2048", 2048),
     "prune_interval": ("10m", 600.0),
+    "relay": ("off", False),
+    "relay_interval": ("2s", 2.0),
+    "relay_grace": ("500ms", 0.5),
+    "relay_batch_size": ("250", 250),
+    "relay_max_backoff": ("1m", 60.0),
+    "stage_in_atomic": ("true", True),
 }
 
 

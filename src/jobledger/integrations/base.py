@@ -8,10 +8,13 @@ with the original id, name, args, queue and options, which is all that restart a
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from jobledger.errors import IntegrationMissing
+from jobledger.errors import IntegrationMissing, PublishError
 from jobledger.model import JobRecord
 
 #: The extra that brings each known queue system's integration.
@@ -28,6 +31,44 @@ class Integration(Protocol):
     def publish(self, record: JobRecord) -> None:
         """Put the job on its queue again, same id; raise :class:`~jobledger.errors.PublishError`
         if the broker did not take it. Returning means the broker accepted the message."""
+
+
+@dataclass
+class Published:
+    """What a batch publish did: the ids the broker took, in order, and the error that stopped
+    it (None: all of them went)."""
+
+    ids: list[str] = field(default_factory=list)
+    error: PublishError | None = None
+
+
+@runtime_checkable
+class BatchPublisher(Protocol):
+    """An integration that publishes many jobs at once cheaper than one by one (one broker
+    connection for the batch, pipelined where the broker allows). Optional: the relay and the
+    fast path fall back to :meth:`Integration.publish` per job."""
+
+    def publish_many(self, records: Sequence[JobRecord]) -> Published:
+        """Publish in order; stop at the first job the broker does not take."""
+
+
+#: Publishes a batch of jobs; what the relay and the outbox's fast path call.
+PublishBatch = Callable[[Sequence[JobRecord]], Published]
+
+
+def publish_one_by_one(
+    publish: Callable[[JobRecord], None], records: Sequence[JobRecord]
+) -> Published:
+    """:meth:`BatchPublisher.publish_many` for a publisher of single jobs."""
+    done = Published()
+    for record in records:
+        try:
+            publish(record)
+        except PublishError as exc:
+            done.error = exc
+            break
+        done.ids.append(record.id)
+    return done
 
 
 class Registry:
@@ -64,6 +105,27 @@ class Registry:
     def systems(self) -> list[str]:
         with self._lock:
             return sorted(self._by_system)
+
+    def publish_many(self, records: Sequence[JobRecord]) -> Published:
+        """Publish ``records`` in order, each run of one queue system through its integration
+        (batched where it is a :class:`BatchPublisher`); stop at the first refusal."""
+        done = Published()
+        for system, group in itertools.groupby(records, key=lambda r: r.system):
+            try:
+                integration = self.get(system)
+            except IntegrationMissing as exc:
+                done.error = PublishError(str(exc))
+                return done
+            batch = list(group)
+            if isinstance(integration, BatchPublisher):
+                part = integration.publish_many(batch)
+            else:
+                part = publish_one_by_one(integration.publish, batch)
+            done.ids.extend(part.ids)
+            if part.error is not None:
+                done.error = part.error
+                return done
+        return done
 
 
 #: The process-wide registry integrations add themselves to when installed.

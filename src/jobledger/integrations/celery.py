@@ -49,28 +49,32 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, cast
 
 from celery import Celery, Task, signals
 from celery.app.trace import task_has_custom
+from celery.canvas import Signature
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
+from celery.result import AsyncResult
 
 from jobledger.config import Settings
-from jobledger.errors import JobLedgerError, PublishError
+from jobledger.errors import ConfigError, JobLedgerError, PublishError
 from jobledger.heartbeat import Health, Heartbeat, new_instance
-from jobledger.integrations.base import registry
+from jobledger.integrations.base import Published, registry
+from jobledger.integrations.celery_staging import SYSTEM, signature_parts, staged_record
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import JobRecord, JobState
+from jobledger.outbox import Outbox
 from jobledger.pending import PendingWrites
 from jobledger.recovery import Recovery, RecoveryLoop
+from jobledger.relay import Relay, RelayLoop
 from jobledger.stores import Store, store_for
-from jobledger.stores.base import Transition
+from jobledger.stores.base import StagedBatch, Transition
 
 log = logging.getLogger(__name__)
 
-SYSTEM = "celery"
 #: Message header with the client's enqueue time (epoch seconds); Celery messages carry none.
 ENQUEUED_HEADER = "jobledger_enqueued_at"
 #: Message header saying the publisher tracked the job.
@@ -99,6 +103,14 @@ _RESTARTED = frozenset({JobState.FAILED, JobState.DEAD})
 _WRAPPED = "_jobledger_wrapped"
 
 _STARTED = frozenset({JobState.STARTED})
+#: Publishes of jobs that are in the ledger already (relay, recovery, restart) try the broker
+#: once more after a connection error, then leave the job to the next relay pass or sweep.
+_REPUBLISH_RETRY = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
 
 
 class CeleryIntegration:
@@ -128,6 +140,9 @@ class CeleryIntegration:
         self.instance_id: str | None = None
         self.heartbeat: Heartbeat | None = None
         self.recovery_loop: RecoveryLoop | None = None
+        self.relay_loop: RelayLoop | None = None
+        self._outboxes: dict[int, Outbox] = {}
+        self._republishing = threading.local()  # set while publishing a job the ledger has
         # jobs this process claimed and runs now: their task name and replacement nesting
         self._claimed: dict[str, tuple[str, int]] = {}
         self._retrying: set[str] = set()  # of those, the ones already moved to retrying
@@ -152,6 +167,18 @@ class CeleryIntegration:
             if found is None:
                 found = self._pending[pid] = PendingWrites(lambda: self.store)
             return found
+
+    @property
+    def outbox(self) -> Outbox:
+        """This process's outbox: stages tasks and publishes them right after the commit."""
+        pid = os.getpid()
+        with self._stores_lock:
+            found = self._outboxes.get(pid)
+        if found is None:
+            found = Outbox(self.store, publish=self.publish_many)
+            with self._stores_lock:
+                found = self._outboxes.setdefault(pid, found)
+        return found
 
     def lifecycle(self) -> Lifecycle:
         assert self.instance_id is not None
@@ -214,19 +241,113 @@ class CeleryIntegration:
                 )
             return integration.run_guarded(self, body)
 
+        def stage(self: Task, *args: Any, **kwargs: Any) -> AsyncResult:
+            """Like ``delay``, but the job commits with the open transaction (see
+            :meth:`CeleryIntegration.stage`)."""
+            return integration.stage(self, args, kwargs)
+
+        def apply_staged(
+            self: Task,
+            args: Sequence[Any] | None = None,
+            kwargs: Mapping[str, Any] | None = None,
+            using: object | None = None,
+            **options: Any,
+        ) -> AsyncResult:
+            """Like ``apply_async``, staged in ``using``'s transaction (or the open one)."""
+            return integration.stage(self, args, kwargs, using=using, **options)
+
         cls.__call__ = __call__
+        cls.stage = stage
+        cls.apply_staged = apply_staged
+        if self.settings.stage_in_atomic:
+            self._stage_apply_async(cls)
         setattr(cls, _WRAPPED, True)
+
+    def _stage_apply_async(self, cls: type[Task]) -> None:
+        """``delay``/``apply_async`` inside an open Django atomic block stage the job instead
+        (``JOBLEDGER_STAGE_IN_ATOMIC``); a task declared ``staged=False`` publishes as usual."""
+        original = cls.apply_async
+        integration = self
+
+        def apply_async(
+            self: Task,
+            args: Sequence[Any] | None = None,
+            kwargs: Mapping[str, Any] | None = None,
+            *more: Any,  # task_id, producer, ... given by position: published as they are
+            **options: Any,
+        ) -> Any:
+            if not more and integration.stages_apply_async(self, options):
+                return integration.stage(self, args, kwargs, **options)
+            return original(self, args, kwargs, *more, **options)
+
+        cls.apply_async = apply_async
+
+    def stages_apply_async(self, task: Task, options: Mapping[str, Any]) -> bool:
+        """True if this ``apply_async`` should stage: the task does not opt out, Celery is not
+        eager, it is no retry or ``Task.replace`` of a running job, and a Django atomic block
+        is open on the default database."""
+        if getattr(task, "staged", None) is False or self.app.conf.task_always_eager:
+            return False
+        if options.get("task_id") in self._claimed:
+            return False
+        from jobledger.contrib.django import in_atomic_block
+
+        return in_atomic_block()
+
+    # -- staging (the outbox) -------------------------------------------------------------
+    def stage(
+        self,
+        task: Task | str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        using: object | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Stage ``task`` (a task of this app, or its name) in the transaction of ``using``
+        (a SQLAlchemy Session or Connection, a Django alias; default: the one bound with
+        :func:`jobledger.outbox.staging_in` or the open Django atomic block, else the ledger's
+        own connection, committed at once). Returns the job's result handle at once; the job
+        is published right after the commit (or by the relay), with its countdown or eta kept.
+        ``options`` are ``apply_async``'s. :class:`~jobledger.errors.StagingError` for an
+        unknown task, a bad option or no usable transaction; nothing is written then."""
+        record = staged_record(self.app, task, args, kwargs, options)
+        self.outbox.stage(record, using)
+        return self.app.AsyncResult(record.id)
+
+    def stage_signature(self, signature: Signature, *, using: object | None = None) -> AsyncResult:
+        """Stage a signature (``task.s(...)``, ``task.signature(..., countdown=60)``)."""
+        name, args, kwargs, options = signature_parts(signature)
+        return self.stage(name, args, kwargs, using=using, **options)
 
     # -- publishing ---------------------------------------------------------------------
     def publish(self, record: JobRecord) -> None:
         """Send the job again with its id, name, args, kwargs, queue and options. A failed or
         dead job's message says it is a restart, the one delivery that may run it again."""
+        self._send(record)
+
+    def publish_many(self, records: Sequence[JobRecord]) -> Published:
+        """Publish in order through one broker connection; stop at the first refusal."""
+        done = Published()
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for record in records:
+                    self._send(record, producer)
+                    done.ids.append(record.id)
+        except PublishError as exc:
+            done.error = exc
+        except Exception as exc:  # acquiring the connection failed
+            done.error = PublishError(f"celery could not reach the broker: {exc}")
+        return done
+
+    def _send(self, record: JobRecord, producer: Any = None) -> None:
         options = {
             k: record.options[k] for k in REPUBLISH_OPTIONS if record.options.get(k) is not None
         }
         headers: dict[str, Any] = {TRACKED_HEADER: True}
         if record.state in _RESTARTED:
             headers[RESTART_HEADER] = True
+        self._republishing.active = True
         try:
             self.app.send_task(
                 record.name,
@@ -235,12 +356,16 @@ class CeleryIntegration:
                 task_id=record.id,
                 queue=record.queue,
                 headers=headers,
+                producer=producer,
+                retry_policy=_REPUBLISH_RETRY,
                 **options,
             )
         except Exception as exc:
             raise PublishError(
                 f"celery did not take job {record.id} ({record.name}): {exc}"
             ) from exc
+        finally:
+            self._republishing.active = False
 
     def on_before_publish(
         self,
@@ -261,6 +386,8 @@ class CeleryIntegration:
         job_id = str(headers["id"])
         headers[TRACKED_HEADER] = True
         headers.setdefault(ENQUEUED_HEADER, time.time())
+        if getattr(self._republishing, "active", False):
+            return  # a job the ledger has (relay, recovery, restart): nothing to record
         if job_id in self._claimed and job_id not in self._retrying:
             # a retry or Task.replace: retrying *before* the message exists
             self._moved_to_retrying(job_id, self._replacement(job_id, name, headers))
@@ -518,6 +645,26 @@ class CeleryIntegration:
     def on_worker_ready(self, **_: Any) -> None:
         if self.recovery_loop is not None:
             self.recovery_loop.start()
+        if self.settings.relay and self.instance_id is not None:
+            self.relay_loop = self._relay_loop()
+            self.relay_loop.start()
+
+    def _relay_loop(self) -> RelayLoop:
+        """The worker's relay: Celery jobs only, on a store of its own so a batch's publishes
+        do not hold up the heartbeat; on SQLite a batch holds the fork lock (see
+        :class:`_ForkGuardedStore`)."""
+        store = self._factory()
+        if getattr(store, "dialect", None) == "sqlite":
+            store = cast(Store, _ForkGuardedStore(store))
+        relay = Relay.from_settings(
+            store, self.settings, publish=self.publish_many, systems={SYSTEM}
+        )
+        return RelayLoop(
+            relay,
+            interval=self.settings.relay_interval,
+            max_backoff=self.settings.relay_max_backoff,
+            enabled=lambda: self.health.can_claim,
+        )
 
     def on_worker_shutting_down(self, **_: Any) -> None:
         """Warm shutdown begins (in a signal handler): say draining, write nothing here."""
@@ -528,6 +675,9 @@ class CeleryIntegration:
         """After Celery's warm shutdown waited for the pool: drain, then deregister."""
         if self.recovery_loop is not None:
             self.recovery_loop.stop()
+        if self.relay_loop is not None:
+            self.relay_loop.stop()
+            self.relay_loop.relay.store.close()
         self._flush_pending()
         if self.heartbeat is not None:
             self.heartbeat.drain(timeout=self.settings.ttl)
@@ -606,6 +756,12 @@ class _ForkGuardedStore:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+
+    @contextlib.contextmanager
+    def staged_batch(self, **options: Any) -> Iterator[StagedBatch]:
+        """The whole batch, publishes included, holds the lock: its transaction is open."""
+        with _FORK_LOCK, self._store.staged_batch(**options) as batch:
+            yield batch
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self._store, name)
@@ -693,6 +849,13 @@ def install(
     recovery. ``store`` serves this process only; forked pool children open their own through
     ``store_factory`` (default: the settings' database URL)."""
     settings = settings or Settings.from_env()
+    if settings.stage_in_atomic:
+        try:
+            import jobledger.contrib.django  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                f"JOBLEDGER_STAGE_IN_ATOMIC needs Django ({exc}): pip install 'jobledger[django]'"
+            ) from None
     integration = CeleryIntegration(
         app, settings, store=store, store_factory=store_factory, track_all=track_all
     )

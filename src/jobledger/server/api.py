@@ -19,8 +19,8 @@ from jobledger.serialize import (
     duration_stats_to_dict,
     instance_to_dict,
     job_to_dict,
-    queue_stats_to_dict,
     report_to_dict,
+    stats_to_dict,
 )
 from jobledger.server.context import Context, context
 from jobledger.server.errors import ApiError
@@ -101,11 +101,9 @@ def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return job_to_dict(context(request).manager.get(_path_id(job_id)))
 
 
-@router.get("/stats", summary="Counts per state and lag per queue")
+@router.get("/stats", summary="Counts per state and lag per queue, and the outbox backlog")
 def stats(request: Request) -> dict[str, Any]:
-    queues = context(request).manager.stats()
-    totals = {s.value: sum(q.counts.get(s, 0) for q in queues) for s in JobState}
-    return {"queues": [queue_stats_to_dict(q) for q in queues], "totals": totals}
+    return stats_to_dict(context(request).manager.stats())
 
 
 @router.get("/durations", summary="Durations of finished jobs: p50/p95/max per task, or per job")

@@ -1,10 +1,10 @@
-"""The supervisor's background loops: the recovery sweep, pruning, and the heartbeat of the
-stand-in owner of HTTP jobs started without an instance.
+"""The supervisor's background loops: the recovery sweep, the outbox relay, pruning, and the
+heartbeat of the stand-in owner of HTTP jobs started without an instance.
 
 Each loop is a daemon thread that runs its task after ``first_delay`` and then every
 ``interval`` seconds, logs (and counts) a failure and carries on, and stops promptly when asked:
 the wait is an :class:`threading.Event`, so shutdown never waits out an interval. Adding a loop
-(the outbox relay, when it lands) is one :class:`Loop` in :func:`maintenance_loops`.
+is one :class:`Loop` in :func:`maintenance_loops`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from jobledger.loop import Loop
 from jobledger.manager import Manager
 from jobledger.model import JobRecord
 from jobledger.recovery import Outcome, Recovery
+from jobledger.relay import Relay, RelayLoop
 from jobledger.server.events import UNTRACKED
 from jobledger.server.metrics import Metrics
 from jobledger.stores.base import Store
@@ -61,7 +62,22 @@ def maintenance_loops(
             log.info("pruned %s", ", ".join(f"{n} {state}" for state, n in counts.items()))
 
     errors = metrics.ledger_errors.inc
+    relays: list[Loop] = []
+    systems = integrations.systems()
+    if settings.relay and systems:  # staged jobs of other systems wait for their own relays
+        relay = Relay.from_settings(
+            store, settings, publish=integrations.publish_many, systems=systems
+        )
+        relays.append(
+            RelayLoop(
+                relay,
+                interval=settings.relay_interval,
+                max_backoff=settings.relay_max_backoff,
+                on_error=errors,
+            )
+        )
     return [
+        *relays,
         Loop(
             "recovery",
             settings.recovery_interval,

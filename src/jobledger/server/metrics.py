@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jobledger.errors import StoreError
-from jobledger.model import JobState
+from jobledger.model import JobState, OutboxStats
 from jobledger.stores.base import Store
 
 log = logging.getLogger(__name__)
@@ -98,18 +98,23 @@ class LedgerCollector(Collector):
         backlog = GaugeMetricFamily(
             "jobledger_outbox_backlog", "Jobs staged in the outbox, not yet published."
         )
-        dead_total = staged_total = 0
+        oldest = GaugeMetricFamily(
+            "jobledger_outbox_oldest_seconds",
+            "Age of the oldest staged job not yet published (0 when none waits).",
+        )
+        dead_total = 0
         for queue in stats:
             for state in JobState:
                 jobs.add_metric([state.value, queue.queue], queue.counts.get(state, 0))
             if queue.oldest_queued_age is not None:
                 lag.add_metric([queue.queue], queue.oldest_queued_age)
             dead_total += queue.counts.get(JobState.DEAD, 0)
-            staged_total += queue.counts.get(JobState.STAGED, 0)
         dead.add_metric([], dead_total)
-        backlog.add_metric([], staged_total)
+        outbox = OutboxStats.of(stats)
+        backlog.add_metric([], outbox.backlog)
+        oldest.add_metric([], outbox.oldest_staged_age or 0.0)
         alive = GaugeMetricFamily("jobledger_instances_alive", "Worker instances beating in time.")
         alive.add_metric([], sum(1 for i in instances if i.alive))
         known = GaugeMetricFamily("jobledger_instances", "Registered worker instances.")
         known.add_metric([], len(instances))
-        yield from (jobs, lag, dead, backlog, alive, known)
+        yield from (jobs, lag, dead, backlog, oldest, alive, known)

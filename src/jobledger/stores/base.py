@@ -17,7 +17,8 @@ the same suite. What every implementation promises:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -72,6 +73,17 @@ class Transition:
             raise InvalidTransition("a transition to started needs the owner instance id")
         if isinstance(self.error, str):
             object.__setattr__(self, "error", bound_error(self.error))
+
+
+class StagedBatch(Protocol):
+    """Staged jobs held by one relay pass or fast-path publish (see :meth:`Store.staged_batch`)."""
+
+    #: The held jobs, oldest staging first.
+    records: list[JobRecord]
+
+    def mark_queued(self, job_ids: Collection[str]) -> int:
+        """Move these held jobs staged → queued (they were published); how many moved. The
+        moves take effect when the batch ends without an exception."""
 
 
 @runtime_checkable
@@ -131,6 +143,28 @@ class Store(Protocol):
 
     def prune(self, query: JobQuery, *, batch_size: int = 1000) -> int:
         """Delete the final-state jobs that match, in batches; how many went."""
+
+    def staged_batch(
+        self,
+        *,
+        limit: int,
+        older_than: float = 0.0,
+        ids: Collection[str] | None = None,
+        systems: Collection[str] | None = None,
+    ) -> AbstractContextManager[StagedBatch]:
+        """Hold up to ``limit`` staged jobs, oldest staging first, for as long as the context
+        lasts: jobs staged at least ``older_than`` seconds ago (store clock), limited to
+        ``ids`` and ``systems`` when given. No other batch holds the same job at the same time,
+        so relays running side by side never publish one job twice. A job the caller's
+        transaction has not committed yet is not seen.
+
+        The caller publishes the held jobs, then :meth:`StagedBatch.mark_queued` those the
+        broker took. An exception out of the context undoes the moves: the jobs stay staged,
+        and the next batch publishes them again (a duplicate the claim guard absorbs, never a
+        loss: invariant 1). Row locks that skip held rows do this on PostgreSQL and
+        MariaDB/MySQL; SQLite, which has one writer anyway, lets one relay batch run at a time
+        (``ids`` batches, the fast path's, skip that lock).
+        """
 
     # -- instances -------------------------------------------------------------------------
     def heartbeat(self, instance: Instance) -> None:

@@ -12,11 +12,12 @@ expiry, ages) without sleeping.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from jobledger.model import (
@@ -37,7 +38,7 @@ from jobledger.query import (
     page_of,
     prunable_states,
 )
-from jobledger.stores.base import ANY, DurationKind, Store, Transition, _Sentinel
+from jobledger.stores.base import ANY, DurationKind, StagedBatch, Store, Transition, _Sentinel
 from jobledger.stores.rows import (
     SEARCH_FIELDS,
     creation_row,
@@ -66,6 +67,7 @@ class MemoryStore(Store):
         self._order: list[tuple[float, str]] = []
         self._instances: dict[str, Row] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+        self._held: set[str] = set()  # staged jobs some batch holds (row locks, in SQL)
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._jobs)} jobs)"
@@ -197,6 +199,42 @@ class MemoryStore(Store):
             if len(batch) < batch_size:
                 return removed
 
+    # -- the outbox ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staged_batch(
+        self,
+        *,
+        limit: int,
+        older_than: float = 0.0,
+        ids: Collection[str] | None = None,
+        systems: Collection[str] | None = None,
+    ) -> Iterator[StagedBatch]:
+        check_page_size(limit)
+        with self._lock:
+            cutoff = self.now() - older_than
+            found = sorted(
+                (
+                    row
+                    for row in self._jobs.values()
+                    if row["state"] == JobState.STAGED.value
+                    and row["id"] not in self._held
+                    and (older_than <= 0 or row["updated_at"] <= cutoff)
+                    and (ids is None or row["id"] in ids)
+                    and (systems is None or row["system"] in systems)
+                ),
+                key=lambda row: (row["updated_at"], row["id"]),
+            )[:limit]
+            records = [record_from_row(row) for row in found]
+            self._held.update(r.id for r in records)
+        batch = _HeldBatch(records)
+        try:
+            yield batch
+            for job_id in batch.marked:
+                self.transition(job_id, _TO_QUEUED)
+        finally:
+            with self._lock:
+                self._held.difference_update(r.id for r in records)
+
     # -- instances -------------------------------------------------------------------------
     def heartbeat(self, instance: Instance) -> None:
         queues = dump_json(list(instance.queues))
@@ -302,6 +340,23 @@ class MemoryStore(Store):
     def records(self) -> list[JobRecord]:
         """Every job, newest first: a snapshot for assertions."""
         return list(self.iter_jobs(JobQuery()))
+
+
+_TO_QUEUED = Transition(to=JobState.QUEUED, expect=frozenset({JobState.STAGED}))
+
+
+class _HeldBatch:
+    """Staged jobs held by :meth:`MemoryStore.staged_batch`; the marks apply at its end."""
+
+    def __init__(self, records: list[JobRecord]) -> None:
+        self.records = records
+        self.marked: list[str] = []
+
+    def mark_queued(self, job_ids: Collection[str]) -> int:
+        held = {r.id for r in self.records}
+        found = [job_id for job_id in job_ids if job_id in held and job_id not in self.marked]
+        self.marked.extend(found)
+        return len(found)
 
 
 def _expected(row: Row, expect: frozenset[JobState], owner: str | _Sentinel | None) -> bool:

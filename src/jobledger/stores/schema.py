@@ -131,4 +131,6 @@ def _now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
 @compiles(db_now, "mysql")
 @compiles(db_now, "mariadb")
 def _now_mysql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
-    return "(UNIX_TIMESTAMP(NOW(6)) + 0e0)"
+    # UTC_TIMESTAMP, not NOW: the value must not depend on the session time zone, which is not
+    # ours on a connection staging through the application's transaction (Django's).
+    return "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1000000e0)"

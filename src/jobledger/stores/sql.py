@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -50,7 +52,7 @@ from jobledger.query import (
     page_of,
     prunable_states,
 )
-from jobledger.stores.base import ANY, DurationKind, Store, Transition, _Sentinel
+from jobledger.stores.base import ANY, DurationKind, StagedBatch, Store, Transition, _Sentinel
 from jobledger.stores.rows import (
     SEARCH_FIELDS,
     creation_row,
@@ -98,6 +100,18 @@ def parse_url(url: str | URL) -> URL:
     return parsed
 
 
+def database_identity(url: URL) -> str:
+    """``backend:database`` (a SQLite file by its absolute path): enough to tell that a
+    caller's transaction and the ledger are not in the same database, which would leave staged
+    jobs where no relay looks (host spellings vary too much to compare)."""
+    backend = url.get_backend_name()
+    backend = "mysql" if backend == "mariadb" else backend  # one server family, two spellings
+    name = url.database or ""
+    if backend == "sqlite" and name not in ("", ":memory:"):
+        name = os.path.abspath(name)
+    return f"{backend}:{name}"
+
+
 class SQLStore(Store):
     """The ledger in a SQL database reached through SQLAlchemy Core.
 
@@ -126,6 +140,11 @@ class SQLStore(Store):
         return f"SQLStore({self.safe_url!r})"
 
     @property
+    def database(self) -> str:
+        """Which database the ledger is in (see :func:`database_identity`)."""
+        return database_identity(self.url)
+
+    @property
     def safe_url(self) -> str:
         """The URL with its password hidden, for messages and logs."""
         return self.url.render_as_string(hide_password=True)
@@ -145,7 +164,7 @@ class SQLStore(Store):
             connect_args = options.setdefault("connect_args", {})
             connect_args.setdefault("connect_timeout", max(1, round(self.connect_timeout)))
             if backend in ("mysql", "mariadb"):
-                # UNIX_TIMESTAMP(NOW(6)) reads the session time zone: UTC has no repeated hour.
+                # Sessions in UTC, so any time the server shows (logs, NOW()) matches db_now.
                 connect_args.setdefault("init_command", "SET time_zone = '+00:00'")
         try:
             engine = create_engine(self.url, **options)
@@ -226,11 +245,14 @@ class SQLStore(Store):
             )
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, isolation_level: str | None = None) -> Iterator[Connection]:
         """A connection in a transaction that commits on success (see :meth:`_retrying`)."""
         self._ready()
-        with self._translate(), self.engine.begin() as conn:
-            yield conn
+        with self._translate(), self.engine.connect() as conn:
+            if isolation_level is not None:
+                conn.execution_options(isolation_level=isolation_level)
+            with conn.begin():
+                yield conn
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -301,17 +323,10 @@ class SQLStore(Store):
         return won
 
     def _transition(self, conn: Connection, job_id: str, change: Transition) -> bool:
-        at: ColumnElement[Any] = db_now() if change.at is None else literal(change.at)
-        values = transition_values(
-            change,
-            at,
-            increment=lambda name: jobs.c[name] + 1,
-            if_empty=lambda name: func.coalesce(jobs.c[name], at),
-        )
         statement = (
             update(jobs)
             .where(jobs.c.id == job_id, _state_in(change.expect), *_owner_is(change.expect_owner))
-            .values(**values)
+            .values(**_moved(change))
         )
         return conn.execute(statement).rowcount == 1
 
@@ -503,6 +518,50 @@ class SQLStore(Store):
             if len(ids) < batch_size:
                 return removed
 
+    # -- the outbox ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staged_batch(
+        self,
+        *,
+        limit: int,
+        older_than: float = 0.0,
+        ids: Collection[str] | None = None,
+        systems: Collection[str] | None = None,
+    ) -> Iterator[StagedBatch]:
+        check_page_size(limit)
+        single_writer = self.dialect == "sqlite" and ids is None
+        token = secrets.token_hex(8)
+        if single_writer and not self.acquire_lock(RELAY_LOCK, token, RELAY_LOCK_TTL):
+            yield _HeldBatch(None, [])  # another relay's batch runs: nothing for this one
+            return
+        # MySQL/MariaDB: READ COMMITTED, or InnoDB would keep locks on every row and gap the
+        # scan passed, holding up claims, inserts and the other relays for the whole batch.
+        isolation = "READ COMMITTED" if self.dialect in ("mysql", "mariadb") else None
+        try:
+            with self._write(isolation) as conn:
+                statement = select(jobs).where(jobs.c.state == JobState.STAGED.value)
+                if ids is not None:
+                    statement = statement.where(jobs.c.id.in_(sorted(ids)))
+                if older_than > 0:
+                    statement = statement.where(jobs.c.updated_at <= db_now() - older_than)
+                if systems is not None:
+                    statement = statement.where(jobs.c.system.in_(sorted(systems)))
+                # updated_at alone: the (state, updated_at) index serves it without a sort
+                statement = statement.order_by(jobs.c.updated_at).limit(limit)
+                if self.dialect != "sqlite":
+                    statement = statement.with_for_update(skip_locked=True)
+                # MySQL/MariaDB lock what they scan: the fast path's jobs by primary key, the
+                # relay's by the staged index, never by a table scan that locks every job.
+                hint = (
+                    "FORCE INDEX (PRIMARY)" if ids is not None else f"FORCE INDEX ({_STAGED_INDEX})"
+                )
+                for dialect in ("mysql", "mariadb"):
+                    statement = statement.with_hint(jobs, hint, dialect)
+                yield _HeldBatch(conn, [_to_record(row) for row in conn.execute(statement)])
+        finally:
+            if single_writer:
+                self.release_lock(RELAY_LOCK, token)
+
     # -- instances -------------------------------------------------------------------------
     def heartbeat(self, instance: Instance) -> None:
         self._retrying(self._heartbeat, instance)
@@ -623,6 +682,47 @@ def _acquire_lock_mysql(conn: Connection, name: str, token: str, ttl: float) -> 
         select(locks.c.token).where(locks.c.name == name).with_for_update()
     ).scalar()
     return bool(holder == token)
+
+
+#: The store lock that makes SQLite's relay batches one at a time, and how long a crashed
+#: holder keeps it.
+RELAY_LOCK = "jobledger.relay"
+RELAY_LOCK_TTL = 60.0
+
+_TO_QUEUED = Transition(to=JobState.QUEUED, expect=frozenset({JobState.STAGED}))
+#: The index a relay batch walks: staged jobs by the time they entered the state.
+_STAGED_INDEX = "ix_jobledger_jobs_state_updated"
+
+
+class _HeldBatch:
+    """Staged jobs held by :meth:`SQLStore.staged_batch` in its open transaction."""
+
+    def __init__(self, conn: Connection | None, records: list[JobRecord]) -> None:
+        self._conn = conn
+        self.records = records
+
+    def mark_queued(self, job_ids: Collection[str]) -> int:
+        held = {record.id for record in self.records}
+        chosen = sorted(held.intersection(job_ids))
+        if self._conn is None or not chosen:
+            return 0
+        statement = (
+            update(jobs)
+            .where(jobs.c.id.in_(chosen), _state_in(_TO_QUEUED.expect))
+            .values(**_moved(_TO_QUEUED))
+        )
+        return int(self._conn.execute(statement).rowcount)
+
+
+def _moved(change: Transition) -> dict[str, Any]:
+    """The SET clause of a won ``change``, stamped with ``change.at`` or the database clock."""
+    at: ColumnElement[Any] = db_now() if change.at is None else literal(change.at)
+    return transition_values(
+        change,
+        at,
+        increment=lambda name: jobs.c[name] + 1,
+        if_empty=lambda name: func.coalesce(jobs.c[name], at),
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,0 +1,148 @@
+"""Staging through a caller's SQLAlchemy transaction: the outbox's SQLAlchemy adapter.
+
+``using=`` may be a :class:`~sqlalchemy.orm.Session` or a :class:`~sqlalchemy.Connection`; the
+job row is inserted through that connection, inside the caller's transaction. SQLAlchemy has
+no "after commit" hook on a Connection (its ``commit`` event fires *before* the COMMIT), so the
+ids staged on a connection wait in its ``info`` until the commit is done: the connection's next
+``begin`` or its return to the pool, whichever comes first, hands them to the fast path (from
+outside any transaction of the caller's, so it never waits on the caller's own locks). A
+Session commits through the same connection events, so one mechanism serves both, and a
+Session joined to an outer Connection's transaction publishes when the outer one commits. A
+rollback forgets them; a savepoint rollback needs no care, since the fast path reads the rows
+back and a rolled-back one is not there.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event, insert, inspect
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Insert
+
+from jobledger.errors import StagingError
+from jobledger.model import JobRecord
+from jobledger.outbox import Flush, TransactionHolder, holders
+from jobledger.stores.rows import creation_row
+from jobledger.stores.schema import db_now, jobs
+from jobledger.stores.sql import database_identity
+
+#: Keys in ``Connection.info`` (kept per DBAPI connection): ids staged in the open transaction,
+#: and ids committed but not yet handed to the fast path.
+_STAGED = "jobledger.staged"
+_COMMITTED = "jobledger.committed"
+
+_watched: weakref.WeakSet[Engine] = weakref.WeakSet()
+_has_tables: weakref.WeakSet[Engine] = weakref.WeakSet()
+_begun: weakref.WeakSet[Connection] = weakref.WeakSet()
+_watch_lock = threading.Lock()
+
+
+def staged_insert(record: JobRecord) -> Insert:
+    """The INSERT that stages ``record``: its times from the database clock (also what the
+    Django adapter runs, compiled for its connection)."""
+    return insert(jobs).values(**creation_row(record, db_now()))
+
+
+class ConnectionHolder:
+    """The transaction of a SQLAlchemy Connection (a Session's, or the caller's own)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.database: str | None = database_identity(conn.engine.url)
+
+    def insert(self, record: JobRecord) -> None:
+        if self.conn.closed or self.conn.invalidated:
+            raise StagingError("cannot stage a job on a closed SQLAlchemy connection")
+        engine = self.conn.engine
+        if engine not in _has_tables:
+            if not inspect(self.conn).has_table(jobs.name):
+                raise StagingError(
+                    f"the ledger tables are not in {engine.url.render_as_string()}: run "
+                    "`jobledger migrate` against the database your transaction writes to"
+                )
+            _has_tables.add(engine)
+        try:
+            self.conn.execute(staged_insert(record))
+        except sa_exc.IntegrityError:
+            raise StagingError(
+                f"job {record.id} exists already; staging needs a new job id"
+            ) from None
+        except sa_exc.SQLAlchemyError as exc:
+            raise StagingError(f"staging job {record.id} failed: {exc}") from exc
+
+    def after_commit(self, job_id: str, flush: Flush) -> None:
+        _watch(self.conn.engine)
+        if self.conn not in _begun:
+            # On the connection, and first: an engine-level listener runs after the caller's
+            # own, and one of those (SQLite's BEGIN IMMEDIATE recipe) takes the write lock the
+            # fast path would then wait on.
+            event.listen(self.conn, "begin", _on_begin, insert=True)
+            _begun.add(self.conn)
+        self.conn.info.setdefault(_STAGED, []).append((job_id, flush))
+
+
+def adapt(using: object) -> TransactionHolder | None:
+    """A holder for a Session or a Connection; None for anything else."""
+    if isinstance(using, Session):
+        try:
+            return ConnectionHolder(using.connection())
+        except sa_exc.SQLAlchemyError as exc:
+            raise StagingError(f"the Session has no usable transaction: {exc}") from None
+    if isinstance(using, Connection):
+        return ConnectionHolder(using)
+    if isinstance(using, Engine):
+        raise StagingError(
+            "an Engine holds no transaction: pass the Session or Connection whose transaction "
+            "the job commits with, or leave using= out to stage through the ledger's own"
+        )
+    return None
+
+
+def _watch(engine: Engine) -> None:
+    """Listen once per engine for the commits, rollbacks and returns of its connections."""
+    if engine in _watched:
+        return
+    with _watch_lock:
+        if engine in _watched:
+            return
+        event.listen(engine, "commit", _on_commit)
+        event.listen(engine, "rollback", _on_rollback)
+        event.listen(engine.pool, "checkin", _on_checkin)
+        _watched.add(engine)
+
+
+def _on_commit(conn: Connection) -> None:
+    staged = conn.info.pop(_STAGED, None)
+    if staged:
+        conn.info.setdefault(_COMMITTED, []).extend(staged)
+
+
+def _on_rollback(conn: Connection) -> None:
+    conn.info.pop(_STAGED, None)
+
+
+def _on_begin(conn: Connection) -> None:
+    _hand_over(conn.info)
+
+
+def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+    _hand_over(record.info)
+
+
+def _hand_over(info: dict[str, Any]) -> None:
+    """Give the committed ids to their fast paths, one call per outbox."""
+    committed = info.pop(_COMMITTED, None)
+    if not committed:
+        return
+    by_flush: dict[Flush, list[str]] = {}
+    for job_id, flush in committed:
+        by_flush.setdefault(flush, []).append(job_id)
+    for flush, ids in by_flush.items():
+        flush(ids)
+
+
+holders.register(adapt)

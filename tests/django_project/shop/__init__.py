@@ -1,0 +1,1 @@
+"""The business side: orders that must commit or roll back with their jobs."""
