@@ -564,7 +564,7 @@ def relay(
     grace: Annotated[
         str | None,
         typer.Option(
-            help="Only jobs staged at least this long ago [default: JOBLEDGER_RELAY_GRACE]."
+            help="Only jobs staged at least this long ago (default: JOBLEDGER_RELAY_GRACE, 5s)."
         ),
     ] = None,
     app_module: AppModule = None,

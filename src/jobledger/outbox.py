@@ -217,8 +217,8 @@ class Outbox:
         done = Published()
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]
-            if self.clock() < self._open_at:
-                self._leave(ids[start:], "the broker failed a moment ago")
+            if self.clock() < self._open_at:  # said when it opened: no line per commit
+                self.counters["left_to_relay"] += len(ids) - start
                 break
             part = self._flush_chunk(chunk)
             done.ids.extend(part.ids)

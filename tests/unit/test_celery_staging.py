@@ -417,7 +417,9 @@ def test_tracked_tasks_get_stage_and_apply_staged(make_env: Callable[..., Env]) 
     env = make_env()
     tracked = env.task("t.tracked")
     assert callable(tracked.stage) and callable(tracked.apply_staged)
-    assert not hasattr(env.task("t.plain"), "stage")  # untracked: left as Celery made it
+    with pytest.raises(StagingError, match="not tracked"):  # no worker would claim its job
+        env.task("t.plain").stage(1)
+    assert env.store.count(JobQuery()) == 0
     assert env.integration.outbox.publish == env.integration.publish_many
 
 
@@ -512,3 +514,44 @@ def test_publish_many_sends_in_order_through_one_connection(make_env: Callable[.
     assert (done.ids, done.error) == (["job-0", "job-1", "job-2"], None)
     assert [m["headers"]["id"] for m in env.sent] == done.ids
     assert env.store.count(JobQuery()) == 0  # republishes of jobs the ledger has: no records
+
+
+def test_stage_works_before_the_app_is_finalized_and_for_tasks_made_after() -> None:
+    """A web process uses its tasks without finalizing the app (nothing calls
+    ``app.finalize()`` there), and a task may be declared after ``install``: both stage."""
+    app = make_app("memory://")
+    store = MemoryStore()
+    integration = install(app, store=store, settings=Settings())
+    try:
+        integration.outbox.publish = Recorder()
+
+        @app.task(name="t.early", tracked=True, shared=False)
+        def early(n: int) -> int:
+            return n
+
+        assert not app.finalized
+        first = early.stage(1)
+        app.finalize()
+
+        @app.task(name="t.late", tracked=True, shared=False)
+        def late(n: int) -> int:
+            return n
+
+        second = late.apply_staged((2,), countdown=5)
+        assert [store.get(r.id).name for r in (first, second)] == ["t.early", "t.late"]
+    finally:
+        integration.close()
+
+
+def test_stage_on_an_app_without_jobledger_says_how_to_install_it() -> None:
+    """Once jobledger is installed on one app of the process, every task has ``stage``; a task
+    of another app says what is missing instead of staging where no worker tracks it."""
+    install(make_app("memory://"), store=MemoryStore(), settings=Settings()).close()
+    app = make_app("memory://")
+
+    @app.task(name="t.bare", shared=False)
+    def bare(n: int) -> int:
+        return n
+
+    with pytest.raises(StagingError, match="not installed"):
+        bare.stage(1)

@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
@@ -60,7 +61,7 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLo
 from celery.result import AsyncResult
 
 from jobledger.config import Settings
-from jobledger.errors import ConfigError, JobLedgerError, PublishError
+from jobledger.errors import ConfigError, JobLedgerError, PublishError, StagingError
 from jobledger.heartbeat import Health, Heartbeat, new_instance
 from jobledger.integrations.base import Published, registry
 from jobledger.integrations.celery_staging import SYSTEM, signature_parts, staged_record
@@ -241,51 +242,16 @@ class CeleryIntegration:
                 )
             return integration.run_guarded(self, body)
 
-        def stage(self: Task, *args: Any, **kwargs: Any) -> AsyncResult:
-            """Like ``delay``, but the job commits with the open transaction (see
-            :meth:`CeleryIntegration.stage`)."""
-            return integration.stage(self, args, kwargs)
-
-        def apply_staged(
-            self: Task,
-            args: Sequence[Any] | None = None,
-            kwargs: Mapping[str, Any] | None = None,
-            using: object | None = None,
-            **options: Any,
-        ) -> AsyncResult:
-            """Like ``apply_async``, staged in ``using``'s transaction (or the open one)."""
-            return integration.stage(self, args, kwargs, using=using, **options)
-
         cls.__call__ = __call__
-        cls.stage = stage
-        cls.apply_staged = apply_staged
-        if self.settings.stage_in_atomic:
-            self._stage_apply_async(cls)
         setattr(cls, _WRAPPED, True)
 
-    def _stage_apply_async(self, cls: type[Task]) -> None:
-        """``delay``/``apply_async`` inside an open Django atomic block stage the job instead
-        (``JOBLEDGER_STAGE_IN_ATOMIC``); a task declared ``staged=False`` publishes as usual."""
-        original = cls.apply_async
-        integration = self
-
-        def apply_async(
-            self: Task,
-            args: Sequence[Any] | None = None,
-            kwargs: Mapping[str, Any] | None = None,
-            *more: Any,  # task_id, producer, ... given by position: published as they are
-            **options: Any,
-        ) -> Any:
-            if not more and integration.stages_apply_async(self, options):
-                return integration.stage(self, args, kwargs, **options)
-            return original(self, args, kwargs, *more, **options)
-
-        cls.apply_async = apply_async
-
     def stages_apply_async(self, task: Task, options: Mapping[str, Any]) -> bool:
-        """True if this ``apply_async`` should stage: the task does not opt out, Celery is not
-        eager, it is no retry or ``Task.replace`` of a running job, and a Django atomic block
-        is open on the default database."""
+        """True if this ``apply_async`` should stage (``JOBLEDGER_STAGE_IN_ATOMIC``): the task
+        is tracked and does not opt out (``staged=False``), Celery is not eager, it is no retry
+        or ``Task.replace`` of a running job, and a Django atomic block is open on the default
+        database."""
+        if not self.settings.stage_in_atomic or not self.is_tracked(task.name):
+            return False
         if getattr(task, "staged", None) is False or self.app.conf.task_always_eager:
             return False
         if options.get("task_id") in self._claimed:
@@ -312,6 +278,11 @@ class CeleryIntegration:
         ``options`` are ``apply_async``'s. :class:`~jobledger.errors.StagingError` for an
         unknown task, a bad option or no usable transaction; nothing is written then."""
         record = staged_record(self.app, task, args, kwargs, options)
+        if not self.is_tracked(record.name):
+            raise StagingError(
+                f"task {record.name} is not tracked, so no worker would claim or finish its "
+                "staged job: declare it @app.task(tracked=True) (or install with track_all=True)"
+            )
         self.outbox.stage(record, using)
         return self.app.AsyncResult(record.id)
 
@@ -732,6 +703,8 @@ class CeleryIntegration:
             signal.disconnect(receiver)
         self.app.on_after_finalize.disconnect(self._on_finalize)
         registry.unregister(self.system)
+        if _by_app.get(self.app) is self:
+            del _by_app[self.app]
 
     def close(self) -> None:
         """Disconnect, stop replaying pending writes and close this process's stores."""
@@ -799,6 +772,70 @@ def _release_in_child() -> None:
         _FORK_LOCK = threading.RLock()
 
 
+#: The integration installed on each app, for the methods every task gets (below).
+_by_app: weakref.WeakKeyDictionary[Celery, CeleryIntegration] = weakref.WeakKeyDictionary()
+_methods_added = False
+
+
+def _integration_of(task: Task) -> CeleryIntegration:
+    found = _by_app.get(task._get_app())
+    if found is None:
+        raise StagingError(
+            f"task {task.name}: jobledger is not installed on its Celery app; call "
+            "jobledger.integrations.celery.install(app) where the app is made"
+        )
+    return found
+
+
+def _stage(self: Task, *args: Any, **kwargs: Any) -> AsyncResult:
+    """``task.stage(*args, **kwargs)``: ``delay``, but the job commits with the open
+    transaction (see :meth:`CeleryIntegration.stage`)."""
+    return _integration_of(self).stage(self, args, kwargs)
+
+
+def _apply_staged(
+    self: Task,
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    using: object | None = None,
+    **options: Any,
+) -> AsyncResult:
+    """``task.apply_staged(args, kwargs, using=..., **options)``: ``apply_async``, staged in
+    ``using``'s transaction (or the open one)."""
+    return _integration_of(self).stage(self, args, kwargs, using=using, **options)
+
+
+def _add_task_methods() -> None:
+    """Give every Celery task ``stage`` and ``apply_staged``, and let ``apply_async`` stage
+    inside a Django atomic block where ``JOBLEDGER_STAGE_IN_ATOMIC`` says so.
+
+    On Celery's base class, not on each task's: a web process uses its tasks without ever
+    finalizing the app, and a task made later must have them too. Tasks of an app without
+    jobledger behave as before (``stage`` says how to install it).
+    """
+    global _methods_added
+    if _methods_added:
+        return
+    _methods_added = True
+    original = Task.apply_async
+
+    def apply_async(
+        self: Task,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *more: Any,  # task_id, producer, ... given by position: published as they are
+        **options: Any,
+    ) -> Any:
+        integration = _by_app.get(self._get_app())
+        if integration is not None and not more and integration.stages_apply_async(self, options):
+            return integration.stage(self, args, kwargs, **options)
+        return original(self, args, kwargs, *more, **options)
+
+    Task.stage = _stage
+    Task.apply_staged = _apply_staged
+    Task.apply_async = apply_async
+
+
 def _republish_options(
     body: Any,
     exchange: Any,
@@ -863,6 +900,8 @@ def install(
     if app.finalized:
         integration.wrap_tasks()
     registry.register(integration)
+    _by_app[app] = integration
+    _add_task_methods()
     return integration
 
 

@@ -78,7 +78,7 @@ class Transition:
 class StagedBatch(Protocol):
     """Staged jobs held by one relay pass or fast-path publish (see :meth:`Store.staged_batch`)."""
 
-    #: The held jobs, oldest staging first.
+    #: The held jobs: oldest staging first in a relay's batch, in no order in an ``ids`` one.
     records: list[JobRecord]
 
     def mark_queued(self, job_ids: Collection[str]) -> int:
@@ -152,11 +152,11 @@ class Store(Protocol):
         ids: Collection[str] | None = None,
         systems: Collection[str] | None = None,
     ) -> AbstractContextManager[StagedBatch]:
-        """Hold up to ``limit`` staged jobs, oldest staging first, for as long as the context
-        lasts: jobs staged at least ``older_than`` seconds ago (store clock), limited to
-        ``ids`` and ``systems`` when given. No other batch holds the same job at the same time,
-        so relays running side by side never publish one job twice. A job the caller's
-        transaction has not committed yet is not seen.
+        """Hold up to ``limit`` staged jobs (oldest staging first, unless ``ids`` picks them)
+        for as long as the context lasts: jobs staged at least ``older_than`` seconds ago
+        (store clock), limited to ``ids`` and ``systems`` when given. No other batch holds
+        the same job at the same time, so relays running side by side never publish one job
+        twice. A job the caller's transaction has not committed yet is not seen.
 
         The caller publishes the held jobs, then :meth:`StagedBatch.mark_queued` those the
         broker took. An exception out of the context undoes the moves: the jobs stay staged,

@@ -546,8 +546,9 @@ class SQLStore(Store):
                     statement = statement.where(jobs.c.updated_at <= db_now() - older_than)
                 if systems is not None:
                     statement = statement.where(jobs.c.system.in_(sorted(systems)))
-                # updated_at alone: the (state, updated_at) index serves it without a sort
-                statement = statement.order_by(jobs.c.updated_at).limit(limit)
+                if ids is None:  # the relay: oldest first, the (state, updated_at) index's order
+                    statement = statement.order_by(jobs.c.updated_at)
+                statement = statement.limit(limit)
                 if self.dialect != "sqlite":
                     statement = statement.with_for_update(skip_locked=True)
                 # MySQL/MariaDB lock what they scan: the fast path's jobs by primary key, the

@@ -207,8 +207,9 @@ def _identity(connection: Any) -> str | None:
 
 
 def _configured() -> bool:
-    # No atomic block can be open before the settings were loaded.
-    return bool(settings.configured)
+    """Django's settings are loaded, or will be at first touch (``DJANGO_SETTINGS_MODULE``:
+    ``configured`` stays False until something reads a setting)."""
+    return bool(settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE"))
 
 
 def adapt(using: object) -> TransactionHolder | None:
