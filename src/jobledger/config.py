@@ -31,6 +31,7 @@ DEFAULT_RELAY_INTERVAL = 1.0
 DEFAULT_RELAY_GRACE = 5.0
 DEFAULT_RELAY_BATCH_SIZE = 500
 DEFAULT_RELAY_MAX_BACKOFF = 30.0
+DEFAULT_RELAY_LEASE = 60.0
 #: The shortest API token accepted: it is the only secret between the network and the ledger.
 API_TOKEN_MIN_LENGTH = 16
 ENV_PREFIX = "JOBLEDGER_"
@@ -132,6 +133,9 @@ class Settings:
     #: ``JOBLEDGER_RELAY_MAX_BACKOFF``: the longest wait between relay tries while the broker
     #: is down (30s); waits grow from the interval, with jitter.
     relay_max_backoff: float = DEFAULT_RELAY_MAX_BACKOFF
+    #: ``JOBLEDGER_RELAY_LEASE``: how long a relay batch holds the staged jobs it took (60s);
+    #: a relay that died mid-batch leaves them to the others after this long.
+    relay_lease: float = DEFAULT_RELAY_LEASE
     #: ``JOBLEDGER_STAGE_IN_ATOMIC``: stage every tracked task's ``delay``/``apply_async``
     #: called inside an open Django ``transaction.atomic`` block instead of publishing it (the
     #: job then commits with the block); a task declared ``staged=False`` opts out. Default off.
@@ -184,7 +188,7 @@ class Settings:
         self._check_relay()
 
     def _check_relay(self) -> None:
-        for name in ("relay_interval", "relay_max_backoff"):
+        for name in ("relay_interval", "relay_max_backoff", "relay_lease"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_env(name)} must be more than zero seconds")
         if self.relay_grace < 0:

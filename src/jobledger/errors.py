@@ -44,6 +44,11 @@ class PublishError(JobLedgerError):
     """The queue system refused or failed to take a job; the ledger was left unchanged."""
 
 
+class MessageRefused(PublishError):
+    """The queue system refused this job's message itself (no such queue, a message it cannot
+    encode), not for an outage: trying again later would not help."""
+
+
 class StagingError(JobLedgerError):
     """A job could not be staged in the caller's transaction (no usable transaction holder, no
     ledger tables in that database, an unknown task); nothing was written."""

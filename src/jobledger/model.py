@@ -75,9 +75,12 @@ UNCOMPLETED_STATES = frozenset(JobState) - FINAL_STATES
 #: owner died (a redelivery that beat the recovery sweep). A claim may also start a job that is
 #: still ``staged``, or ``failed``/``dead`` when the delivery is the restart's own message: the
 #: relay and a restart publish *first* and move the record after (invariant 1), so a fast worker
-#: can see the message before the record moved.
+#: can see the message before the record moved. ``staged → failed``: the queue system refused
+#: the message itself (it would refuse it every time), so it waits for a person, not the relay.
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
-    JobState.STAGED: frozenset({JobState.QUEUED, JobState.STARTED, JobState.CANCELLED}),
+    JobState.STAGED: frozenset(
+        {JobState.QUEUED, JobState.STARTED, JobState.FAILED, JobState.CANCELLED}
+    ),
     JobState.QUEUED: frozenset(
         {JobState.QUEUED, JobState.STARTED, JobState.CANCELLED, JobState.DEAD}
     ),

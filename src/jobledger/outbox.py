@@ -159,9 +159,9 @@ def staging_in(using: object) -> contextlib.AbstractContextManager[None]:
 class Outbox:
     """Stages jobs in callers' transactions and publishes them right after the commit.
 
-    ``publish`` sends a batch (default: each job's integration from the registry). The fast
-    path publishes at most ``batch_size`` jobs of a transaction in one batch, the relay the
-    rest. ``counters`` says what happened (``staged``, ``published``, ``left_to_relay``).
+    ``publish`` sends a batch (default: each job's integration from the registry); the fast
+    path of a transaction that staged many jobs publishes them ``batch_size`` at a time.
+    ``counters`` says what happened (``staged``, ``published``, ``left_to_relay``).
     """
 
     def __init__(
@@ -221,26 +221,36 @@ class Outbox:
                 self.counters["left_to_relay"] += len(ids) - start
                 break
             part = self._flush_chunk(chunk)
+            if part is None:
+                continue
             done.ids.extend(part.ids)
+            done.refused.update(part.refused)
             if part.error is not None:
                 done.error = part.error
                 self._open_at = self.clock() + self.breaker
-                self._leave(ids[start + len(part.ids) :], f"{part.error}")
+                handled = set(part.ids) | set(part.refused)
+                self._leave([i for i in ids[start:] if i not in handled], f"{part.error}")
                 break
         self.counters["published"] += len(done.ids)
         return done
 
-    def _flush_chunk(self, ids: list[str]) -> Published:
+    def _flush_chunk(self, ids: list[str]) -> Published | None:
+        """One batch; None if the ledger failed (the relay will do it; the broker may be
+        fine, so that opens no breaker)."""
         try:
             with self.store.staged_batch(limit=len(ids), ids=ids) as batch:
                 done = self.publish(batch.records)
                 batch.mark_queued(done.ids)
-                return done
+                batch.mark_refused(done.refused)
         except JobLedgerError as exc:
-            return Published(error=PublishError(f"the ledger failed: {exc}"))
+            self._leave(ids, f"the ledger failed: {exc}")
+            return None
         except Exception as exc:  # runs in a commit hook: a bug must not fail the caller's commit
             log.exception("the outbox fast path failed")
             return Published(error=PublishError(f"publishing failed: {exc!r}"))
+        for job_id, why in done.refused.items():
+            log.error("job %s failed: the queue system refused its message (%s)", job_id, why)
+        return done
 
     def _leave(self, ids: list[str], why: str) -> None:
         """Jobs the fast path does not publish: the relay will, after its grace."""

@@ -2,12 +2,13 @@
 
 A job stays ``staged`` after its transaction committed when the process crashed before its
 fast path published it, or when the broker was down. The relay takes such jobs once they are
-older than a short grace (the fast path's time to do its job), in batches held with
-:meth:`~jobledger.stores.base.Store.staged_batch` (``FOR UPDATE SKIP LOCKED`` on PostgreSQL
-and MariaDB/MySQL, one batch at a time on SQLite), publishes each batch (one broker connection
-per batch) and marks what the broker took ``queued``. Any number of relays run side by side
-without publishing a job twice; a relay killed mid-batch leaves its jobs staged, so the next
-batch publishes them again and the claim guard keeps the body from running twice (invariant 1).
+older than a short grace (the fast path's time to do its job), in batches leased with
+:meth:`~jobledger.stores.base.Store.staged_batch` (taken with ``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL and MariaDB/MySQL, by compare-and-set on SQLite), publishes each batch (one broker
+connection per batch) and marks what the broker took ``queued``. Any number of relays run side
+by side without publishing a job twice; a relay killed mid-batch leaves its jobs staged, so
+once its lease ends another publishes them again and the claim guard keeps the body from
+running twice (invariant 1).
 
 With the broker down the relay keeps its place: staging goes on, the relay backs off
 exponentially with jitter (so a fleet of workers does not hammer a broker that comes back),
@@ -29,7 +30,7 @@ from jobledger.integrations.base import PublishBatch, registry
 from jobledger.loop import Loop
 from jobledger.model import JobState
 from jobledger.query import JobQuery
-from jobledger.stores.base import Store
+from jobledger.stores.base import DEFAULT_LEASE, Store
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,14 @@ BACKLOG_LOG_INTERVAL = 30.0
 
 @dataclass
 class RelayReport:
-    """What one :meth:`Relay.run_once` did: jobs published, batches taken, and the publish
-    error that stopped it (None: the backlog it could see is drained)."""
+    """What one :meth:`Relay.run_once` did: jobs published, batches taken, jobs refused, and
+    the publish error that stopped it (None: the backlog it could see is drained)."""
 
     published: int = 0
     batches: int = 0
     error: PublishError | None = None
+    #: jobs whose message the queue system refused itself: now ``failed``, for a person
+    refused: int = 0
 
 
 class Relay:
@@ -62,11 +65,13 @@ class Relay:
         grace: float,
         batch_size: int,
         systems: Collection[str] | None = None,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         self.store = store
         self.publish = publish
         self.grace = grace
         self.batch_size = batch_size
+        self.lease = lease
         self.systems = None if systems is None else frozenset(systems)
 
     @classmethod
@@ -84,6 +89,7 @@ class Relay:
             grace=settings.relay_grace,
             batch_size=settings.relay_batch_size,
             systems=systems,
+            lease=settings.relay_lease,
         )
 
     def run_once(self, *, max_batches: int | None = None) -> RelayReport:
@@ -93,14 +99,21 @@ class Relay:
         report = RelayReport()
         while max_batches is None or report.batches < max_batches:
             with self.store.staged_batch(
-                limit=self.batch_size, older_than=self.grace, systems=self.systems
+                limit=self.batch_size,
+                older_than=self.grace,
+                systems=self.systems,
+                lease=self.lease,
             ) as batch:
                 if not batch.records:
                     break
                 done = self.publish(batch.records)
                 batch.mark_queued(done.ids)
+                batch.mark_refused(done.refused)
             report.batches += 1
             report.published += len(done.ids)
+            report.refused += len(done.refused)
+            for job_id, why in done.refused.items():
+                log.error("job %s failed: the queue system refused its message (%s)", job_id, why)
             if done.error is not None:
                 report.error = done.error
                 break
@@ -155,7 +168,7 @@ class RelayLoop(Loop):
             self._logged_at = now
             log.error(
                 "relay: the broker refused a job (%s); %d staged jobs wait, retrying in up to "
-                "%.0fs; staging goes on",
+                "%.1fs; staging goes on",
                 report.error,
                 self.relay.backlog(),
                 self.backoff_limit(),

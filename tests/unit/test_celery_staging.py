@@ -555,3 +555,32 @@ def test_stage_on_an_app_without_jobledger_says_how_to_install_it() -> None:
 
     with pytest.raises(StagingError, match="not installed"):
         bare.stage(1)
+
+
+def test_arguments_the_ledger_cannot_keep_are_refused_at_the_call() -> None:
+    with pytest.raises(StagingError, match="JSON-serializable"):
+        staged_record(make_app(), "t.plain", [datetime.now(timezone.utc)], {}, {})
+
+
+def test_publish_many_tells_a_refused_message_from_an_outage() -> None:
+    """A queue that is gone refuses that one message (the relay fails it and goes on); a broker
+    that cannot be reached stops the batch (the relay backs off and tries again)."""
+    app = make_app("memory://")
+    app.conf.task_create_missing_queues = False
+    integration = install(app, store=MemoryStore(), settings=Settings())
+    try:
+        gone = JobRecord(id="gone", name="t.plain", system="celery", queue="gone", args=[1])
+        fine = JobRecord(id="fine", name="t.plain", system="celery", queue="default-q", args=[1])
+        done = integration.publish_many([gone, fine])
+        assert done.ids == ["fine"] and done.error is None
+        assert list(done.refused) == ["gone"] and "gone" in done.refused["gone"]
+    finally:
+        integration.close()
+    down = make_app("redis://127.0.0.1:1/0")
+    integration = install(down, store=MemoryStore(), settings=Settings())
+    try:
+        done = integration.publish_many([fine, gone])
+        assert done.ids == [] and not done.refused
+        assert isinstance(done.error, PublishError)
+    finally:
+        integration.close()

@@ -68,6 +68,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "relay_grace": ("500ms", 0.5),
     "relay_batch_size": ("250", 250),
     "relay_max_backoff": ("1m", 60.0),
+    "relay_lease": ("90s", 90.0),
     "stage_in_atomic": ("true", True),
 }
 

@@ -31,7 +31,7 @@ S = JobState
 
 def test_the_transition_table_is_the_drawing() -> None:
     assert dict(TRANSITIONS) == {
-        S.STAGED: {S.QUEUED, S.STARTED, S.CANCELLED},
+        S.STAGED: {S.QUEUED, S.STARTED, S.FAILED, S.CANCELLED},
         S.QUEUED: {S.QUEUED, S.STARTED, S.CANCELLED, S.DEAD},
         S.STARTED: {S.STARTED, S.SUCCEEDED, S.FAILED, S.RETRYING, S.QUEUED, S.DEAD, S.CANCELLED},
         S.RETRYING: {S.QUEUED, S.STARTED, S.FAILED, S.DEAD, S.CANCELLED},

@@ -38,11 +38,16 @@ class Broker:
     refuse: set[str] = field(default_factory=set)
     down: bool = False
     batches: list[list[str]] = field(default_factory=list)
+    #: jobs whose message the queue system refuses itself (MessageRefused): the batch goes on
+    poison: set[str] = field(default_factory=set)
 
     def __call__(self, records: Sequence[JobRecord]) -> Published:
         self.batches.append([r.id for r in records])
         done = Published()
         for record in records:
+            if record.id in self.poison:
+                done.refused[record.id] = "Queue 'gone' missing from task_queues"
+                continue
             if self.down or record.id in self.refuse:
                 done.error = PublishError(f"broker refused {record.id}")
                 break
@@ -132,6 +137,22 @@ def test_a_pass_stops_at_a_refusal_and_marks_only_what_went(
     assert relay_of(store, broker).run_once() == RelayReport(published=12, batches=2)
     assert broker.batches[2][0] == ids[13]
     assert set(states(store, ids)) == {S.QUEUED}
+
+
+def test_a_job_whose_message_is_refused_fails_and_the_backlog_behind_it_goes(
+    store: MemoryStore, broker: Broker
+) -> None:
+    """A message the queue system refuses every time (its queue is gone) must not head every
+    batch for ever: it fails, with the reason, and the jobs behind it are published."""
+    ids = stage(store, 25)
+    broker.poison = {ids[0], ids[12]}
+    report = relay_of(store, broker).run_once()
+    assert (report.published, report.refused, report.error) == (23, 2, None)
+    assert states(store, ids).count(S.FAILED) == 2
+    assert states(store, ids).count(S.QUEUED) == 23
+    failed = store.get(ids[0])
+    assert failed is not None and "Queue 'gone' missing" in (failed.error or "")
+    assert relay_of(store, broker).run_once() == RelayReport()  # nothing left to try
 
 
 def test_max_batches_bounds_a_pass(store: MemoryStore, broker: Broker) -> None:

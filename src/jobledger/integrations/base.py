@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from jobledger.errors import IntegrationMissing, PublishError
+from jobledger.errors import IntegrationMissing, MessageRefused, PublishError
 from jobledger.model import JobRecord
 
 #: The extra that brings each known queue system's integration.
@@ -35,11 +35,13 @@ class Integration(Protocol):
 
 @dataclass
 class Published:
-    """What a batch publish did: the ids the broker took, in order, and the error that stopped
-    it (None: all of them went)."""
+    """What a batch publish did: the ids the broker took, in order; the jobs whose message the
+    queue system refused itself (:class:`~jobledger.errors.MessageRefused`: id → why), which do
+    not stop the batch; and the error that did stop it (None: the rest went)."""
 
     ids: list[str] = field(default_factory=list)
     error: PublishError | None = None
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -64,6 +66,9 @@ def publish_one_by_one(
     for record in records:
         try:
             publish(record)
+        except MessageRefused as exc:
+            done.refused[record.id] = str(exc)
+            continue
         except PublishError as exc:
             done.error = exc
             break
@@ -83,9 +88,12 @@ class Registry:
         with self._lock:
             self._by_system[integration.system] = integration
 
-    def unregister(self, system: str) -> None:
+    def unregister(self, system: str, integration: Integration | None = None) -> None:
+        """Forget the integration for ``system`` (only if it is ``integration``, when given:
+        closing one that another replaced must not remove the other)."""
         with self._lock:
-            self._by_system.pop(system, None)
+            if integration is None or self._by_system.get(system) is integration:
+                self._by_system.pop(system, None)
 
     def get(self, system: str) -> Integration:
         """The integration for ``system``, or :class:`IntegrationMissing` saying how to get one."""
@@ -122,6 +130,7 @@ class Registry:
             else:
                 part = publish_one_by_one(integration.publish, batch)
             done.ids.extend(part.ids)
+            done.refused.update(part.refused)
             if part.error is not None:
                 done.error = part.error
                 return done

@@ -59,12 +59,24 @@ from celery.app.trace import task_has_custom
 from celery.canvas import Signature
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
 from jobledger.config import Settings
-from jobledger.errors import ConfigError, JobLedgerError, PublishError, StagingError
+from jobledger.errors import (
+    ConfigError,
+    JobLedgerError,
+    MessageRefused,
+    PublishError,
+    StagingError,
+)
 from jobledger.heartbeat import Health, Heartbeat, new_instance
 from jobledger.integrations.base import Published, registry
-from jobledger.integrations.celery_staging import SYSTEM, signature_parts, staged_record
+from jobledger.integrations.celery_staging import (
+    STAGED_OPTIONS,
+    SYSTEM,
+    signature_parts,
+    staged_record,
+)
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import JobRecord, JobState
 from jobledger.outbox import Outbox
@@ -144,6 +156,7 @@ class CeleryIntegration:
         self.relay_loop: RelayLoop | None = None
         self._outboxes: dict[int, Outbox] = {}
         self._republishing = threading.local()  # set while publishing a job the ledger has
+        self._outage_errors: tuple[type[BaseException], ...] | None = None
         # jobs this process claimed and runs now: their task name and replacement nesting
         self._claimed: dict[str, tuple[str, int]] = {}
         self._retrying: set[str] = set()  # of those, the ones already moved to retrying
@@ -247,10 +260,15 @@ class CeleryIntegration:
 
     def stages_apply_async(self, task: Task, options: Mapping[str, Any]) -> bool:
         """True if this ``apply_async`` should stage (``JOBLEDGER_STAGE_IN_ATOMIC``): the task
-        is tracked and does not opt out (``staged=False``), Celery is not eager, it is no retry
+        is tracked and does not opt out (``staged=False``), the call has only options a staged
+        job keeps (a chain's or a group's member does not), Celery is not eager, it is no retry
         or ``Task.replace`` of a running job, and a Django atomic block is open on the default
-        database."""
+        database. Otherwise it publishes as it did before jobledger."""
         if not self.settings.stage_in_atomic or not self.is_tracked(task.name):
+            return False
+        beyond = sorted(k for k, v in options.items() if k not in STAGED_OPTIONS and v is not None)
+        if beyond:  # a chain's or group's member, custom headers...: published as before
+            log.debug("%s.apply_async(%s) published, not staged", task.name, ", ".join(beyond))
             return False
         if getattr(task, "staged", None) is False or self.app.conf.task_always_eager:
             return False
@@ -303,7 +321,11 @@ class CeleryIntegration:
         try:
             with self.app.producer_or_acquire() as producer:
                 for record in records:
-                    self._send(record, producer)
+                    try:
+                        self._send(record, producer)
+                    except MessageRefused as exc:
+                        done.refused[record.id] = str(exc)
+                        continue
                     done.ids.append(record.id)
         except PublishError as exc:
             done.error = exc
@@ -332,11 +354,23 @@ class CeleryIntegration:
                 **options,
             )
         except Exception as exc:
-            raise PublishError(
-                f"celery did not take job {record.id} ({record.name}): {exc}"
-            ) from exc
+            refusal = PublishError if self._is_outage(exc) else MessageRefused
+            raise refusal(f"celery did not take job {record.id} ({record.name}): {exc}") from exc
         finally:
             self._republishing.active = False
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        """A broker that cannot be reached (try again later), not a message it refuses (no
+        such queue, arguments it cannot encode: refused every time)."""
+        if self._outage_errors is None:
+            transport = self.app.connection_for_write()
+            self._outage_errors = (
+                OperationalError,
+                OSError,
+                TimeoutError,
+                *transport.connection_errors,
+            )
+        return isinstance(exc, self._outage_errors)
 
     def on_before_publish(
         self,
@@ -702,7 +736,7 @@ class CeleryIntegration:
         for signal, receiver in self._receivers:
             signal.disconnect(receiver)
         self.app.on_after_finalize.disconnect(self._on_finalize)
-        registry.unregister(self.system)
+        registry.unregister(self.system, self)
         if _by_app.get(self.app) is self:
             del _by_app[self.app]
 
@@ -732,9 +766,20 @@ class _ForkGuardedStore:
 
     @contextlib.contextmanager
     def staged_batch(self, **options: Any) -> Iterator[StagedBatch]:
-        """The whole batch, publishes included, holds the lock: its transaction is open."""
-        with _FORK_LOCK, self._store.staged_batch(**options) as batch:
+        """The lease and its end (the batch's two transactions) hold the lock; the publishes
+        between them do not, so a slow broker never holds up the heartbeat."""
+        context = self._store.staged_batch(**options)
+        with _FORK_LOCK:
+            batch = context.__enter__()
+        try:
             yield batch
+        except BaseException:
+            with _FORK_LOCK:
+                if not context.__exit__(*sys.exc_info()):
+                    raise
+        else:
+            with _FORK_LOCK:
+                context.__exit__(None, None, None)
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self._store, name)

@@ -20,8 +20,9 @@ from celery import Celery, Task
 from celery.canvas import Signature
 from celery.exceptions import QueueNotFound
 
-from jobledger.errors import StagingError
+from jobledger.errors import ConfigError, StagingError
 from jobledger.model import JobRecord, JobState
+from jobledger.stores.rows import dump_json
 
 SYSTEM = "celery"
 
@@ -67,6 +68,10 @@ def staged_record(
             f"apply_async option(s) {', '.join(unknown)} cannot be staged; a staged task "
             f"takes {', '.join(sorted(STAGED_OPTIONS))}"
         )
+    try:
+        dump_json([args, kwargs])
+    except ConfigError as exc:
+        raise StagingError(f"task {found.name}: {exc}") from None
     check_arguments = getattr(found, "__header__", None)  # function tasks have it, classes not
     if found.typing and check_arguments is not None:
         try:

@@ -17,7 +17,7 @@ the same suite. What every implementation promises:
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -47,6 +47,12 @@ KEEP = _Sentinel.KEEP
 
 DurationKind = Literal["queued", "started"]
 
+#: Seconds a relay batch (or fast path) holds the staged jobs it leased; a holder that crashed
+#: frees them after this long, and another relay publishes them again.
+DEFAULT_LEASE = 60.0
+#: How the ``owner`` of a leased staged job starts (a worker instance id never does).
+LEASE_PREFIX = "relay:"
+
 
 @dataclass(frozen=True)
 class Transition:
@@ -57,6 +63,7 @@ class Transition:
     ``attempts`` + 1 on every start, ``recoveries`` + 1 (and ``recovered_at``) for a recovery,
     ``restarts`` + 1 for a restart. Moving to ``queued`` or ``staged`` clears the owner; moving to
     ``started`` sets it to ``owner``; other moves keep it (so a finished job shows who ran it).
+    (A staged job's owner is the lease of the relay publishing it: see ``staged_batch``.)
     """
 
     to: JobState
@@ -82,8 +89,48 @@ class StagedBatch(Protocol):
     records: list[JobRecord]
 
     def mark_queued(self, job_ids: Collection[str]) -> int:
-        """Move these held jobs staged → queued (they were published); how many moved. The
-        moves take effect when the batch ends without an exception."""
+        """Say these held jobs were published: they move staged → queued when the batch ends
+        without an exception (unless a worker claimed one meanwhile). How many of them it
+        holds."""
+
+    def mark_refused(self, refused: Mapping[str, str]) -> int:
+        """Say the queue system refused these held jobs' messages (id → why): they move
+        staged → failed with the reason, for a person to look at, instead of blocking every
+        batch after them. How many of them it holds."""
+
+
+class LeasedBatch:
+    """The :class:`StagedBatch` both stores hand out: the leased records, and the marks that
+    their ``staged_batch`` applies at the end."""
+
+    def __init__(self, records: list[JobRecord]) -> None:
+        self.records = records
+        self.marked: list[str] = []
+        self.refused: dict[str, str] = {}
+
+    def mark_queued(self, job_ids: Collection[str]) -> int:
+        found = self._held(job_ids)
+        self.marked.extend(found)
+        return len(found)
+
+    def mark_refused(self, refused: Mapping[str, str]) -> int:
+        found = self._held(refused)
+        self.refused.update({job_id: refused[job_id] for job_id in found})
+        return len(found)
+
+    def _held(self, job_ids: Collection[str]) -> list[str]:
+        held = {r.id for r in self.records}
+        taken = set(self.marked) | set(self.refused)
+        return [i for i in dict.fromkeys(job_ids) if i in held and i not in taken]
+
+    def refusal(self, job_id: str, token: str) -> Transition:
+        """staged → failed for a refused job, still leased by ``token``."""
+        return Transition(
+            to=JobState.FAILED,
+            expect=frozenset({JobState.STAGED}),
+            expect_owner=token,
+            error=f"the queue system refused the message: {self.refused[job_id]}",
+        )
 
 
 @runtime_checkable
@@ -151,19 +198,24 @@ class Store(Protocol):
         older_than: float = 0.0,
         ids: Collection[str] | None = None,
         systems: Collection[str] | None = None,
+        lease: float = DEFAULT_LEASE,
     ) -> AbstractContextManager[StagedBatch]:
-        """Hold up to ``limit`` staged jobs (oldest staging first, unless ``ids`` picks them)
+        """Lease up to ``limit`` staged jobs (oldest staging first, unless ``ids`` picks them)
         for as long as the context lasts: jobs staged at least ``older_than`` seconds ago
-        (store clock), limited to ``ids`` and ``systems`` when given. No other batch holds
-        the same job at the same time, so relays running side by side never publish one job
-        twice. A job the caller's transaction has not committed yet is not seen.
+        (store clock), limited to ``ids`` and ``systems`` when given. No other batch leases
+        the same job meanwhile, so relays side by side never publish one job twice; a job the
+        caller's transaction has not committed is not seen.
+
+        The lease is written (``owner`` = ``relay:…``, ``updated_at`` = now, put back to the
+        staging time when the lease ends unpublished) in a short transaction of its own, so no
+        row lock is held while the caller publishes: a worker claims a published job at once,
+        and a broker that hangs holds up nothing but this batch. A holder that died frees its
+        jobs after ``lease`` seconds.
 
         The caller publishes the held jobs, then :meth:`StagedBatch.mark_queued` those the
-        broker took. An exception out of the context undoes the moves: the jobs stay staged,
-        and the next batch publishes them again (a duplicate the claim guard absorbs, never a
-        loss: invariant 1). Row locks that skip held rows do this on PostgreSQL and
-        MariaDB/MySQL; SQLite, which has one writer anyway, lets one relay batch run at a time
-        (``ids`` batches, the fast path's, skip that lock).
+        broker took; at the end those move staged → queued and the rest are freed. An
+        exception out of the context frees them all (published ones go out again with the next
+        batch: a duplicate the claim guard absorbs, never a loss: invariant 1).
         """
 
     # -- instances -------------------------------------------------------------------------

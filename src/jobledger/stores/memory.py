@@ -15,6 +15,7 @@ import bisect
 import contextlib
 import itertools
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -38,7 +39,17 @@ from jobledger.query import (
     page_of,
     prunable_states,
 )
-from jobledger.stores.base import ANY, DurationKind, StagedBatch, Store, Transition, _Sentinel
+from jobledger.stores.base import (
+    ANY,
+    DEFAULT_LEASE,
+    LEASE_PREFIX,
+    DurationKind,
+    LeasedBatch,
+    StagedBatch,
+    Store,
+    Transition,
+    _Sentinel,
+)
 from jobledger.stores.rows import (
     SEARCH_FIELDS,
     creation_row,
@@ -67,7 +78,6 @@ class MemoryStore(Store):
         self._order: list[tuple[float, str]] = []
         self._instances: dict[str, Row] = {}
         self._locks: dict[str, tuple[str, float]] = {}
-        self._held: set[str] = set()  # staged jobs some batch holds (row locks, in SQL)
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._jobs)} jobs)"
@@ -208,32 +218,50 @@ class MemoryStore(Store):
         older_than: float = 0.0,
         ids: Collection[str] | None = None,
         systems: Collection[str] | None = None,
+        lease: float = DEFAULT_LEASE,
     ) -> Iterator[StagedBatch]:
         check_page_size(limit)
+        token = f"{LEASE_PREFIX}{secrets.token_hex(8)}"
         with self._lock:
-            cutoff = self.now() - older_than
+            now = self.now()
             found = sorted(
                 (
                     row
                     for row in self._jobs.values()
                     if row["state"] == JobState.STAGED.value
-                    and row["id"] not in self._held
-                    and (older_than <= 0 or row["updated_at"] <= cutoff)
+                    and (row["owner"] is None or row["updated_at"] <= now - lease)
+                    and (older_than <= 0 or row["updated_at"] <= now - older_than)
                     and (ids is None or row["id"] in ids)
                     and (systems is None or row["system"] in systems)
                 ),
                 key=lambda row: (row["updated_at"], row["id"]),
             )[:limit]
             records = [record_from_row(row) for row in found]
-            self._held.update(r.id for r in records)
-        batch = _HeldBatch(records)
+            for row in found:
+                row.update(owner=token, updated_at=now)
+        batch = LeasedBatch(records)
         try:
             yield batch
-            for job_id in batch.marked:
-                self.transition(job_id, _TO_QUEUED)
-        finally:
-            with self._lock:
-                self._held.difference_update(r.id for r in records)
+        except BaseException:
+            self._end_lease(token, LeasedBatch(records))
+            raise
+        self._end_lease(token, batch)
+
+    def _end_lease(self, token: str, batch: LeasedBatch) -> None:
+        leased = Transition(to=JobState.QUEUED, expect=_STAGED, expect_owner=token)
+        for job_id in batch.marked:
+            self.transition(job_id, leased)
+        for job_id in batch.refused:
+            self.transition(job_id, batch.refusal(job_id, token))
+        with self._lock:
+            for record in batch.records:
+                row = self._jobs.get(record.id)
+                if (
+                    row is not None
+                    and row["state"] == JobState.STAGED.value
+                    and row["owner"] == token
+                ):
+                    row.update(owner=None, updated_at=row["staged_at"] or row["updated_at"])
 
     # -- instances -------------------------------------------------------------------------
     def heartbeat(self, instance: Instance) -> None:
@@ -342,21 +370,7 @@ class MemoryStore(Store):
         return list(self.iter_jobs(JobQuery()))
 
 
-_TO_QUEUED = Transition(to=JobState.QUEUED, expect=frozenset({JobState.STAGED}))
-
-
-class _HeldBatch:
-    """Staged jobs held by :meth:`MemoryStore.staged_batch`; the marks apply at its end."""
-
-    def __init__(self, records: list[JobRecord]) -> None:
-        self.records = records
-        self.marked: list[str] = []
-
-    def mark_queued(self, job_ids: Collection[str]) -> int:
-        held = {r.id for r in self.records}
-        found = [job_id for job_id in job_ids if job_id in held and job_id not in self.marked]
-        self.marked.extend(found)
-        return len(found)
+_STAGED = frozenset({JobState.STAGED})
 
 
 def _expected(row: Row, expect: frozenset[JobState], owner: str | _Sentinel | None) -> bool:

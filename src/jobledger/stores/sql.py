@@ -52,7 +52,17 @@ from jobledger.query import (
     page_of,
     prunable_states,
 )
-from jobledger.stores.base import ANY, DurationKind, StagedBatch, Store, Transition, _Sentinel
+from jobledger.stores.base import (
+    ANY,
+    DEFAULT_LEASE,
+    LEASE_PREFIX,
+    DurationKind,
+    LeasedBatch,
+    StagedBatch,
+    Store,
+    Transition,
+    _Sentinel,
+)
 from jobledger.stores.rows import (
     SEARCH_FIELDS,
     creation_row,
@@ -260,12 +270,12 @@ class SQLStore(Store):
         with self._translate(), self.engine.connect() as conn:
             yield conn
 
-    def _retrying(self, operation: Any, *args: Any) -> Any:
+    def _retrying(self, operation: Any, *args: Any, isolation_level: str | None = None) -> Any:
         """Run a one-transaction write, up to three times while the database breaks deadlocks
         or lock waits with it (compare-and-set writes are safe to repeat)."""
         for attempt in range(3):
             try:
-                with self._write() as conn:
+                with self._write(isolation_level) as conn:
                     return operation(conn, *args)
             except StoreError as exc:
                 if attempt == 2 or _sqlstate(exc.__cause__) not in _TRANSIENT_CODES:
@@ -527,41 +537,87 @@ class SQLStore(Store):
         older_than: float = 0.0,
         ids: Collection[str] | None = None,
         systems: Collection[str] | None = None,
+        lease: float = DEFAULT_LEASE,
     ) -> Iterator[StagedBatch]:
         check_page_size(limit)
-        single_writer = self.dialect == "sqlite" and ids is None
-        token = secrets.token_hex(8)
-        if single_writer and not self.acquire_lock(RELAY_LOCK, token, RELAY_LOCK_TTL):
-            yield _HeldBatch(None, [])  # another relay's batch runs: nothing for this one
-            return
-        # MySQL/MariaDB: READ COMMITTED, or InnoDB would keep locks on every row and gap the
-        # scan passed, holding up claims, inserts and the other relays for the whole batch.
+        token = f"{LEASE_PREFIX}{secrets.token_hex(8)}"
+        # MySQL/MariaDB: READ COMMITTED, or InnoDB would also lock the rows and gaps the scan
+        # passed, holding up claims, staging inserts and the other relays.
         isolation = "READ COMMITTED" if self.dialect in ("mysql", "mariadb") else None
+        records = self._retrying(
+            self._lease, token, limit, older_than, ids, systems, lease, isolation_level=isolation
+        )
+        batch = LeasedBatch(records)
         try:
-            with self._write(isolation) as conn:
-                statement = select(jobs).where(jobs.c.state == JobState.STAGED.value)
-                if ids is not None:
-                    statement = statement.where(jobs.c.id.in_(sorted(ids)))
-                if older_than > 0:
-                    statement = statement.where(jobs.c.updated_at <= db_now() - older_than)
-                if systems is not None:
-                    statement = statement.where(jobs.c.system.in_(sorted(systems)))
-                if ids is None:  # the relay: oldest first, the (state, updated_at) index's order
-                    statement = statement.order_by(jobs.c.updated_at)
-                statement = statement.limit(limit)
-                if self.dialect != "sqlite":
-                    statement = statement.with_for_update(skip_locked=True)
-                # MySQL/MariaDB lock what they scan: the fast path's jobs by primary key, the
-                # relay's by the staged index, never by a table scan that locks every job.
-                hint = (
-                    "FORCE INDEX (PRIMARY)" if ids is not None else f"FORCE INDEX ({_STAGED_INDEX})"
-                )
-                for dialect in ("mysql", "mariadb"):
-                    statement = statement.with_hint(jobs, hint, dialect)
-                yield _HeldBatch(conn, [_to_record(row) for row in conn.execute(statement)])
-        finally:
-            if single_writer:
-                self.release_lock(RELAY_LOCK, token)
+            yield batch
+        except BaseException:
+            self._retrying(self._end_lease, token, LeasedBatch(records))
+            raise
+        self._retrying(self._end_lease, token, batch)
+
+    def _lease(
+        self,
+        conn: Connection,
+        token: str,
+        limit: int,
+        older_than: float,
+        ids: Collection[str] | None,
+        systems: Collection[str] | None,
+        lease: float,
+    ) -> list[JobRecord]:
+        """Take up to ``limit`` staged jobs nobody holds (or whose holder's lease ran out) in
+        one short transaction: ``owner`` = the batch's token, ``updated_at`` = now."""
+        free = or_(jobs.c.owner.is_(None), jobs.c.updated_at <= db_now() - lease)
+        statement = select(jobs).where(jobs.c.state == JobState.STAGED.value, free)
+        if ids is not None:
+            statement = statement.where(jobs.c.id.in_(sorted(ids)))
+        else:  # the relay: the oldest first, as the (state, updated_at) index has them
+            statement = statement.order_by(jobs.c.updated_at)
+        if older_than > 0:
+            statement = statement.where(jobs.c.updated_at <= db_now() - older_than)
+        if systems is not None:
+            statement = statement.where(jobs.c.system.in_(sorted(systems)))
+        statement = statement.limit(limit)
+        if self.dialect != "sqlite":
+            # Row locks for the moment of the lease only; MySQL/MariaDB lock what they scan,
+            # so the fast path's jobs go by primary key and the relay's by the staged index.
+            statement = statement.with_for_update(skip_locked=True)
+            hint = "PRIMARY" if ids is not None else _STAGED_INDEX
+            for dialect in ("mysql", "mariadb"):
+                statement = statement.with_hint(jobs, f"FORCE INDEX ({hint})", dialect)
+        found = [_to_record(row) for row in conn.execute(statement)]
+        if not found:
+            return []
+        chosen = [r.id for r in found]
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(chosen), jobs.c.state == JobState.STAGED.value, free)
+            .values(owner=token, updated_at=db_now())
+        )
+        if self.dialect == "sqlite":  # no row locks: another batch may have taken some first
+            taken = select(jobs.c.id).where(jobs.c.id.in_(chosen), jobs.c.owner == token)
+            mine = set(conn.execute(taken).scalars())
+            found = [r for r in found if r.id in mine]
+        return found
+
+    def _end_lease(self, conn: Connection, token: str, batch: LeasedBatch) -> None:
+        """The published jobs → queued, the refused → failed, the others free again, as they
+        were before the lease (``updated_at`` back to when they were staged)."""
+        if batch.marked:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(sorted(batch.marked)), *_leased_by(token))
+                .values(**_moved(_TO_QUEUED))
+            )
+        for job_id in batch.refused:
+            self._transition(conn, job_id, batch.refusal(job_id, token))
+        rest = sorted({r.id for r in batch.records} - set(batch.marked) - set(batch.refused))
+        if rest:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(rest), *_leased_by(token))
+                .values(owner=None, updated_at=func.coalesce(jobs.c.staged_at, jobs.c.updated_at))
+            )
 
     # -- instances -------------------------------------------------------------------------
     def heartbeat(self, instance: Instance) -> None:
@@ -685,34 +741,13 @@ def _acquire_lock_mysql(conn: Connection, name: str, token: str, ttl: float) -> 
     return bool(holder == token)
 
 
-#: The store lock that makes SQLite's relay batches one at a time, and how long a crashed
-#: holder keeps it.
-RELAY_LOCK = "jobledger.relay"
-RELAY_LOCK_TTL = 60.0
-
 _TO_QUEUED = Transition(to=JobState.QUEUED, expect=frozenset({JobState.STAGED}))
 #: The index a relay batch walks: staged jobs by the time they entered the state.
 _STAGED_INDEX = "ix_jobledger_jobs_state_updated"
 
 
-class _HeldBatch:
-    """Staged jobs held by :meth:`SQLStore.staged_batch` in its open transaction."""
-
-    def __init__(self, conn: Connection | None, records: list[JobRecord]) -> None:
-        self._conn = conn
-        self.records = records
-
-    def mark_queued(self, job_ids: Collection[str]) -> int:
-        held = {record.id for record in self.records}
-        chosen = sorted(held.intersection(job_ids))
-        if self._conn is None or not chosen:
-            return 0
-        statement = (
-            update(jobs)
-            .where(jobs.c.id.in_(chosen), _state_in(_TO_QUEUED.expect))
-            .values(**_moved(_TO_QUEUED))
-        )
-        return int(self._conn.execute(statement).rowcount)
+def _leased_by(token: str) -> list[ColumnElement[bool]]:
+    return [jobs.c.state == JobState.STAGED.value, jobs.c.owner == token]
 
 
 def _moved(change: Transition) -> dict[str, Any]:

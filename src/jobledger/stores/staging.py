@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event, insert, inspect
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
 
@@ -41,10 +42,22 @@ _begun: weakref.WeakSet[Connection] = weakref.WeakSet()
 _watch_lock = threading.Lock()
 
 
-def staged_insert(record: JobRecord) -> Insert:
-    """The INSERT that stages ``record``: its times from the database clock (also what the
-    Django adapter runs, compiled for its connection)."""
-    return insert(jobs).values(**creation_row(record, db_now()))
+def staged_insert(record: JobRecord, dialect: str) -> Insert:
+    """The INSERT that stages ``record``, times from the database clock (also what the Django
+    adapter runs, compiled for its connection). On PostgreSQL a job id that exists already
+    inserts and returns no row (``ON CONFLICT DO NOTHING``) and the caller refuses the job: a
+    failed statement would abort the caller's whole transaction, and a later COMMIT would
+    quietly roll back its data. MySQL and SQLite undo only the failed statement, so a plain
+    INSERT's IntegrityError says the same there."""
+    row = creation_row(record, db_now())
+    if dialect == "postgresql":  # RETURNING: the driver's rowcount of DO NOTHING is unreliable
+        statement = postgresql.insert(jobs).values(**row)
+        return statement.on_conflict_do_nothing(index_elements=["id"]).returning(jobs.c.id)
+    return insert(jobs).values(**row)
+
+
+def duplicate(record: JobRecord) -> StagingError:
+    return StagingError(f"job {record.id} exists already; staging needs a new job id")
 
 
 class ConnectionHolder:
@@ -65,12 +78,13 @@ class ConnectionHolder:
                     "`jobledger migrate` against the database your transaction writes to"
                 )
             _has_tables.add(engine)
+        dialect = self.conn.dialect.name
         try:
-            self.conn.execute(staged_insert(record))
+            result = self.conn.execute(staged_insert(record, dialect))
+            if dialect == "postgresql" and result.first() is None:
+                raise duplicate(record)
         except sa_exc.IntegrityError:
-            raise StagingError(
-                f"job {record.id} exists already; staging needs a new job id"
-            ) from None
+            raise duplicate(record) from None
         except sa_exc.SQLAlchemyError as exc:
             raise StagingError(f"staging job {record.id} failed: {exc}") from exc
 

@@ -8,10 +8,10 @@ compiled for the connection's database and run on Django's cursor, so it commits
 with the block. Django's ``on_commit`` hands the ids to the fast path after the outermost
 commit.
 
-A failed INSERT (a duplicate job id) marks the block for rollback, exactly as a failed
-``Model.save()`` does (PostgreSQL aborts the transaction anyway): wrap the ``stage`` call in its
-own ``transaction.atomic()`` to carry on after the :class:`~jobledger.errors.StagingError`.
-Nothing of that kind happens when the ledger tables are missing: that is checked first.
+A refused job (a duplicate job id, missing ledger tables) leaves the block usable: the tables
+are checked before any write, and a duplicate inserts nothing (on PostgreSQL through ``ON
+CONFLICT DO NOTHING``, since a failed statement would abort the transaction). Any other failed
+INSERT marks the block for rollback, as a failed ``Model.save()`` does.
 
 Importing this module needs no Django settings; it touches them only when staging.
 """
@@ -35,7 +35,7 @@ from jobledger.errors import ConfigError, StagingError
 from jobledger.model import JobRecord
 from jobledger.outbox import Flush, TransactionHolder, holders
 from jobledger.stores.schema import jobs
-from jobledger.stores.staging import staged_insert
+from jobledger.stores.staging import duplicate, staged_insert
 
 #: Django's database vendor → jobledger's backend name (as in ``database_identity``). MariaDB
 #: is Django's "mysql"; the ledger's ``mysql+pymysql://`` URL says "mysql" for it too.
@@ -110,17 +110,18 @@ class DjangoHolder:
         self._check_tables()
         sql, params = _compile(record, self.dialect)
         try:
-            with (
-                transaction.mark_for_rollback_on_error(using=self.alias),
-                connection.cursor() as cursor,
-            ):
+            with connection.cursor() as cursor:
                 cursor.execute(sql, params)
-        except IntegrityError:
-            raise StagingError(
-                f"job {record.id} exists already; staging needs a new job id"
-            ) from None
-        except DatabaseError as exc:
+                inserted = (
+                    cursor.fetchone() is not None if self.dialect.name == "postgresql" else True
+                )
+        except IntegrityError:  # MySQL, SQLite: only the statement failed, not the block
+            raise duplicate(record) from None
+        except DatabaseError as exc:  # the block may be broken (PostgreSQL): Django's rule
+            transaction.set_rollback(True, using=self.alias)
             raise StagingError(f"staging job {record.id} failed: {exc}") from exc
+        if not inserted:  # PostgreSQL's ON CONFLICT DO NOTHING: the block goes on
+            raise duplicate(record)
 
     def _check_tables(self) -> None:
         """Before any write, so a missing table never fails a statement: on PostgreSQL that
@@ -152,7 +153,7 @@ class DjangoHolder:
 def _compile(record: JobRecord, dialect: Dialect) -> tuple[str, list[Any]]:
     """The staging INSERT as SQL with ``%s`` placeholders and its parameters, each passed
     through its column type's bind processing as SQLAlchemy would."""
-    compiled = staged_insert(record).compile(dialect=dialect)
+    compiled = staged_insert(record, dialect.name).compile(dialect=dialect)
     params = []
     for name in compiled.positiontup or ():
         value = compiled.params[name]
