@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Protocol
 
 from jobledger.errors import JobLedgerError, PublishError, StagingError
@@ -63,6 +63,16 @@ class TransactionHolder(Protocol):
     def after_commit(self, job_id: str, flush: Flush) -> None:
         """See that ``flush`` is called with ``job_id`` after the outermost transaction commits,
         and never if it rolls back. Several ids staged in one transaction may reach one call."""
+
+
+def hand_over(committed: Iterable[tuple[str, Flush]]) -> None:
+    """Give the ids a transaction staged, once it committed, to their fast paths: one call per
+    outbox (holders collect the pairs :meth:`TransactionHolder.after_commit` was given)."""
+    by_flush: dict[Flush, list[str]] = {}
+    for job_id, flush in committed:
+        by_flush.setdefault(flush, []).append(job_id)
+    for flush, ids in by_flush.items():
+        flush(ids)
 
 
 #: Turns what a caller passed as ``using=`` into a holder; None when it is not its kind.

@@ -26,7 +26,7 @@ from sqlalchemy.sql.dml import Insert
 
 from jobledger.errors import StagingError
 from jobledger.model import JobRecord
-from jobledger.outbox import Flush, TransactionHolder, holders
+from jobledger.outbox import Flush, TransactionHolder, hand_over, holders
 from jobledger.stores.rows import creation_row
 from jobledger.stores.schema import db_now, jobs
 from jobledger.stores.sql import database_identity
@@ -150,13 +150,8 @@ def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
 def _hand_over(info: dict[str, Any]) -> None:
     """Give the committed ids to their fast paths, one call per outbox."""
     committed = info.pop(_COMMITTED, None)
-    if not committed:
-        return
-    by_flush: dict[Flush, list[str]] = {}
-    for job_id, flush in committed:
-        by_flush.setdefault(flush, []).append(job_id)
-    for flush, ids in by_flush.items():
-        flush(ids)
+    if committed:
+        hand_over(committed)
 
 
 holders.register(adapt)

@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL, Dialect
 
 from jobledger.errors import ConfigError, StagingError
 from jobledger.model import JobRecord
-from jobledger.outbox import Flush, TransactionHolder, holders
+from jobledger.outbox import Flush, TransactionHolder, hand_over, holders
 from jobledger.stores.schema import jobs
 from jobledger.stores.staging import duplicate, staged_insert
 
@@ -178,11 +178,7 @@ class _Pending:
 
     def hand_over(self) -> None:
         items, self.items = self.items, []
-        by_flush: dict[Flush, list[str]] = {}
-        for job_id, flush in items:
-            by_flush.setdefault(flush, []).append(job_id)
-        for flush, ids in by_flush.items():
-            flush(ids)
+        hand_over(items)
 
 
 def _pending(connection: Any) -> _Pending:
