@@ -727,6 +727,7 @@ class CeleryIntegration:
         for signal, receiver in pairs:
             signal.connect(receiver, weak=False)
         self.app.on_after_finalize.connect(self._on_finalize, weak=False)
+        _by_app[self.app] = self  # task.stage() finds the integration of its task's app
 
     def _on_finalize(self, sender: Any = None, **_: Any) -> None:
         self.wrap_tasks()
@@ -945,7 +946,6 @@ def install(
     if app.finalized:
         integration.wrap_tasks()
     registry.register(integration)
-    _by_app[app] = integration
     _add_task_methods()
     return integration
 
