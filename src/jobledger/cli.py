@@ -575,8 +575,8 @@ def relay(
     """Publish staged jobs the fast path missed (a crash after commit, a broker outage).
 
     Runs until interrupted, backing off while the broker is down; with --once, one pass, and
-    exit status 1 if the broker refused a job. Relays may run side by side: none publishes a
-    job another is publishing.
+    exit status 1 if the broker could not be reached or refused a job's message. Relays may run
+    side by side: none publishes a job another is publishing.
     """
     from jobledger.integrations.base import registry
     from jobledger.relay import Relay, RelayLoop
@@ -596,12 +596,24 @@ def relay(
         report = worker.run_once()
         error = None if report.error is None else str(report.error)
         if as_json:
-            _emit_json({"published": report.published, "batches": report.batches, "error": error})
+            _emit_json(
+                {
+                    "published": report.published,
+                    "refused": report.refused,
+                    "batches": report.batches,
+                    "error": error,
+                }
+            )
         else:
             out.print(f"published {report.published} staged jobs")
+            if report.refused:
+                out.print(
+                    f"failed {report.refused}: the queue system refused their messages "
+                    "(jobledger jobs --state failed)"
+                )
             if error:
                 out.print(f"stopped: {error}")
-        if error:
+        if error or report.refused:
             raise typer.Exit(1)
         return
     loop = RelayLoop(

@@ -149,6 +149,8 @@ class Settings:
                 f"JOBLEDGER_INSTANCE_NAME must be 1-200 characters without ':', "
                 f"not {self.instance_name!r}"
             )
+        if self.instance_name == "relay":  # instance ids are name:nonce; relay:… is a lease
+            raise ConfigError("JOBLEDGER_INSTANCE_NAME must not be 'relay' (reserved)")
         for name in (
             "connect_timeout",
             "heartbeat_interval",

@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 #: Seconds the fast path leaves jobs to the relay after a publish failed (the broker is down).
 DEFAULT_BREAKER = 5.0
 
+_ELSEWHERE = (
+    "staged jobs would never be published; point JOBLEDGER_DATABASE_URL at the database your "
+    "transactions write to"
+)
+
 #: Publishes the ids staged in one transaction, once, after it committed.
 Flush = Callable[[list[str]], object]
 
@@ -63,6 +68,10 @@ class TransactionHolder(Protocol):
     def after_commit(self, job_id: str, flush: Flush) -> None:
         """See that ``flush`` is called with ``job_id`` after the outermost transaction commits,
         and never if it rolls back. Several ids staged in one transaction may reach one call."""
+
+    def ledger_id(self) -> str | None:
+        """The ledger id stored in the transaction's database (see
+        :data:`jobledger.stores.schema.LEDGER_ID`), or None if it has none."""
 
 
 def hand_over(committed: Iterable[tuple[str, Flush]]) -> None:
@@ -212,13 +221,26 @@ class Outbox:
         return record.id
 
     def _check_database(self, holder: TransactionHolder) -> None:
-        ledger = getattr(self.store, "database", None)  # SQL stores say; others cannot differ
+        """Refuse a transaction on another database than the ledger's: its jobs would sit
+        staged where no relay looks. The names are compared first (cheap, and enough for the
+        usual mistake), then the ledger ids each database holds (two servers with a database
+        of the same name). SQL stores say both; other stores cannot differ."""
+        ledger = getattr(self.store, "database", None)
         if ledger is not None and holder.database is not None and holder.database != ledger:
             raise StagingError(
                 f"the transaction writes to {holder.database} but the ledger is in {ledger}: "
-                "staged jobs would never be published; point JOBLEDGER_DATABASE_URL at the "
-                "database your transactions write to"
+                f"{_ELSEWHERE}"
             )
+        ledger_id = getattr(self.store, "ledger_id", None)
+        found = holder.ledger_id()  # first: it says if the transaction's database has no ledger
+        if ledger_id is not None and found is not None:
+            expected = ledger_id()
+            if found != expected:
+                raise StagingError(
+                    f"the transaction writes to another database than the ledger's (ledger id "
+                    f"{found[:8]}…, the ledger's {expected[:8]}…), though both are called "
+                    f"{holder.database or ledger}: {_ELSEWHERE}"
+                )
 
     def flush(self, job_ids: Collection[str]) -> Published:
         """The fast path: publish these committed staged jobs now and mark them queued. Never

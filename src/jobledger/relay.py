@@ -26,14 +26,16 @@ from dataclasses import dataclass
 
 from jobledger.config import Settings
 from jobledger.errors import PublishError
-from jobledger.integrations.base import PublishBatch, registry
+from jobledger.integrations.base import PublishBatch, Published, registry
 from jobledger.loop import Loop
-from jobledger.model import JobState
+from jobledger.model import JobRecord, JobState
 from jobledger.query import JobQuery
 from jobledger.stores.base import DEFAULT_LEASE, Store
 
 log = logging.getLogger(__name__)
 
+#: Jobs published between two looks at the clock (a batch stops at half its lease).
+PUBLISH_SLICE = 100
 #: Seconds between backlog warnings while the broker stays down.
 BACKLOG_LOG_INTERVAL = 30.0
 
@@ -66,7 +68,9 @@ class Relay:
         batch_size: int,
         systems: Collection[str] | None = None,
         lease: float = DEFAULT_LEASE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
         self.store = store
         self.publish = publish
         self.grace = grace
@@ -106,7 +110,7 @@ class Relay:
             ) as batch:
                 if not batch.records:
                     break
-                done = self.publish(batch.records)
+                done = self._publish(batch.records)
                 batch.mark_queued(done.ids)
                 batch.mark_refused(done.refused)
             report.batches += 1
@@ -120,6 +124,26 @@ class Relay:
             if len(batch.records) < self.batch_size:
                 break
         return report
+
+    def _publish(self, records: list[JobRecord]) -> Published:
+        """Publish a leased batch in slices, and stop (leaving the rest to the next batch) once
+        half the lease is gone: past it another relay may take the same jobs."""
+        deadline = self.clock() + self.lease / 2
+        done = Published()
+        for start in range(0, len(records), PUBLISH_SLICE):
+            if start and self.clock() > deadline:
+                log.warning(
+                    "relay: publishing is slow, %d jobs left to the next batch",
+                    len(records) - start,
+                )
+                break
+            part = self.publish(records[start : start + PUBLISH_SLICE])
+            done.ids.extend(part.ids)
+            done.refused.update(part.refused)
+            if part.error is not None:
+                done.error = part.error
+                break
+        return done
 
     def backlog(self) -> int:
         """How many jobs are staged (all systems), for the log while the broker is down."""

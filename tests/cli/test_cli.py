@@ -81,6 +81,7 @@ def test_migrate_creates_the_schema_in_a_fresh_sqlite_file(tmp_path: Path) -> No
 
 
 def test_migrate_again_keeps_every_record(cli: Cli, ledger: Ledger) -> None:
+    ledger_id = SQLStore(ledger.store.url).ledger_id()  # named at its first migrate or use
     before = snapshot(ledger.store)
     result = cli("migrate").ok()
     lines = result.stdout.splitlines()
@@ -89,6 +90,7 @@ def test_migrate_again_keeps_every_record(cli: Cli, ledger: Ledger) -> None:
     if ledger.store.dialect != "postgresql":  # only PostgreSQL has a substring index
         assert lines[1] == "argument search: scan (no substring index on this database)"
     assert snapshot(ledger.store) == before
+    assert SQLStore(ledger.store.url).ledger_id() == ledger_id
 
 
 # -- jobs ------------------------------------------------------------------------------------

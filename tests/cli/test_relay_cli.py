@@ -124,7 +124,7 @@ def test_relay_once_publishes_the_staged_jobs(
     stage(sql_store, "other-system", broker.queue, system="rq")
     env = {"JOBLEDGER_RELAY_GRACE": "10m"}  # the fresh job is the fast path's for now
     report = cli("relay", "--once", "--broker", BROKER, "--json", env=env).json()
-    assert report == {"published": 3, "batches": 1, "error": None}
+    assert report == {"published": 3, "refused": 0, "batches": 1, "error": None}
     assert broker.ids() == ["job-0", "job-1", "job-2"]
     first = broker.messages()[0]
     assert first["headers"]["task"] == "tasks.confirm_order"
@@ -146,7 +146,7 @@ def test_relay_once_publishes_the_staged_jobs(
     assert states(sql_store)["fresh"] == "queued"
 
     nothing = cli("relay", "--once", "--broker", BROKER, "--grace", "0", "--json").json()
-    assert nothing == {"published": 0, "batches": 0, "error": None}
+    assert nothing == {"published": 0, "refused": 0, "batches": 0, "error": None}
     assert len(broker.ids()) == 4
 
 

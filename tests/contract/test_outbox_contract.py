@@ -497,6 +497,7 @@ def test_a_refused_job_fails_and_leaves_the_rest_to_go(store: Store) -> None:
         assert batch.mark_queued(["fine", "poison"]) == 1  # refused is refused
     poison = store.get("poison")
     assert poison is not None and poison.state is S.FAILED
+    assert poison.owner is None  # the lease is not an owner a person should see
     assert poison.error == "the queue system refused the message: Queue 'gone' missing"
     assert state_of(store, "fine") is S.QUEUED
     assert held(store) == []

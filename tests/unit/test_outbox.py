@@ -26,7 +26,7 @@ from sqlalchemy import create_engine
 from jobledger.errors import PublishError, StagingError, StoreUnavailable
 from jobledger.integrations.base import Published
 from jobledger.model import JobRecord, JobState, to_datetime
-from jobledger.outbox import DEFAULT_BREAKER, Flush, Outbox, holders, staging_in
+from jobledger.outbox import DEFAULT_BREAKER, Flush, Outbox, hand_over, holders, staging_in
 from jobledger.query import JobQuery
 from jobledger.stores.base import StagedBatch, Store
 from jobledger.stores.sql import SQLStore
@@ -75,12 +75,8 @@ class FakeTransaction:
     def commit(self) -> None:
         for record in self.pending:
             assert self.store.create(record)
-        by_flush: dict[Flush, list[str]] = {}
-        for job_id, flush in self.hooks:
-            by_flush.setdefault(flush, []).append(job_id)
-        self.pending, self.hooks = [], []
-        for flush, ids in by_flush.items():
-            flush(ids)
+        hooks, self.pending, self.hooks = self.hooks, [], []
+        hand_over(hooks)
 
     def rollback(self) -> None:
         self.pending, self.hooks = [], []
@@ -97,6 +93,9 @@ class FakeHolder:
 
     def after_commit(self, job_id: str, flush: Flush) -> None:
         self.transaction.hooks.append((job_id, flush))
+
+    def ledger_id(self) -> str | None:
+        return None  # a memory store has no ledger id to compare
 
 
 def _adapt(using: object) -> FakeHolder | None:
@@ -507,3 +506,29 @@ def test_two_threads_staging_for_the_first_time_both_find_the_adapter() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["ConnectionHolder", "ConnectionHolder"], done.stdout
+
+
+class NamedStore(MemoryStore):
+    """A store that names its ledger, as the SQL store does."""
+
+    def ledger_id(self) -> str:
+        return "ledger-a"
+
+
+@pytest.mark.parametrize(("found", "refused"), [("ledger-a", False), ("ledger-b", True)])
+def test_a_transaction_on_a_database_of_another_ledger_is_refused(
+    found: str, refused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers may each have a database of the same name: the ledger ids tell them apart."""
+    store = NamedStore()
+    transaction = FakeTransaction(store, database="postgresql:shop")
+    monkeypatch.setattr(FakeHolder, "ledger_id", lambda self: found)
+    outbox = Outbox(store, publish=lambda records: Published(ids=[r.id for r in records]))
+    if refused:
+        with pytest.raises(StagingError, match="another database than the ledger's"):
+            outbox.stage(job("job-1"), using=transaction)
+        assert transaction.pending == []
+    else:
+        outbox.stage(job("job-1"), using=transaction)
+        transaction.commit()
+        assert state(store, "job-1") is S.QUEUED

@@ -446,3 +446,23 @@ def test_bad_relay_settings_in_code_are_named(field_name: str, value: Any, named
     with pytest.raises(ConfigError, match=named):
         Settings(**{field_name: value})
     assert Settings(relay_interval=2, relay_max_backoff=2).relay_max_backoff == 2
+
+
+def test_a_slow_broker_stops_a_batch_at_half_its_lease(
+    store: MemoryStore, clock: ManualClock
+) -> None:
+    """Past its lease another relay may take the same jobs: a batch whose publishing is slow
+    stops at half the lease, marks what went and leaves the rest to the next batch."""
+    ids = stage(store, 250)
+    slow = Broker()
+
+    def publish(records: Sequence[JobRecord]) -> Published:
+        clock.advance(20)  # each slice of 100 takes 20 s against a 60 s lease
+        return slow(records)
+
+    relay = Relay(store, publish=publish, grace=0, batch_size=250, lease=60, clock=clock)
+    report = relay.run_once(max_batches=1)
+    assert [len(b) for b in slow.batches] == [100, 100]  # a third slice would pass 30 s
+    assert report.published == 200
+    assert states(store, ids).count(S.QUEUED) == 200
+    assert states(store, ids).count(S.STAGED) == 50

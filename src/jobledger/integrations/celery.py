@@ -57,9 +57,16 @@ from typing import Any, cast
 from celery import Celery, Task, signals
 from celery.app.trace import task_has_custom
 from celery.canvas import Signature
-from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
+from celery.exceptions import (
+    Ignore,
+    QueueNotFound,
+    Reject,
+    Retry,
+    TimeLimitExceeded,
+    WorkerLostError,
+)
 from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
+from kombu.exceptions import ContentDisallowed, EncodeError
 
 from jobledger.config import Settings
 from jobledger.errors import (
@@ -116,6 +123,11 @@ _RESTARTED = frozenset({JobState.FAILED, JobState.DEAD})
 _WRAPPED = "_jobledger_wrapped"
 
 _STARTED = frozenset({JobState.STARTED})
+#: What Celery raises for a message it refuses itself, every time: no such queue, arguments its
+#: serializer cannot encode. Only these fail the job; anything else (a broker down, full, read
+#: only, refusing access) is an outage the relay waits out, since failing a whole backlog for
+#: it would be wrong.
+_REFUSALS = (QueueNotFound, EncodeError, ContentDisallowed)
 #: Publishes of jobs that are in the ledger already (relay, recovery, restart) try the broker
 #: once more after a connection error, then leave the job to the next relay pass or sweep.
 _REPUBLISH_RETRY = {
@@ -156,7 +168,6 @@ class CeleryIntegration:
         self.relay_loop: RelayLoop | None = None
         self._outboxes: dict[int, Outbox] = {}
         self._republishing = threading.local()  # set while publishing a job the ledger has
-        self._outage_errors: tuple[type[BaseException], ...] | None = None
         # jobs this process claimed and runs now: their task name and replacement nesting
         self._claimed: dict[str, tuple[str, int]] = {}
         self._retrying: set[str] = set()  # of those, the ones already moved to retrying
@@ -354,23 +365,10 @@ class CeleryIntegration:
                 **options,
             )
         except Exception as exc:
-            refusal = PublishError if self._is_outage(exc) else MessageRefused
+            refusal = MessageRefused if isinstance(exc, _REFUSALS) else PublishError
             raise refusal(f"celery did not take job {record.id} ({record.name}): {exc}") from exc
         finally:
             self._republishing.active = False
-
-    def _is_outage(self, exc: BaseException) -> bool:
-        """A broker that cannot be reached (try again later), not a message it refuses (no
-        such queue, arguments it cannot encode: refused every time)."""
-        if self._outage_errors is None:
-            transport = self.app.connection_for_write()
-            self._outage_errors = (
-                OperationalError,
-                OSError,
-                TimeoutError,
-                *transport.connection_errors,
-            )
-        return isinstance(exc, self._outage_errors)
 
     def on_before_publish(
         self,

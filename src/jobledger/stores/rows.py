@@ -39,6 +39,8 @@ PHASE_STAMP: Mapping[JobState, str] = {
     JobState.CANCELLED: "finished_at",
 }
 
+_ONLY_STAGED = frozenset({JobState.STAGED})
+
 #: The row fields the argument search looks in (``match``).
 SEARCH_FIELDS = ("args", "kwargs", "tags")
 
@@ -118,6 +120,11 @@ def transition_values(
     elif change.to is JobState.STARTED:
         values["owner"] = change.owner
         values["attempts"] = increment("attempts")
+        # a staged job a worker claims before its relay marked it queued was published anyway
+        values["queued_at"] = if_empty("queued_at")
+        values["first_queued_at"] = if_empty("first_queued_at")
+    elif change.expect == _ONLY_STAGED:
+        values["owner"] = None  # a staged job's owner is only ever a relay's lease
     if change.reason == "recovery":
         values["recoveries"] = increment("recoveries")
         values["recovered_at"] = at

@@ -16,9 +16,11 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Text,
+    select,
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.ext.compiler import compiles
@@ -108,7 +110,17 @@ locks = Table(
     **_MYSQL_TABLE,
 )
 
-#: Columns of ``jobledger_jobs`` the argument search looks in (the same in every store).
+
+#: The row of ``jobledger_locks`` that names a ledger: a random token written once (by
+#: ``jobledger migrate``, the Django migration or the store's first use) and never taken as a
+#: lock. A caller's transaction reads it to prove it writes to the ledger's own database.
+LEDGER_ID = "jobledger.ledger-id"
+#: The ``expires_at`` of that row: never.
+LEDGER_ID_EXPIRES = 1e18
+
+
+def ledger_id_select() -> Select[Any]:
+    return select(locks.c.token).where(locks.c.name == LEDGER_ID)
 
 
 class db_now(FunctionElement[float]):

@@ -73,11 +73,14 @@ from jobledger.stores.rows import (
     transition_values,
 )
 from jobledger.stores.schema import (
+    LEDGER_ID,
+    LEDGER_ID_EXPIRES,
     SCHEMA_REVISION,
     VERSION_TABLE,
     db_now,
     instances,
     jobs,
+    ledger_id_select,
     locks,
 )
 
@@ -143,6 +146,7 @@ class SQLStore(Store):
         self.connect_timeout = connect_timeout
         self._schema_checked = False
         self._schema_lock = threading.Lock()
+        self._ledger_id: str | None = None
         self.engine = self._create_engine(dict(engine_options or {}))
         self.dialect = self.engine.dialect.name
 
@@ -302,7 +306,32 @@ class SQLStore(Store):
                 "migrated it, upgrade jobledger"
             ) from None
         self._schema_checked = True
+        self.ledger_id()
         return report
+
+    def ledger_id(self) -> str:
+        """This ledger's id (see :data:`~jobledger.stores.schema.LEDGER_ID`), written on first
+        use if ``migrate`` did not."""
+        if self._ledger_id is None:
+            with self._read() as conn:
+                found = conn.execute(ledger_id_select()).scalar()
+            if found is None:
+                try:
+                    with self._write() as conn:
+                        conn.execute(
+                            insert(locks).values(
+                                name=LEDGER_ID,
+                                token=secrets.token_hex(16),
+                                expires_at=LEDGER_ID_EXPIRES,
+                            )
+                        )
+                except StoreError as exc:
+                    if not isinstance(exc.__cause__, sa_exc.IntegrityError):
+                        raise  # else another process wrote it first
+                with self._read() as conn:
+                    found = conn.execute(ledger_id_select()).scalar_one()
+            self._ledger_id = str(found)
+        return self._ledger_id
 
     def close(self) -> None:
         self.engine.dispose()

@@ -28,7 +28,7 @@ from jobledger.errors import StagingError
 from jobledger.model import JobRecord
 from jobledger.outbox import Flush, TransactionHolder, hand_over, holders
 from jobledger.stores.rows import creation_row
-from jobledger.stores.schema import db_now, jobs
+from jobledger.stores.schema import db_now, jobs, ledger_id_select
 from jobledger.stores.sql import database_identity
 
 #: Keys in ``Connection.info`` (kept per DBAPI connection): ids staged in the open transaction,
@@ -39,6 +39,7 @@ _COMMITTED = "jobledger.committed"
 _watched: weakref.WeakSet[Engine] = weakref.WeakSet()
 _has_tables: weakref.WeakSet[Engine] = weakref.WeakSet()
 _begun: weakref.WeakSet[Connection] = weakref.WeakSet()
+_ledger_ids: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 _watch_lock = threading.Lock()
 
 
@@ -67,7 +68,9 @@ class ConnectionHolder:
         self.conn = conn
         self.database: str | None = database_identity(conn.engine.url)
 
-    def insert(self, record: JobRecord) -> None:
+    def _check(self) -> None:
+        """Before any statement of ours: on PostgreSQL a failing one would abort the caller's
+        transaction."""
         if self.conn.closed or self.conn.invalidated:
             raise StagingError("cannot stage a job on a closed SQLAlchemy connection")
         engine = self.conn.engine
@@ -78,6 +81,9 @@ class ConnectionHolder:
                     "`jobledger migrate` against the database your transaction writes to"
                 )
             _has_tables.add(engine)
+
+    def insert(self, record: JobRecord) -> None:
+        self._check()
         dialect = self.conn.dialect.name
         try:
             result = self.conn.execute(staged_insert(record, dialect))
@@ -87,6 +93,16 @@ class ConnectionHolder:
             raise duplicate(record) from None
         except sa_exc.SQLAlchemyError as exc:
             raise StagingError(f"staging job {record.id} failed: {exc}") from exc
+
+    def ledger_id(self) -> str | None:
+        self._check()
+        engine = self.conn.engine
+        found = _ledger_ids.get(engine)
+        if found is None:
+            found = self.conn.execute(ledger_id_select()).scalar()
+            if found is not None:
+                _ledger_ids[engine] = found
+        return found
 
     def after_commit(self, job_id: str, flush: Flush) -> None:
         _watch(self.conn.engine)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
@@ -30,11 +30,13 @@ from sqlalchemy.dialects.mysql.base import MySQLDialect
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 from jobledger.errors import ConfigError, StagingError
 from jobledger.model import JobRecord
 from jobledger.outbox import Flush, TransactionHolder, hand_over, holders
-from jobledger.stores.schema import jobs
+from jobledger.stores.schema import jobs, ledger_id_select
 from jobledger.stores.staging import duplicate, staged_insert
 
 #: Django's database vendor → jobledger's backend name (as in ``database_identity``). MariaDB
@@ -48,6 +50,9 @@ _DIALECTS: dict[str, Dialect] = {
     "postgresql": PGDialect(paramstyle="format"),  # type: ignore[no-untyped-call]
     "mysql": MySQLDialect(paramstyle="format"),
 }
+
+#: (alias, database) → the ledger id found there, read once (see ``DjangoHolder.ledger_id``).
+_ledger_ids: dict[tuple[str, str | None], str] = {}
 
 #: (alias, database) pairs whose ledger tables were seen: checked once, not per job.
 _has_tables: set[tuple[str, str | None]] = set()
@@ -108,7 +113,7 @@ class DjangoHolder:
                 "already failed and will roll back"
             )
         self._check_tables()
-        sql, params = _compile(record, self.dialect)
+        sql, params = _compile(staged_insert(record, self.dialect.name), self.dialect)
         try:
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
@@ -122,6 +127,19 @@ class DjangoHolder:
             raise StagingError(f"staging job {record.id} failed: {exc}") from exc
         if not inserted:  # PostgreSQL's ON CONFLICT DO NOTHING: the block goes on
             raise duplicate(record)
+
+    def ledger_id(self) -> str | None:
+        self._check_tables()
+        key = (self.alias, self.database)
+        found = _ledger_ids.get(key)
+        if found is None:
+            sql, params = _compile(ledger_id_select(), self.dialect)
+            with self.connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                row = cursor.fetchone()
+            if row is not None:
+                found = _ledger_ids[key] = str(row[0])
+        return found
 
     def _check_tables(self) -> None:
         """Before any write, so a missing table never fails a statement: on PostgreSQL that
@@ -150,10 +168,10 @@ class DjangoHolder:
         transaction.on_commit(pending.hand_over, using=self.alias, robust=True)
 
 
-def _compile(record: JobRecord, dialect: Dialect) -> tuple[str, list[Any]]:
-    """The staging INSERT as SQL with ``%s`` placeholders and its parameters, each passed
-    through its column type's bind processing as SQLAlchemy would."""
-    compiled = staged_insert(record, dialect.name).compile(dialect=dialect)
+def _compile(statement: ClauseElement, dialect: Dialect) -> tuple[str, list[Any]]:
+    """``statement`` as SQL with ``%s`` placeholders and its parameters, each passed through
+    its column type's bind processing as SQLAlchemy would."""
+    compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
     params = []
     for name in compiled.positiontup or ():
         value = compiled.params[name]

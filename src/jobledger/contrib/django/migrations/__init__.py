@@ -12,13 +12,21 @@ migration of this app calls :func:`upgrade_ledger` again to apply new Alembic re
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable
 from typing import Any, TextIO, cast
 
 from django.db import transaction
 
 from jobledger.errors import SchemaMissing
-from jobledger.stores.schema import SCHEMA_REVISION, VERSION_TABLE, metadata
+from jobledger.stores.schema import (
+    LEDGER_ID,
+    LEDGER_ID_EXPIRES,
+    SCHEMA_REVISION,
+    VERSION_TABLE,
+    locks,
+    metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ def upgrade_ledger(apps: Any, schema_editor: Any) -> None:
                 _drop_version_table(schema_editor)
         for statement in alembic_sql(dialect, current, "head"):
             schema_editor.execute(statement, params=None)
+    _ensure_ledger_id(connection)
     if dialect == "postgresql":
         from sqlalchemy import Connection
 
@@ -57,6 +66,18 @@ def upgrade_ledger(apps: Any, schema_editor: Any) -> None:
 
         served = ensure_search_index(cast(Connection, _DjangoConnection(connection)))
         log.info("ledger argument search in %r: %s", connection.alias, served)
+
+
+def _ensure_ledger_id(connection: Any) -> None:
+    """Name this ledger, as ``jobledger migrate`` does: staging compares the name its
+    transaction's database holds with the ledger's (see ``LEDGER_ID``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT token FROM {locks.name} WHERE name = %s", [LEDGER_ID])
+        if cursor.fetchone() is None:
+            cursor.execute(
+                f"INSERT INTO {locks.name} (name, token, expires_at) VALUES (%s, %s, %s)",
+                [LEDGER_ID, secrets.token_hex(16), LEDGER_ID_EXPIRES],
+            )
 
 
 def downgrade_ledger(apps: Any, schema_editor: Any) -> None:
