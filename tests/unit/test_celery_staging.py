@@ -586,3 +586,32 @@ def test_publish_many_tells_a_refused_message_from_an_outage() -> None:
         assert isinstance(done.error, PublishError)
     finally:
         integration.close()
+
+
+def test_a_message_that_makes_rabbitmq_close_the_channel_is_refused_alone() -> None:
+    """RabbitMQ answers a message to an exchange that does not exist by closing the channel,
+    later, and drops what follows on it silently: without the batch's closing round trip the
+    jobs after it would be marked queued with no message anywhere."""
+    app = make_app("amqp://guest:guest@127.0.0.1:5672//")
+    queue = f"jl-refuse-{uuid.uuid4().hex[:8]}"
+    app.conf.task_default_queue = queue
+    integration = install(app, store=MemoryStore(), settings=Settings())
+
+    def record(n: int, **options: Any) -> JobRecord:
+        return JobRecord(
+            id=f"job-{n}", name="t.plain", system="celery", queue=queue, args=[n], options=options
+        )
+
+    bad = record(0, exchange="jl-no-such-exchange", routing_key=queue)
+    try:
+        done = integration.publish_many([bad, record(1), record(2)])
+        assert done.error is None and done.ids == ["job-1", "job-2"]
+        assert list(done.refused) == ["job-0"] and "NOT_FOUND" in done.refused["job-0"]
+        assert integration.publish_many([record(3)]).ids == ["job-3"]  # the channel revived
+        with app.connection_for_write() as conn:
+            channel = conn.channel()
+            waiting = channel.queue_declare(queue, passive=True).message_count
+            channel.queue_delete(queue)
+        assert waiting == 3  # job-1, job-2 and job-3; nothing lost
+    finally:
+        integration.close()

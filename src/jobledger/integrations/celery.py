@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, cast
 
+from amqp.exceptions import IrrecoverableChannelError, NotFound
 from celery import Celery, Task, signals
 from celery.app.trace import task_has_custom
 from celery.canvas import Signature
@@ -327,7 +328,40 @@ class CeleryIntegration:
         self._send(record)
 
     def publish_many(self, records: Sequence[JobRecord]) -> Published:
-        """Publish in order through one broker connection; stop at the first refusal."""
+        """Publish in order through one broker connection; stop at the first refusal.
+
+        An AMQP broker answers a bad message (to an exchange that does not exist) by closing
+        the channel, later, and drops what follows on it without a word; so each batch ends
+        with a round trip on its channel. If the channel was closed, nothing of the batch
+        counts as sent, and it goes again one message at a time: a message whose exchange does
+        not exist is refused alone (the others may arrive twice; the claim guard runs them
+        once); any other closing reason (access refused) stops the batch as an outage."""
+        try:
+            return self._publish_batch(records)
+        except _ChannelClosed as exc:
+            log.warning(
+                "the broker closed the channel during a batch (%s): sending it again one job "
+                "at a time",
+                exc.__cause__,
+            )
+        done = Published()
+        for record in records:
+            try:
+                part = self._publish_batch([record])
+            except _ChannelClosed as exc:
+                if not isinstance(exc.__cause__, NotFound):  # access refused...: not this job's
+                    done.error = PublishError(f"the broker closed the channel: {exc.__cause__}")
+                    break
+                done.refused[record.id] = f"the broker closed the channel: {exc.__cause__}"
+                continue
+            done.ids.extend(part.ids)
+            done.refused.update(part.refused)
+            if part.error is not None:
+                done.error = part.error
+                break
+        return done
+
+    def _publish_batch(self, records: Sequence[JobRecord]) -> Published:
         done = Published()
         try:
             with self.app.producer_or_acquire() as producer:
@@ -338,7 +372,12 @@ class CeleryIntegration:
                         done.refused[record.id] = str(exc)
                         continue
                     done.ids.append(record.id)
+                _round_trip(producer)
+        except _ChannelClosed:
+            raise
         except PublishError as exc:
+            if isinstance(exc.__cause__, IrrecoverableChannelError):  # closed over an earlier one
+                raise _ChannelClosed() from exc.__cause__
             done.error = exc
         except Exception as exc:  # acquiring the connection failed
             done.error = PublishError(f"celery could not reach the broker: {exc}")
@@ -749,6 +788,21 @@ class CeleryIntegration:
             pending.stop()
         for store in stores:
             store.close()
+
+
+class _ChannelClosed(Exception):
+    """The AMQP broker closed a batch's channel over one of its messages."""
+
+
+def _round_trip(producer: Any) -> None:
+    """On AMQP, wait for the broker to answer on the producer's channel: a channel it closed
+    over a message of ours raises here (and the pool revives the channel for the next use)."""
+    if getattr(producer.connection.transport, "driver_type", None) != "amqp":
+        return
+    try:
+        producer.channel.exchange_declare("amq.direct", "direct", passive=True)
+    except IrrecoverableChannelError as exc:
+        raise _ChannelClosed() from exc
 
 
 class _ForkGuardedStore:
