@@ -255,10 +255,7 @@ class Outbox:
             part = self._flush_chunk(chunk)
             if part is None:
                 continue
-            done.ids.extend(part.ids)
-            done.refused.update(part.refused)
-            if part.error is not None:
-                done.error = part.error
+            if done.add(part):
                 self._open_at = self.clock() + self.breaker
                 handled = set(part.ids) | set(part.refused)
                 self._leave([i for i in ids[start:] if i not in handled], f"{part.error}")

@@ -137,11 +137,7 @@ class Relay:
                     len(records) - start,
                 )
                 break
-            part = self.publish(records[start : start + PUBLISH_SLICE])
-            done.ids.extend(part.ids)
-            done.refused.update(part.refused)
-            if part.error is not None:
-                done.error = part.error
+            if done.add(self.publish(records[start : start + PUBLISH_SLICE])):
                 break
         return done
 

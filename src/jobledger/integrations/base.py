@@ -43,6 +43,14 @@ class Published:
     error: PublishError | None = None
     refused: dict[str, str] = field(default_factory=dict)
 
+    def add(self, part: Published) -> bool:
+        """Take in what a later part of the same batch did; True if it stopped the batch."""
+        self.ids.extend(part.ids)
+        self.refused.update(part.refused)
+        if part.error is not None:
+            self.error = part.error
+        return part.error is not None
+
 
 @runtime_checkable
 class BatchPublisher(Protocol):
@@ -129,10 +137,7 @@ class Registry:
                 part = integration.publish_many(batch)
             else:
                 part = publish_one_by_one(integration.publish, batch)
-            done.ids.extend(part.ids)
-            done.refused.update(part.refused)
-            if part.error is not None:
-                done.error = part.error
+            if done.add(part):
                 return done
         return done
 

@@ -354,10 +354,7 @@ class CeleryIntegration:
                     break
                 done.refused[record.id] = f"the broker closed the channel: {exc.__cause__}"
                 continue
-            done.ids.extend(part.ids)
-            done.refused.update(part.refused)
-            if part.error is not None:
-                done.error = part.error
+            if done.add(part):
                 break
         return done
 
