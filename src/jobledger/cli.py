@@ -441,13 +441,14 @@ def _bulk(
     dry_run: bool,
     yes: bool,
     manager: Manager,
+    force: bool = False,
 ) -> ActionReport:
     if not ids and not filtered:
         raise ConfigError(
             f"say which jobs to {action}: job ids, or filters such as --state failed "
             "(--state with every state selects all)"
         )
-    run = manager.restart if action == "restart" else manager.cancel
+    run = functools.partial(manager.restart, force=force) if action == "restart" else manager.cancel
     if filtered and not dry_run:
         preview = run(ids or (), query, dry_run=True)
         _confirm_bulk(action, len(preview.done), yes)
@@ -470,22 +471,38 @@ def _bulk_command(action: str, summary: str) -> None:
         older_than: OlderThan = None,
         dry_run: DryRun = False,
         yes: Yes = False,
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force",
+                hidden=action != "restart",
+                help="Also restart queued, staged, retrying and running jobs (the new "
+                "generation fences off the older message and run, so the job runs once).",
+            ),
+        ] = False,
         app_module: AppModule = None,
         broker: BrokerUrl = None,
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
+        if force and action != "restart":
+            raise ConfigError(f"{action} takes no --force")
         filtered = any((state, queue, name, match, older_than))
         query = _query(state, queue, name, match, regex, older_than)
         manager = _manager(database_url, app_module, broker)
-        _print_report(_bulk(action, ids, query, filtered, dry_run, yes, manager), as_json)
+        report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
+        _print_report(report, as_json)
 
     command.__doc__ = summary
     command.__name__ = action
     _command(name=action)(command)
 
 
-_bulk_command("restart", "Publish jobs again with their own ids (failed, dead, stuck, orphaned).")
+_bulk_command(
+    "restart",
+    "Publish jobs again with their own ids: failed, dead, and started ones whose worker died "
+    "(--force: any unfinished job).",
+)
 _bulk_command("cancel", "Cancel unfinished jobs: a later delivery is acknowledged and not run.")
 
 

@@ -16,7 +16,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -54,9 +54,24 @@ class Health:
         self.ttl = ttl
         self.clock = clock
         self._last_ok: Any = multiprocessing.sharedctypes.RawValue("d", float("-inf"))
+        self._ok_since: Any = multiprocessing.sharedctypes.RawValue("d", float("inf"))
 
     def mark_ok(self) -> None:
-        self._last_ok.value = self.clock()
+        now = self.clock()
+        self._last_ok.value = now
+        if self._ok_since.value == float("inf"):
+            self._ok_since.value = now
+
+    def mark_failed(self) -> None:
+        """A beat failed: the ledger's continuous uptime, as seen from here, starts again."""
+        self._ok_since.value = float("inf")
+
+    @property
+    def up_for(self) -> float:
+        """Seconds the ledger has answered every beat of this process without a failure.
+        Liveness is judged only over time the ledger was up (see
+        :attr:`jobledger.recovery.Recovery.ledger_up_for`)."""
+        return max(0.0, self.clock() - float(self._ok_since.value))
 
     @property
     def last_ok(self) -> float:
@@ -88,12 +103,17 @@ class Heartbeat:
         clock: Clock = time.monotonic,
         health: Health | None = None,
         wait: Callable[[float], object] | None = None,
+        holding: Callable[[], Sequence[tuple[str, int]]] = tuple,
+        stats: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.store = store
         self.instance = instance
         self.interval = interval
         self.ttl = ttl
         self.in_flight = in_flight
+        self.holding = holding
+        self.stats = stats
+        self._wakeup = threading.Event()
         self.health = health if health is not None else Health(ttl, clock)
         self.failures = 0
         self._stopping = threading.Event()
@@ -133,9 +153,13 @@ class Heartbeat:
         must outlive any failure, or a live worker's running jobs would be recovered elsewhere."""
         with self._lock:
             try:
+                self.instance = replace(
+                    self.instance, holding=tuple(self.holding()), stats=dict(self.stats())
+                )
                 self.store.heartbeat(self.instance)
             except Exception as exc:
                 self.failures += 1
+                self.health.mark_failed()
                 if isinstance(exc, JobLedgerError):
                     log.warning("heartbeat of %s failed: %s", self.instance_id, exc)
                 else:
@@ -172,8 +196,18 @@ class Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stopping.wait(self.interval):
+        while True:
+            self._wakeup.wait(self.interval)
+            self._wakeup.clear()
+            if self._stopping.is_set():
+                return
             self.beat()
+
+    def wake(self) -> None:
+        """Beat soon, not at the next interval: what the instance holds changed (a job it
+        received is then in the ledger's view before a crash could hide it). Coalesced: many
+        wakes before the thread runs make one beat."""
+        self._wakeup.set()
 
     def mark_draining(self) -> None:
         """Say ``draining`` from the next beat on (safe to call from a signal handler)."""
@@ -214,6 +248,7 @@ class Heartbeat:
     def halt(self) -> None:
         """Stop the beating thread without deregistering (the row ages into death)."""
         self._stopping.set()
+        self._wakeup.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=max(1.0, 2 * self.interval))

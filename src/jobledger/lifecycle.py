@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import enum
 import logging
-import threading
-import time
 from dataclasses import dataclass, replace
 
 from jobledger.config import DEFAULT_MAX_RECOVERIES, DEFAULT_RECOVERY_WINDOW
 from jobledger.errors import StoreError
-from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState
+from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState, Republish
 from jobledger.pending import PendingWrites, TransitionWrite
-from jobledger.recovery import over_recovery_cap
-from jobledger.stores.base import KEEP, Store, Transition
-
-#: Seconds a redelivery to the job's own owner waits for the record to move (see
-#: :attr:`Lifecycle.own_redelivery_grace`).
-OWN_REDELIVERY_GRACE = 2.0
-_GRACE_PAUSE = threading.Event()  # never set: a sleep that reads as one
+from jobledger.recovery import over_recovery_cap, with_recovery
+from jobledger.stores.base import ANY, KEEP, Store, Transition
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +25,8 @@ _STARTED_OR_RETRYING = frozenset({JobState.STARTED, JobState.RETRYING})
 #: Final states a claim starts a job from only for a restart's delivery (the restart publishes
 #: before it moves the record); any other delivery of such a job is a stray redelivery.
 _RESTART_ONLY = frozenset({JobState.FAILED, JobState.DEAD})
+#: States the job's current message (same generation) is claimed from.
+_PENDING = CLAIMABLE_STATES - _RESTART_ONLY
 
 
 class Claim(str, enum.Enum):
@@ -46,6 +41,8 @@ class Claim(str, enum.Enum):
     DEFERRED = "deferred"  # the ledger is unreachable: run it, the claim is replayed later
     NOT_RESTARTED = "not_restarted"  # failed or dead, and this delivery is no restart: skip
     POISON_PILL = "poison_pill"  # its dead owner's takeover is over the recovery cap: now dead
+    STALE = "stale"  # an older generation than the record's: a republish superseded it
+    ORPHANED = "orphaned"  # started by a dead owner: its recovery republishes it, not this
 
     @property
     def should_run(self) -> bool:
@@ -67,6 +64,16 @@ class Lifecycle:
 
     ``max_recoveries`` and ``recovery_window`` are the poison-pill cap a takeover obeys, as
     the recovery sweep does.
+
+    **Generations** (invariant 2). A delivery that carries one is judged by facts only: older
+    than the record's, it is a stray a republish superseded (skipped); equal, it is the
+    job's current message (claimed from staged, queued or retrying; a started job is left to
+    its live owner, or to the recovery that republishes a dead owner's job); newer, its
+    republish has not moved the record yet, so it runs (taking over a started record when its
+    :class:`~jobledger.model.Republish` reason supersedes runs) and raises the record's
+    generation to its own, which makes the republisher's move lose harmlessly. Finishes then
+    compare the generation of the run, so a run superseded meanwhile changes nothing.
+    Deliveries without a generation (published before generations) keep the older rules.
     """
 
     store: Store
@@ -76,55 +83,139 @@ class Lifecycle:
     pending: PendingWrites | None = None
     max_recoveries: int = DEFAULT_MAX_RECOVERIES
     recovery_window: float = DEFAULT_RECOVERY_WINDOW
-    #: How long a delivery of a job this instance itself holds waits for the record to move
-    #: before it is judged a duplicate: the instance's own recovery of a job whose pool process
-    #: died publishes first and moves the record a moment later (invariant 1), and its message
-    #: may be delivered back to this instance in between.
-    own_redelivery_grace: float = OWN_REDELIVERY_GRACE
 
     def claim(
-        self, job_id: str, record: JobRecord | None = None, *, restart: bool = False
+        self,
+        job_id: str,
+        record: JobRecord | None = None,
+        *,
+        restart: bool = False,
+        generation: int | None = None,
+        republish: Republish | None = None,
     ) -> Claim:
         """Take the job before its body runs (invariant 2). ``record`` describes the job in case
-        the ledger has no record of it yet; it is created as started, owned by us. ``restart``:
-        this delivery is a restart's message, so a failed or dead job may start again."""
+        the ledger has no record of it yet; it is created as started, owned by us.
+        ``generation`` and ``republish`` are what the delivery's message carries (see the class
+        docstring); ``restart`` (messages without a generation): a restart's message, so a
+        failed or dead job may start again."""
+        write = ClaimWrite(job_id, record, self, restart, generation, republish)
         if self.pending is None:
-            return self._claim(job_id, record, restart=restart)
+            return write.claim(self.store)
         # What this process still owes the job goes first (a retry delivered back to us).
         if self.pending.flush(job_id):
             try:
-                return self._claim(job_id, record, restart=restart)
+                return write.claim(self.store)
             except StoreError as exc:
                 log.warning("job %s: claim deferred, the ledger is unavailable: %s", job_id, exc)
-        self.pending.add(ClaimWrite(job_id, record, self, restart))
+        self.pending.add(write)
         return Claim.DEFERRED
 
-    def _claim(self, job_id: str, record: JobRecord | None, *, restart: bool) -> Claim:
-        expect = CLAIMABLE_STATES if restart else CLAIMABLE_STATES - _RESTART_ONLY
-        grace_ends: float | None = None
-        tries = 0
-        while tries < 3:
-            claim = Transition(to=JobState.STARTED, expect=expect, owner=self.owner)
+    def _claim(
+        self,
+        job_id: str,
+        record: JobRecord | None,
+        *,
+        restart: bool = False,
+        generation: int | None = None,
+        republish: Republish | None = None,
+    ) -> Claim:
+        # a failed or dead job starts again from a restart's message only: one without a
+        # generation says so in a header; one with a generation is newer than the record
+        expect = CLAIMABLE_STATES if restart and generation is None else _PENDING
+        for _ in range(3):
+            claim = Transition(
+                to=JobState.STARTED,
+                expect=expect,
+                owner=self.owner,
+                expect_generation=generation,
+            )
             if self.store.transition(job_id, claim):
                 return Claim.CLAIMED
             current = self.store.get(job_id)
             if current is None:
                 if record is None:
                     raise LookupError(f"job {job_id} is not in the ledger and no record was given")
-                if self.store.create(self._as_started(record)):
+                if self.store.create(self._as_started(record, generation)):
                     return Claim.CREATED
-                tries += 1
                 continue  # created by someone else meanwhile: judge that record
-            if current.state is JobState.STARTED and current.owner == self.owner:
-                grace_ends = grace_ends or time.monotonic() + self.own_redelivery_grace
-                if time.monotonic() < grace_ends:
-                    _GRACE_PAUSE.wait(0.05)  # our own recovery may be about to move it
-                    continue
-            tries += 1
-            outcome = self._judge(current, restart=restart)
+            if generation is None:
+                outcome = self._judge(current, restart=restart)
+            else:
+                outcome = self._judge_generation(current, generation, republish)
             if outcome is not None:
                 return outcome
         return Claim.RUNNING_ELSEWHERE
+
+    def _judge_generation(
+        self, current: JobRecord, generation: int, republish: Republish | None
+    ) -> Claim | None:
+        """The claim of a delivery that carries ``generation`` (the class docstring's rules).
+        None: the job moved between our reads; try again."""
+        if generation < current.generation:
+            log.info(
+                "job %s: delivery of generation %d is stale (the ledger is at %d): skipped",
+                current.id,
+                generation,
+                current.generation,
+            )
+            return Claim.STALE
+        if current.state is JobState.SUCCEEDED:
+            log.warning("job %s already succeeded: duplicate delivery skipped", current.id)
+            return Claim.ALREADY_SUCCEEDED
+        if current.state is JobState.CANCELLED:
+            log.info("job %s was cancelled: delivery acknowledged, not run", current.id)
+            return Claim.CANCELLED
+        if generation == current.generation:
+            if current.state in _RESTART_ONLY:
+                log.warning(
+                    "job %s is %s and this delivery is no restart (a stray redelivery): skipped",
+                    current.id,
+                    current.state.value,
+                )
+                return Claim.NOT_RESTARTED
+            if current.state is not JobState.STARTED:
+                return None
+            if current.owner != self.owner and not self._alive(current.owner):
+                log.warning(
+                    "job %s: its owner %s is dead; left to the recovery that republishes it",
+                    current.id,
+                    current.owner,
+                )
+                return Claim.ORPHANED
+            log.warning("job %s runs on %s: duplicate skipped", current.id, current.owner)
+            return Claim.RUNNING_ELSEWHERE
+        # newer than the record: its republish has not moved the record yet
+        if current.state is JobState.STARTED and not (republish and republish.supersedes_run):
+            log.warning(
+                "job %s: a requeued message found it started by %s: skipped",
+                current.id,
+                current.owner,
+            )
+            return Claim.RUNNING_ELSEWHERE
+        counted = republish.counted_as if republish else None
+        ahead = Transition(
+            to=JobState.STARTED,
+            expect=frozenset({current.state}),
+            expect_owner=current.owner if current.state is JobState.STARTED else ANY,
+            owner=self.owner,
+            expect_generation=current.generation,
+            generation=generation,
+            reason=counted,
+            recent_recoveries=(
+                with_recovery(current, self.store.now()) if counted == "recovery" else None
+            ),
+        )
+        if not self.store.transition(current.id, ahead):
+            return None
+        if current.state is JobState.STARTED:
+            log.warning(
+                "job %s taken over from %s by its republished message", current.id, current.owner
+            )
+            return Claim.TAKEN_OVER
+        return Claim.CLAIMED
+
+    def _alive(self, owner: str | None) -> bool:
+        return bool(owner) and self.store.is_alive(str(owner), self.ttl)
 
     def _judge(self, current: JobRecord, *, restart: bool) -> Claim | None:
         if current.state in _RESTART_ONLY and not restart:
@@ -189,43 +280,64 @@ class Lifecycle:
         log.error("job %s (%s) is DEAD: %s", current.id, current.name, error)
         return Claim.POISON_PILL
 
-    def _as_started(self, record: JobRecord) -> JobRecord:
-        return replace(record, state=JobState.STARTED, owner=self.owner, attempts=1)
+    def _as_started(self, record: JobRecord, generation: int | None) -> JobRecord:
+        return replace(
+            record,
+            state=JobState.STARTED,
+            owner=self.owner,
+            attempts=1,
+            generation=generation or 0,
+        )
 
-    def succeed(self, job_id: str) -> bool:
+    # Every finish takes the ``generation`` the run claimed (None: its message had none) and
+    # compares it with owner and state (invariant 3): a run a republish superseded meanwhile,
+    # even one on this same instance, changes nothing.
+    def succeed(self, job_id: str, *, generation: int | None = None) -> bool:
         """started → succeeded, only if we still own it (invariant 3). False: the job was
         lost to another actor; True: done, or (with ``pending``) deferred until the ledger
         answers."""
-        return self._finish(job_id, JobState.SUCCEEDED, None, delete=self.delete_on_success)
+        return self._finish(
+            job_id, JobState.SUCCEEDED, None, generation, delete=self.delete_on_success
+        )
 
-    def fail(self, job_id: str, error: str, *, will_retry: bool) -> bool:
+    def fail(
+        self, job_id: str, error: str, *, will_retry: bool, generation: int | None = None
+    ) -> bool:
         """started → retrying (the queue retries it, invariant 8) or → failed (none left)."""
-        return self._finish(job_id, JobState.RETRYING if will_retry else JobState.FAILED, error)
+        to = JobState.RETRYING if will_retry else JobState.FAILED
+        return self._finish(job_id, to, error, generation)
 
-    def fail_unsent_retry(self, job_id: str, error: str) -> bool:
+    def fail_unsent_retry(self, job_id: str, error: str, *, generation: int | None = None) -> bool:
         """started or retrying → failed: the job failed while its retry was being published
         (it may already be ``retrying``, moved before the broker refused the message)."""
-        return self._finish(job_id, JobState.FAILED, error, expect=_STARTED_OR_RETRYING)
+        return self._finish(job_id, JobState.FAILED, error, generation, expect=_STARTED_OR_RETRYING)
 
-    def cancel(self, job_id: str, reason: str | None = None) -> bool:
+    def cancel(
+        self, job_id: str, reason: str | None = None, *, generation: int | None = None
+    ) -> bool:
         """started → cancelled (revoked while we ran it)."""
-        return self._finish(job_id, JobState.CANCELLED, reason)
+        return self._finish(job_id, JobState.CANCELLED, reason, generation)
 
-    def release(self, job_id: str) -> bool:
+    def release(self, job_id: str, *, generation: int | None = None) -> bool:
         """started → queued: the job goes back to its queue unrun (a requeueing reject)."""
-        return self._finish(job_id, JobState.QUEUED, None)
+        return self._finish(job_id, JobState.QUEUED, None, generation)
 
     def _finish(
         self,
         job_id: str,
         to: JobState,
         error: str | None,
+        generation: int | None,
         *,
         delete: bool = False,
         expect: frozenset[JobState] = _STARTED,
     ) -> bool:
         change = Transition(
-            to=to, expect=expect, expect_owner=self.owner, error=KEEP if error is None else error
+            to=to,
+            expect=expect,
+            expect_owner=self.owner,
+            error=KEEP if error is None else error,
+            expect_generation=generation,
         )
         write = TransitionWrite(job_id, change, delete=delete)
         if self.pending is None:
@@ -235,22 +347,38 @@ class Lifecycle:
 
 @dataclass(frozen=True)
 class ClaimWrite:
-    """A claim that met an unreachable ledger while the job ran anyway, replayed later so the
-    finish writes queued behind it find the job started and owned by us."""
+    """A claim as a write: made at once, or (the ledger unreachable while the job ran anyway)
+    replayed later, so the finish writes queued behind it find the job started by us."""
 
     job_id: str
     record: JobRecord | None
     lifecycle: Lifecycle
     restart: bool = False
+    generation: int | None = None
+    republish: Republish | None = None
+
+    def claim(self, store: Store) -> Claim:
+        on_store = replace(self.lifecycle, store=store, pending=None)
+        return on_store._claim(
+            self.job_id,
+            self.record,
+            restart=self.restart,
+            generation=self.generation,
+            republish=self.republish,
+        )
 
     def apply(self, store: Store, *, retried: bool = False) -> bool:
         owner = self.lifecycle.owner
         if retried:  # an earlier try may have committed before its answer was lost
             current = store.get(self.job_id)
-            if current and current.state is JobState.STARTED and current.owner == owner:
+            if (
+                current
+                and current.state is JobState.STARTED
+                and current.owner == owner
+                and (self.generation is None or current.generation == self.generation)
+            ):
                 return True
-        on_store = replace(self.lifecycle, store=store, pending=None)
-        claim = on_store._claim(self.job_id, self.record, restart=self.restart)
+        claim = self.claim(store)
         if claim.should_run:
             return True
         log.warning(

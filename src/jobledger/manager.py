@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from jobledger.config import Settings
 from jobledger.errors import JobNotFound, PublishError
@@ -24,6 +24,7 @@ from jobledger.model import (
     JobRecord,
     JobState,
     QueueStats,
+    Republish,
     validate_job_id,
 )
 from jobledger.query import JobQuery, iter_pages
@@ -138,11 +139,18 @@ class Manager:
         query: JobQuery | None = None,
         *,
         dry_run: bool = False,
+        force: bool = False,
     ) -> ActionReport:
-        """Publish the selected jobs again with their own ids, then move them to ``queued``.
+        """Publish the selected jobs again with their own ids and the next generation, then
+        move them to ``queued`` (invariant 1: publish first).
 
-        Selects the jobs named by ``ids`` plus those matching ``query``. Skips jobs that
-        succeeded or were cancelled, and started jobs whose owner is alive (they are running).
+        Selects the jobs named by ``ids`` plus those matching ``query``. Without ``force``
+        only jobs waiting for a person are restarted: failed, dead, and started ones whose
+        owner is dead (stuck); a queued, staged or retrying job, or one running on a live
+        instance, is skipped with the reason. ``force`` restarts those too: the new generation
+        makes the job's older message stale and fences off a run still going, so the job
+        runs once more, not twice. Jobs that succeeded or were cancelled are never restarted.
+        Two restarts racing on one job publish two copies of one generation: it runs once.
         Refuses the whole call with :class:`~jobledger.errors.IntegrationMissing`, changing
         nothing, if any selected job's queue system has no integration in this process.
         """
@@ -152,14 +160,16 @@ class Manager:
             system: self.integrations.get(system) for system in {r.system for r in targets}
         }
         for record in targets:
-            if record.state is JobState.STARTED and self._running(record):
-                report.skipped[record.id] = f"running on live instance {record.owner}"
+            refusal = None if force else self._not_restartable(record)
+            if refusal is not None:
+                report.skipped[record.id] = f"{refusal}; restart it with --force"
                 continue
             if dry_run:
                 report.done.append(record.id)
                 continue
+            after = replace(record, generation=record.generation + 1)
             try:
-                integrations[record.system].publish(record)
+                integrations[record.system].publish(after, reason=Republish.RESTART)
             except PublishError as exc:
                 report.failed[record.id] = str(exc)
                 continue
@@ -167,16 +177,28 @@ class Manager:
                 to=JobState.QUEUED,
                 expect=frozenset({record.state}),
                 expect_owner=record.owner if record.state is JobState.STARTED else ANY,
+                expect_generation=record.generation,
+                generation=after.generation,
                 reason="restart",
             )
             if not self.store.transition(record.id, change):
                 log.warning(
-                    "job %s was published again but moved on meanwhile; the claim guard keeps "
-                    "it from running twice",
+                    "job %s was published again but moved on meanwhile (its new message was "
+                    "delivered, or another restart won); generations keep it from running twice",
                     record.id,
                 )
             report.done.append(record.id)
         return report
+
+    def _not_restartable(self, record: JobRecord) -> str | None:
+        """Why a restart without ``force`` leaves ``record`` alone, or None."""
+        if record.state in FAILED_STATES:
+            return None
+        if record.state is JobState.STARTED:
+            if self._running(record):
+                return f"running on live instance {record.owner}"
+            return None
+        return f"is {record.state.value}, not failed, dead or stuck"
 
     def cancel(
         self,

@@ -23,12 +23,16 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from jobledger.errors import ConfigError, InvalidTransition
 
 #: The longest error text kept on a job; longer ones keep their head and tail.
 ERROR_MAX_LENGTH = 8192
+
+#: How many recovery times a job keeps for the windowed poison-pill cap (any cap above this
+#: counts at most this many recoveries in its window).
+RECENT_RECOVERIES_KEPT = 32
 
 #: The longest job id, task name, queue name or instance id a store accepts.
 NAME_MAX_LENGTH = 255
@@ -63,6 +67,29 @@ class JobState(str, enum.Enum):
         except (ValueError, AttributeError):
             known = ", ".join(s.value for s in cls)
             raise ConfigError(f"unknown job state {value!r}; known states: {known}") from None
+
+
+class Republish(str, enum.Enum):
+    """Why a job's message was published again; the message carries it beside its generation.
+
+    A delivery newer than the record it finds (its republish has not moved the record yet)
+    runs; whether it may also take over a ``started`` record depends on why it was sent:
+    a recovery or a restart supersedes the run it found dead, a requeue of a queued job whose
+    message was lost never does (a live run of the older message is the one to keep).
+    """
+
+    RECOVERY = "recovery"  # a started job whose owner or process died
+    RESTART = "restart"  # a person restarted it
+    REQUEUE = "requeue"  # a queued job whose message died with its instance or broker
+
+    @property
+    def supersedes_run(self) -> bool:
+        return self is not Republish.REQUEUE
+
+    @property
+    def counted_as(self) -> Literal["recovery", "restart"]:
+        """The counter a move on its account raises (``recoveries`` or ``restarts``)."""
+        return "restart" if self is Republish.RESTART else "recovery"
 
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED})
@@ -196,6 +223,14 @@ class JobRecord:
     attempts: int = 0
     recoveries: int = 0
     restarts: int = 0
+    #: The fencing generation (invariant 2): 0 at the first publish, raised by every republish
+    #: (recovery, restart, requeue) in the same compare-and-set that moves the record; each
+    #: message carries the generation it was published with, so a claim tells the current
+    #: delivery from a stray older one by a fact, not by timing.
+    generation: int = 0
+    #: Epoch seconds of the latest recoveries (newest last, at most
+    #: :data:`RECENT_RECOVERIES_KEPT`): the poison-pill cap counts those within its window.
+    recent_recoveries: tuple[float, ...] = ()
     error: str | None = None
     created_at: datetime | None = None
     staged_at: datetime | None = None
@@ -259,6 +294,13 @@ class Instance:
     heartbeat_at: datetime | None = None
     heartbeat_age: float | None = None
     alive: bool = True
+    #: The tracked jobs the instance had received at its last beat and not finished, with the
+    #: generation of each delivery: what the sweep puts back if the instance dies, including
+    #: jobs it had prefetched but not started (they are still ``queued`` in the ledger).
+    holding: tuple[tuple[str, int], ...] = ()
+    #: The instance's own counters at its last beat (duplicates skipped, unrecorded writes...),
+    #: cumulative since it started: the supervisor exports them.
+    stats: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:

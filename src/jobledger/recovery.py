@@ -16,13 +16,14 @@ import enum
 import logging
 import secrets
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from jobledger.config import Settings
 from jobledger.errors import JobLedgerError
 from jobledger.integrations.base import registry
 from jobledger.loop import Loop
-from jobledger.model import JobRecord, JobState, to_epoch
+from jobledger.model import RECENT_RECOVERIES_KEPT, JobRecord, JobState, Republish, to_epoch
 from jobledger.stores.base import Store, Transition
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,20 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "jobledger.recovery"
 
 _STARTED = frozenset({JobState.STARTED})
+#: The states of a job an instance received and had not started (its claim never landed).
+_PREFETCHED = frozenset({JobState.QUEUED, JobState.RETRYING})
 
-Publisher = Callable[[JobRecord], None]
+
+class Publisher(Protocol):
+    """Publishes a job again: the record carries the new generation, the reason goes in the
+    message (see :meth:`jobledger.integrations.base.Integration.publish`)."""
+
+    def __call__(self, record: JobRecord, *, reason: Republish) -> None: ...
 
 
-def publish_through_registry(record: JobRecord) -> None:
+def publish_through_registry(record: JobRecord, *, reason: Republish) -> None:
     """Publish ``record`` with the integration registered for its queue system."""
-    registry.get(record.system).publish(record)
+    registry.get(record.system).publish(record, reason=reason)
 
 
 class Outcome(str, enum.Enum):
@@ -52,19 +60,28 @@ class Outcome(str, enum.Enum):
 def over_recovery_cap(
     record: JobRecord, *, max_recoveries: int, window: float, now: Callable[[], float]
 ) -> bool:
-    """True if recovering ``record`` once more would exceed the poison-pill cap (invariant 6).
+    """True if recovering ``record`` once more would exceed the poison-pill cap (invariant 6):
+    ``max_recoveries`` recoveries already happened within the last ``window`` seconds.
 
-    The store keeps the total of recoveries and the time of the latest only, so the count is
-    taken as within the window when the latest recovery is; ``now`` (the store's clock) is
-    asked only then. Shared by the sweep and by a
-    claim that takes a job over from a dead owner, so neither path can rerun a poison pill.
+    Counted from the job's recent recovery times. A record whose recoveries predate those
+    (ledger schema 0001) counts all of them while its latest is within the window, as before.
+    ``now`` (the store's clock) is asked only when needed. Shared by the sweep and by a claim
+    that takes a job over, so neither reruns a poison pill.
     """
     if record.recoveries < max_recoveries:
         return False
-    if max_recoveries == 0 or record.recovered_at is None:
+    if max_recoveries == 0:
         return True
+    if record.recent_recoveries:
+        since = now() - window
+        return sum(1 for t in record.recent_recoveries if t >= since) >= max_recoveries
     last = to_epoch(record.recovered_at)
-    return last is not None and now() - last <= window
+    return last is None or now() - last <= window
+
+
+def with_recovery(record: JobRecord, now: float) -> tuple[float, ...]:
+    """The job's recent recovery times once one more happens at ``now`` (store clock)."""
+    return (*record.recent_recoveries, now)[-RECENT_RECOVERIES_KEPT:]
 
 
 #: An instance silent for this many TTLs, holding no started job, is forgotten by the sweep.
@@ -77,6 +94,8 @@ class SweepReport:
     ``pruned`` lists the long-dead instances it forgot."""
 
     locked_out: bool = False
+    #: The sweep judged nothing: the ledger has not been up for a full TTL as seen from here.
+    waiting: bool = False
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
 
@@ -94,6 +113,16 @@ class Recovery:
     ``systems`` limits the sweep to orphans of those queue systems (None: every system, and
     ``publish`` decides): a worker recovers its own system's jobs only, since publishing another
     system's job (an ``http`` job of the supervisor's seed endpoints) onto its queue loses it.
+
+    Besides started orphans, the sweep puts back the jobs a dead instance had *received but
+    not started* (prefetched: still ``queued`` at the generation it received), read from the
+    ``holding`` list of its last heartbeat; their messages sit unacknowledged in the broker,
+    and a surviving copy is skipped as stale once the new generation is published.
+
+    ``ledger_up_for`` says how long this process has seen the ledger answer without a break:
+    liveness is judged only over time the ledger was up, so until it reaches the TTL no
+    instance is declared dead (after an outage every heartbeat is old, because nobody could
+    write one, not because anybody died).
     """
 
     def __init__(
@@ -107,6 +136,7 @@ class Recovery:
         publish: Publisher = publish_through_registry,
         batch: int = 500,
         systems: Collection[str] | None = None,
+        ledger_up_for: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
         self.ttl = ttl
@@ -116,6 +146,7 @@ class Recovery:
         self.publish = publish
         self.batch = batch
         self.systems = None if systems is None else frozenset(systems)
+        self.ledger_up_for = ledger_up_for
         self.token = secrets.token_hex(8)
 
     @classmethod
@@ -126,6 +157,7 @@ class Recovery:
         *,
         publish: Publisher = publish_through_registry,
         systems: Collection[str] | None = None,
+        ledger_up_for: Callable[[], float] | None = None,
     ) -> Recovery:
         return cls(
             store,
@@ -135,28 +167,63 @@ class Recovery:
             lock_ttl=max(30.0, 2 * settings.recovery_interval),
             publish=publish,
             systems=systems,
+            ledger_up_for=ledger_up_for,
         )
 
     def sweep_once(self) -> SweepReport:
         """One sweep under the lock (what ``jobledger recover`` runs). Ledger errors propagate."""
         report = SweepReport()
+        if self.ledger_up_for is not None and self.ledger_up_for() < self.ttl:
+            report.waiting = True  # a death judged now could be the ledger's own outage
+            return report
         if not self.store.acquire_lock(LOCK_NAME, self.token, self.lock_ttl):
             report.locked_out = True
             return report
         try:
-            for orphan in self.store.orphans(self.ttl, limit=self.batch):
-                if not self.covers(orphan):
-                    continue  # another system's job: its own recoverer's business
-                # Renew before each job: if the lock was lost, another sweeper owns the rest.
-                if not self.store.acquire_lock(LOCK_NAME, self.token, self.lock_ttl):
-                    log.warning("recovery lock lost mid-sweep: leaving the rest to its holder")
-                    break
-                report.outcomes[orphan.id] = self.recover(orphan)
-            else:
+            if self._sweep_orphans(report) and self._requeue_held(report):
                 report.pruned = self._prune_dead_instances()
         finally:
             self.store.release_lock(LOCK_NAME, self.token)
         return report
+
+    def _sweep_orphans(self, report: SweepReport) -> bool:
+        """Recover started jobs of dead owners; False if the lock was lost midway."""
+        for orphan in self.store.orphans(self.ttl, limit=self.batch):
+            if not self.covers(orphan):
+                continue  # another system's job: its own recoverer's business
+            if not self._renew():
+                return False
+            report.outcomes[orphan.id] = self.recover(orphan)
+        return True
+
+    def _requeue_held(self, report: SweepReport) -> bool:
+        """Put back the jobs dead instances had received and not started; False if the lock
+        was lost midway."""
+        for instance in self.store.instances(self.ttl):
+            if instance.alive:
+                continue
+            for job_id, generation in instance.holding:
+                record = self.store.get(job_id)
+                if (
+                    record is None
+                    or record.state not in _PREFETCHED
+                    or record.generation != generation
+                    or not self.covers(record)
+                ):
+                    continue  # started (an orphan, above), finished, or put back already
+                if not self._renew():
+                    return False
+                report.outcomes[job_id] = self.requeue(
+                    record, why=f"its instance {instance.id} died holding it unstarted"
+                )
+        return True
+
+    def _renew(self) -> bool:
+        """Renew the lock before each job: if it was lost, another sweeper owns the rest."""
+        if self.store.acquire_lock(LOCK_NAME, self.token, self.lock_ttl):
+            return True
+        log.warning("recovery lock lost mid-sweep: leaving the rest to its holder")
+        return False
 
     def covers(self, record: JobRecord) -> bool:
         """True if this sweep recovers jobs of ``record``'s queue system."""
@@ -184,8 +251,9 @@ class Recovery:
     def recover(self, orphan: JobRecord, *, why: str = "its owner stopped beating") -> Outcome:
         """Publish one orphan again then move it to queued, or to dead over the cap.
 
-        ``orphan`` is the record as read (its ``owner`` is the compare-and-set's expected owner).
-        Also used by an integration for a job whose worker process died under it.
+        ``orphan`` is the record as read: its ``owner`` and ``generation`` are what the
+        compare-and-set expects, and the message carries the generation after it. Also used
+        by an integration for a job whose worker process died under it.
         """
         owner = orphan.owner
         if self._over_cap(orphan):
@@ -194,29 +262,55 @@ class Recovery:
                 f"{self.recovery_window:.0f}s (max {self.max_recoveries}); last owner {owner} "
                 f"died under it ({why}). Not re-enqueued; restart it by hand once fixed."
             )
-            change = Transition(to=JobState.DEAD, expect=_STARTED, expect_owner=owner, error=error)
+            change = Transition(
+                to=JobState.DEAD,
+                expect=_STARTED,
+                expect_owner=owner,
+                expect_generation=orphan.generation,
+                error=error,
+            )
             if self.store.transition(orphan.id, change):
                 log.error("job %s (%s) is DEAD: %s", orphan.id, orphan.name, error)
                 return Outcome.DEAD
             return self._race_lost(orphan)
+        return self._republish(orphan, Republish.RECOVERY, why)
+
+    def requeue(
+        self, record: JobRecord, *, why: str, reason: Republish = Republish.REQUEUE
+    ) -> Outcome:
+        """Publish a queued job whose message is gone (held by a dead instance or process)
+        again with the next generation, then move it queued → queued there. ``reason``
+        RECOVERY where the lost holder may have claimed it meanwhile (its message must then
+        supersede that run)."""
+        return self._republish(record, reason, why)
+
+    def _republish(self, record: JobRecord, reason: Republish, why: str) -> Outcome:
+        after = replace(record, generation=record.generation + 1)
         try:
-            self.publish(orphan)  # invariant 1: publish first
+            self.publish(after, reason=reason)  # invariant 1: publish first
         except JobLedgerError as exc:
-            log.error("could not publish orphan %s (%s) again: %s", orphan.id, orphan.name, exc)
+            log.error("could not publish job %s (%s) again: %s", record.id, record.name, exc)
             return Outcome.PUBLISH_FAILED
         change = Transition(
-            to=JobState.QUEUED, expect=_STARTED, expect_owner=owner, reason="recovery"
+            to=JobState.QUEUED,
+            expect=frozenset({record.state}),
+            expect_owner=record.owner,
+            expect_generation=record.generation,
+            generation=after.generation,
+            reason="recovery",
+            recent_recoveries=with_recovery(record, self.store.now()),
         )
-        if self.store.transition(orphan.id, change):
+        if self.store.transition(record.id, change):
             log.warning(
-                "job %s (%s) recovered from %s (%s): published again, queued",
-                orphan.id,
-                orphan.name,
-                owner,
+                "job %s (%s) recovered from %s (%s): published again as generation %d, queued",
+                record.id,
+                record.name,
+                record.owner or "its queue",
                 why,
+                after.generation,
             )
             return Outcome.REQUEUED
-        return self._race_lost(orphan)
+        return self._race_lost(record)
 
     def _over_cap(self, orphan: JobRecord) -> bool:
         return over_recovery_cap(

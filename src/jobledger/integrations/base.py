@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from jobledger.errors import IntegrationMissing, MessageRefused, PublishError
-from jobledger.model import JobRecord
+from jobledger.model import JobRecord, Republish
 
 #: The extra that brings each known queue system's integration.
 EXTRAS = {"celery": "celery", "rq": "rq", "dramatiq": "dramatiq", "sidekiq": "sidekiq"}
@@ -28,9 +28,13 @@ class Integration(Protocol):
     #: The queue system's name as job records carry it (``celery``, ``rq``, ...).
     system: str
 
-    def publish(self, record: JobRecord) -> None:
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
         """Put the job on its queue again, same id; raise :class:`~jobledger.errors.PublishError`
-        if the broker did not take it. Returning means the broker accepted the message."""
+        if the broker did not take it. Returning means the broker accepted the message.
+
+        The message must carry ``record.generation`` and ``reason`` (why it is republished;
+        None for a first publish, as the relay's) for the worker's claim to read back: that
+        is how a claim tells the current delivery from a stray older one (invariant 2)."""
 
 
 @dataclass

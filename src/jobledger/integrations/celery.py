@@ -51,6 +51,7 @@ import traceback
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -86,13 +87,13 @@ from jobledger.integrations.celery_staging import (
     staged_record,
 )
 from jobledger.lifecycle import Claim, Lifecycle
-from jobledger.model import JobRecord, JobState
+from jobledger.model import JobRecord, JobState, Republish
 from jobledger.outbox import Outbox
-from jobledger.pending import PendingWrites
+from jobledger.pending import PendingWrites, TransitionWrite
 from jobledger.recovery import Recovery, RecoveryLoop
 from jobledger.relay import Relay, RelayLoop
 from jobledger.stores import Store, store_for
-from jobledger.stores.base import StagedBatch, Transition
+from jobledger.stores.base import ANY, StagedBatch, Transition
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,13 @@ log = logging.getLogger(__name__)
 ENQUEUED_HEADER = "jobledger_enqueued_at"
 #: Message header saying the publisher tracked the job.
 TRACKED_HEADER = "jobledger_tracked"
-#: Message header of a restart's publish: only such a delivery may start a failed or dead job.
+#: Message header of a restart's publish: only such a delivery may start a failed or dead job
+#: (for workers from before generations; a current worker reads the generation).
 RESTART_HEADER = "jobledger_restart"
+#: Message header with the job's fencing generation at this publish (invariant 2).
+GENERATION_HEADER = "jobledger_generation"
+#: Message header saying why jobledger published the job again (a :class:`Republish` value).
+REPUBLISH_HEADER = "jobledger_republish"
 #: The publish options a record keeps, all that :meth:`CeleryIntegration.publish` passes on
 #: (``send_task`` keywords; ``link``/``link_error``/``chain``/``chord`` are the message's embed).
 REPUBLISH_OPTIONS = (
@@ -169,8 +175,12 @@ class CeleryIntegration:
         self.relay_loop: RelayLoop | None = None
         self._outboxes: dict[int, Outbox] = {}
         self._republishing = threading.local()  # set while publishing a staged job
-        # jobs this process claimed and runs now: their task name and replacement nesting
-        self._claimed: dict[str, tuple[str, int]] = {}
+        # jobs this process claimed and runs now: their task name, replacement nesting and
+        # the generation of the run
+        self._claimed: dict[str, tuple[str, int, int | None]] = {}
+        # main process: tracked jobs received from the broker, as records to put back if the
+        # pool process they were handed to dies before its claim lands
+        self._received: dict[str, JobRecord] = {}
         self._retrying: set[str] = set()  # of those, the ones already moved to retrying
         self._receivers: list[tuple[Any, Callable[..., Any]]] = []
 
@@ -222,7 +232,11 @@ class CeleryIntegration:
         """Recovery of this system's orphans only: another system's job published as a Celery
         task would be lost."""
         return Recovery.from_settings(
-            self.store, self.settings, publish=self.publish, systems={SYSTEM}
+            self.store,
+            self.settings,
+            publish=self.publish,
+            systems={SYSTEM},
+            ledger_up_for=lambda: self.health.up_for,
         )
 
     def _count(self, name: str) -> None:
@@ -322,10 +336,11 @@ class CeleryIntegration:
         return self.stage(name, args, kwargs, using=using, **options)
 
     # -- publishing ---------------------------------------------------------------------
-    def publish(self, record: JobRecord) -> None:
-        """Send the job again with its id, name, args, kwargs, queue and options. A failed or
-        dead job's message says it is a restart, the one delivery that may run it again."""
-        self._send(record)
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
+        """Send the job again with its id, name, args, kwargs, queue and options, and its
+        generation and ``reason`` in headers. A failed or dead job's message also says it is a
+        restart, for workers from before generations."""
+        self._send(record, reason=reason)
 
     def publish_many(self, records: Sequence[JobRecord]) -> Published:
         """Publish in order through one broker connection; stop at the first refusal.
@@ -380,11 +395,15 @@ class CeleryIntegration:
             done.error = PublishError(f"celery could not reach the broker: {exc}")
         return done
 
-    def _send(self, record: JobRecord, producer: Any = None) -> None:
+    def _send(
+        self, record: JobRecord, producer: Any = None, *, reason: Republish | None = None
+    ) -> None:
         options = {
             k: record.options[k] for k in REPUBLISH_OPTIONS if record.options.get(k) is not None
         }
-        headers: dict[str, Any] = {TRACKED_HEADER: True}
+        headers: dict[str, Any] = {TRACKED_HEADER: True, GENERATION_HEADER: record.generation}
+        if reason is not None:
+            headers[REPUBLISH_HEADER] = reason.value
         if record.state in _RESTARTED:
             headers[RESTART_HEADER] = True
         # Only a staged job's publish skips the record at publish: a recovery's or restart's
@@ -430,9 +449,14 @@ class CeleryIntegration:
         headers.setdefault(ENQUEUED_HEADER, time.time())
         if getattr(self._republishing, "active", False):
             return  # a staged job the relay or fast path publishes: the ledger has it
-        if job_id in self._claimed and job_id not in self._retrying:
-            # a retry or Task.replace: retrying *before* the message exists
-            self._moved_to_retrying(job_id, self._replacement(job_id, name, headers))
+        running = self._claimed.get(job_id)
+        if running is not None:
+            headers[GENERATION_HEADER] = running[2]  # a retry continues the run's generation
+            if job_id not in self._retrying:
+                # a retry or Task.replace: retrying *before* the message exists
+                self._moved_to_retrying(job_id, self._replacement(job_id, name, headers))
+        else:
+            headers.setdefault(GENERATION_HEADER, 0)  # a first publish (or one we made)
         args, kwargs = (
             (body[0], body[1]) if isinstance(body, (tuple, list)) and len(body) >= 2 else ([], {})
         )
@@ -456,7 +480,7 @@ class CeleryIntegration:
     def _replacement(self, job_id: str, name: str, headers: Mapping[str, Any]) -> str | None:
         """The reason if this publish of a running job is ``Task.replace`` (another task, or a
         deeper replacement nesting, under the same id), not a retry."""
-        running, nesting = self._claimed[job_id]
+        running, nesting, _ = self._claimed[job_id]
         if name == running and int(headers.get("replaced_task_nesting") or 0) <= nesting:
             return None
         return f"replaced by task {name} (Task.replace), which runs under the same job id"
@@ -464,8 +488,9 @@ class CeleryIntegration:
     def _moved_to_retrying(self, job_id: str, replaced: str | None = None) -> None:
         error = sys.exc_info()[1]
         text = replaced or (f"retry: {error!r}" if error is not None else "retry requested")
+        generation = self._claimed[job_id][2]
         try:
-            if self.lifecycle().fail(job_id, text, will_retry=True):
+            if self.lifecycle().fail(job_id, text, will_retry=True, generation=generation):
                 self._retrying.add(job_id)
         except JobLedgerError as exc:
             self._count("finish_unrecorded")
@@ -481,10 +506,15 @@ class CeleryIntegration:
         if not self.health.can_claim:
             return self._refuse(task, job_id, body)
         record = self._record_from_request(task)
+        generation = _generation_of(getattr(request, GENERATION_HEADER, None))
         lifecycle = self.lifecycle()
         try:
             claim = lifecycle.claim(
-                job_id, record, restart=bool(getattr(request, RESTART_HEADER, False))
+                job_id,
+                record,
+                restart=bool(getattr(request, RESTART_HEADER, False)),
+                generation=generation,
+                republish=_republish_of(getattr(request, REPUBLISH_HEADER, None)),
             )
         except JobLedgerError as exc:
             self._count("claim_unrecorded")
@@ -493,42 +523,40 @@ class CeleryIntegration:
         if claim is Claim.DEFERRED:
             self._count("claim_deferred")
         if not claim.should_run:
-            self._count(
-                "stray_redeliveries_skipped"
-                if claim is Claim.NOT_RESTARTED
-                else "duplicates_skipped"
-            )
+            self._count(_SKIP_COUNTERS.get(claim, "duplicates_skipped"))
             log.warning("job %s (%s) not run: %s", job_id, task.name, claim.value)
             raise Ignore()
-        self._claimed[job_id] = (task.name, int(request.get("replaced_task_nesting") or 0))
+        nesting = int(request.get("replaced_task_nesting") or 0)
+        self._claimed[job_id] = (task.name, nesting, generation)
+        g = generation
         try:
             result = body()
         except Retry:
             if job_id not in self._retrying:
-                self._finish(lambda: lifecycle.fail(job_id, "retry", will_retry=True))
+                self._finish(lambda: lifecycle.fail(job_id, "retry", will_retry=True, generation=g))
             raise
         except Ignore:
             if job_id not in self._retrying:  # else replaced: the replacement finishes the job
-                self._finish(lambda: lifecycle.succeed(job_id))
+                self._finish(lambda: lifecycle.succeed(job_id, generation=g))
             raise
         except Reject as rejection:
             if rejection.requeue:
-                self._finish(lambda: lifecycle.release(job_id))
+                self._finish(lambda: lifecycle.release(job_id, generation=g))
             else:
                 why = f"rejected: {rejection!r}"
-                self._finish(lambda: lifecycle.fail(job_id, why, will_retry=False))
+                self._finish(lambda: lifecycle.fail(job_id, why, will_retry=False, generation=g))
             raise
         except Exception:
             error = traceback.format_exc()
             if job_id in self._retrying:  # moved to retrying, then the retry's publish failed
-                self._finish(lambda: lifecycle.fail_unsent_retry(job_id, error))
+                self._finish(lambda: lifecycle.fail_unsent_retry(job_id, error, generation=g))
             else:
-                self._finish(lambda: lifecycle.fail(job_id, error, will_retry=False))
+                self._finish(lambda: lifecycle.fail(job_id, error, will_retry=False, generation=g))
             raise
         finally:
             self._claimed.pop(job_id, None)
             self._retrying.discard(job_id)
-        self._finish(lambda: lifecycle.succeed(job_id))
+        self._finish(lambda: lifecycle.succeed(job_id, generation=g))
         return result
 
     def _finish(self, write: Callable[[], object]) -> None:
@@ -553,19 +581,39 @@ class CeleryIntegration:
     def _record_from_request(self, task: Task) -> JobRecord:
         request = task.request
         delivery = request.delivery_info or {}
-        enqueued = getattr(request, ENQUEUED_HEADER, None)
+        return self._delivered_record(
+            job_id=str(request.id),
+            name=task.name,
+            queue=delivery.get("routing_key") or task.queue,
+            args=request.args,
+            kwargs=request.kwargs,
+            headers={h: getattr(request, h, None) for h in (ENQUEUED_HEADER, GENERATION_HEADER)},
+        )
+
+    def _delivered_record(
+        self,
+        *,
+        job_id: str,
+        name: str,
+        queue: str | None,
+        args: Any,
+        kwargs: Any,
+        headers: Mapping[str, Any],
+    ) -> JobRecord:
+        """The record a delivery describes (its generation included), for a claim that finds
+        no record (the ledger was down at publish) and for putting the job back."""
+        enqueued = headers.get(ENQUEUED_HEADER)
         queued_at = datetime.fromtimestamp(float(enqueued), tz=timezone.utc) if enqueued else None
         return JobRecord(
-            id=str(request.id),
-            name=task.name,
+            id=job_id,
+            name=name,
             system=SYSTEM,
-            queue=str(
-                delivery.get("routing_key") or task.queue or self.app.conf.task_default_queue
-            ),
-            args=list(request.args or ()),
-            kwargs=dict(request.kwargs or {}),
+            queue=str(queue or self.app.conf.task_default_queue),
+            args=list(args or ()),
+            kwargs=dict(kwargs or {}),
             queued_at=queued_at,
             first_queued_at=queued_at,
+            generation=_generation_of(headers.get(GENERATION_HEADER)) or 0,
         )
 
     # -- main-process hooks -------------------------------------------------------------------
@@ -616,17 +664,90 @@ class CeleryIntegration:
             log.warning("job %s hit its hard time limit, not recorded: %s", task_id, exc)
 
     def _recover_lost(self, task_id: str, exception: str) -> None:
+        """Put back the job of a pool process that died under it (the main process knows
+        what it handed that process): a job the process had claimed (started by this
+        instance), and one whose claim never landed (still queued or retrying at the
+        delivery's generation, or the claim deferred while the ledger was down)."""
+        delivered = self._received.pop(task_id, None)
+        why = f"its pool process died: {exception}"
         try:
             record = self.store.get(task_id)
-            if (
-                record is None
-                or record.state is not JobState.STARTED
-                or record.owner != self.instance_id
-            ):
-                return
-            self.recovery().recover(record, why=f"its pool process died: {exception}")
+        except JobLedgerError as exc:
+            if delivered is not None:
+                self._put_back_unreachable(delivered, why)
+            else:
+                log.warning("job %s lost its process; the sweep will recover it: %s", task_id, exc)
+            return
+        if record is None or (delivered is not None and record.generation != delivered.generation):
+            return  # republished meanwhile: that newer message is the job's
+        try:
+            if record.state is JobState.STARTED and record.owner == self.instance_id:
+                self.recovery().recover(record, why=why)
+            elif record.state in (JobState.QUEUED, JobState.RETRYING) and delivered is not None:
+                self.recovery().requeue(record, why=why, reason=Republish.RECOVERY)
         except JobLedgerError as exc:
             log.warning("job %s lost its process; the sweep will recover it: %s", task_id, exc)
+
+    def _put_back_unreachable(self, delivered: JobRecord, why: str) -> None:
+        """The ledger is down: publish the next generation of the job now, from what its
+        delivery said, and keep the ledger's move for the journal of pending writes (which
+        replays it after the dead process's own deferred claim, whichever that left)."""
+        after = replace(delivered, generation=delivered.generation + 1)
+        try:
+            self.publish(after, reason=Republish.RECOVERY)
+        except PublishError as exc:
+            log.error("job %s lost its process and cannot be put back now: %s", after.id, exc)
+            return
+        for source, owner in (
+            (frozenset({JobState.STARTED}), self.instance_id),
+            (frozenset({JobState.QUEUED, JobState.RETRYING}), ANY),
+        ):
+            move = Transition(
+                to=JobState.QUEUED,
+                expect=source,
+                expect_owner=owner,
+                expect_generation=delivered.generation,
+                generation=after.generation,
+                reason="recovery",
+            )
+            self.pending.submit(TransitionWrite(after.id, move))
+        log.warning("job %s put back as generation %d (%s)", after.id, after.generation, why)
+
+    def on_task_received(self, request: Any = None, **_: Any) -> None:
+        """Main process: remember a tracked delivery (to put it back if its pool process
+        dies before claiming it) and beat soon, so the ledger learns this instance holds it."""
+        headers = getattr(request, "request_dict", None) or {}
+        if not headers.get(TRACKED_HEADER) and not self.is_tracked(str(request.name)):
+            return
+        self._received[str(request.id)] = self._delivered_record(
+            job_id=str(request.id),
+            name=str(request.name),
+            queue=(request.delivery_info or {}).get("routing_key"),
+            args=request.args,
+            kwargs=request.kwargs,
+            headers=headers,
+        )
+        if self.heartbeat is not None:
+            self.heartbeat.wake()
+
+    def _holding(self) -> list[tuple[str, int]]:
+        """The tracked jobs this worker has received and not finished, with each delivery's
+        generation (written with every beat; the sweep puts them back if it dies)."""
+        from celery.worker import state as worker_state
+
+        for _ in range(3):
+            try:  # the event loop adds and removes requests while this thread reads
+                live = {str(r.id) for r in worker_state.reserved_requests} | {
+                    str(r.id) for r in worker_state.active_requests
+                }
+                break
+            except RuntimeError:
+                continue
+        else:
+            live = set(self._received)
+        for job_id in [i for i in self._received if i not in live]:
+            self._received.pop(job_id, None)  # finished: nothing to put back
+        return [(job_id, r.generation) for job_id, r in list(self._received.items())]
 
     def on_task_revoked(
         self, request: Any = None, terminated: bool = False, expired: bool = False, **_: Any
@@ -675,6 +796,8 @@ class CeleryIntegration:
             ttl=self.settings.ttl,
             in_flight=lambda: len(worker_state.active_requests),
             health=self.health,
+            holding=self._holding,
+            stats=lambda: self.counters,
         )
         self.heartbeat.start()
         self.recovery_loop = RecoveryLoop(
@@ -753,6 +876,7 @@ class CeleryIntegration:
             (signals.before_task_publish, self.on_before_publish),
             (signals.task_failure, self.on_task_failure),
             (signals.task_revoked, self.on_task_revoked),
+            (signals.task_received, self.on_task_received),
             (signals.worker_init, self.on_worker_init),
             (signals.worker_ready, self.on_worker_ready),
             (signals.worker_shutting_down, self.on_worker_shutting_down),
@@ -788,6 +912,33 @@ class CeleryIntegration:
             pending.stop()
         for store in stores:
             store.close()
+
+
+#: The counter a skipped delivery raises, by the claim's outcome (else ``duplicates_skipped``).
+_SKIP_COUNTERS = {
+    Claim.NOT_RESTARTED: "stray_redeliveries_skipped",
+    Claim.STALE: "stale_deliveries_skipped",
+    Claim.ORPHANED: "orphan_deliveries_skipped",
+}
+
+
+def _generation_of(value: object) -> int | None:
+    """A message's generation header as an int (None: published before generations)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        log.warning("ignored a malformed %s header: %r", GENERATION_HEADER, value)
+        return None
+
+
+def _republish_of(value: object) -> Republish | None:
+    try:
+        return None if value is None else Republish(value)
+    except ValueError:
+        log.warning("ignored a malformed %s header: %r", REPUBLISH_HEADER, value)
+        return None
 
 
 class _ChannelClosed(Exception):

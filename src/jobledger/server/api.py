@@ -7,12 +7,15 @@ a restart publishes through the Integration seam before the record moves (invari
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from jobledger.errors import ConfigError, StoreError, StoreUnavailable
+from jobledger.manager import ActionReport
 from jobledger.model import JobState
 from jobledger.query import Cursor, JobQuery
 from jobledger.serialize import (
@@ -143,6 +146,8 @@ class Selection(BaseModel):
     regex: bool = False
     older_than: str | None = Field(default=None, max_length=64)
     dry_run: bool = False
+    #: restart only: also queued, staged, retrying and running jobs (see ``Manager.restart``)
+    force: bool = False
 
     def filtered(self) -> bool:
         return any((self.state, self.queue, self.name, self.system, self.match, self.older_than))
@@ -165,7 +170,13 @@ def _act(ctx: Context, action: str, selection: Selection) -> dict[str, Any]:
         raise ApiError(
             422, f"say which jobs to {action}: ids, or a filter such as state=failed", "ids"
         )
-    run = ctx.manager.restart if action == "restart" else ctx.manager.cancel
+    if selection.force and action != "restart":
+        raise ApiError(422, f"{action} takes no force", "force")
+    run: Callable[..., ActionReport] = (
+        functools.partial(ctx.manager.restart, force=selection.force)
+        if action == "restart"
+        else ctx.manager.cancel
+    )
     try:
         return report_to_dict(run(ids, query, dry_run=selection.dry_run))
     except StoreError as exc:
@@ -191,8 +202,10 @@ def cancel_many(selection: Selection, request: Request) -> dict[str, Any]:
     summary="Publish one job again with its own id",
     dependencies=[Depends(write_access)],
 )
-def restart_one(job_id: str, request: Request, dry_run: bool = False) -> dict[str, Any]:
-    return _one(context(request), "restart", job_id, dry_run)
+def restart_one(
+    job_id: str, request: Request, dry_run: bool = False, force: bool = False
+) -> dict[str, Any]:
+    return _one(context(request), "restart", job_id, dry_run, force=force)
 
 
 @router.post(
@@ -202,10 +215,12 @@ def cancel_one(job_id: str, request: Request, dry_run: bool = False) -> dict[str
     return _one(context(request), "cancel", job_id, dry_run)
 
 
-def _one(ctx: Context, action: str, raw_id: str, dry_run: bool) -> dict[str, Any]:
+def _one(
+    ctx: Context, action: str, raw_id: str, dry_run: bool, *, force: bool = False
+) -> dict[str, Any]:
     jid = _path_id(raw_id)
     ctx.manager.get(jid)  # 404 for an unknown id, rather than a report that skipped it
-    return _act(ctx, action, Selection(ids=[jid], dry_run=dry_run))
+    return _act(ctx, action, Selection(ids=[jid], dry_run=dry_run, force=force))
 
 
 def _path_id(raw: str) -> str:

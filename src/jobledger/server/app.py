@@ -19,6 +19,7 @@ from fastapi.templating import Jinja2Templates
 from jobledger import __version__
 from jobledger.config import Settings
 from jobledger.errors import StoreError
+from jobledger.heartbeat import Health
 from jobledger.integrations.base import Registry, registry
 from jobledger.loop import Loop
 from jobledger.manager import Manager
@@ -81,9 +82,10 @@ def create_app(
         metrics=metrics,
         templates=templates(),
     )
-    loops: list[Loop] = [untracked_heartbeat(the_store, settings, metrics)]
+    health = Health(settings.ttl)
+    loops: list[Loop] = [untracked_heartbeat(the_store, settings, metrics, health)]
     if maintenance:
-        loops += maintenance_loops(the_store, settings, manager, the_registry, metrics)
+        loops += maintenance_loops(the_store, settings, manager, the_registry, metrics, health)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

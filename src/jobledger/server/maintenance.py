@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 
 from jobledger.config import Settings
+from jobledger.heartbeat import Health
 from jobledger.integrations.base import Registry
 from jobledger.loop import Loop
 from jobledger.manager import Manager
-from jobledger.model import JobRecord
+from jobledger.model import JobRecord, Republish
 from jobledger.recovery import Outcome, Recovery
 from jobledger.relay import Relay, RelayLoop
 from jobledger.server.events import UNTRACKED
@@ -25,14 +26,20 @@ from jobledger.stores.base import Store
 log = logging.getLogger(__name__)
 
 
-def untracked_heartbeat(store: Store, settings: Settings, metrics: Metrics) -> Loop:
-    """Keeps :data:`~jobledger.server.events.UNTRACKED` alive while the supervisor runs."""
-    return Loop(
-        "http-untracked-heartbeat",
-        settings.heartbeat_interval,
-        lambda: store.heartbeat(UNTRACKED),
-        on_error=metrics.ledger_errors.inc,
-    )
+def untracked_heartbeat(store: Store, settings: Settings, metrics: Metrics, health: Health) -> Loop:
+    """Keeps :data:`~jobledger.server.events.UNTRACKED` alive while the supervisor runs; its
+    beats also tell ``health`` how long the ledger has answered without a break, which the
+    supervisor's recovery waits to reach a TTL before it declares anybody dead."""
+
+    def beat() -> None:
+        store.heartbeat(UNTRACKED)
+        health.mark_ok()
+
+    def failed() -> None:
+        health.mark_failed()
+        metrics.ledger_errors.inc()
+
+    return Loop("http-untracked-heartbeat", settings.heartbeat_interval, beat, on_error=failed)
 
 
 def maintenance_loops(
@@ -41,13 +48,17 @@ def maintenance_loops(
     manager: Manager,
     integrations: Registry,
     metrics: Metrics,
+    health: Health,
 ) -> list[Loop]:
-    """The loops ``jobledger serve`` runs unless ``--no-maintenance``."""
+    """The loops ``jobledger serve`` runs unless ``--no-maintenance`` (``health``: the one
+    :func:`untracked_heartbeat` keeps)."""
 
-    def publish(record: JobRecord) -> None:
-        integrations.get(record.system).publish(record)
+    def publish(record: JobRecord, *, reason: Republish) -> None:
+        integrations.get(record.system).publish(record, reason=reason)
 
-    recovery = Recovery.from_settings(store, settings, publish=publish)
+    recovery = Recovery.from_settings(
+        store, settings, publish=publish, ledger_up_for=lambda: health.up_for
+    )
 
     def sweep() -> None:
         report = recovery.sweep_once()

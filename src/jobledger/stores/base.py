@@ -64,6 +64,11 @@ class Transition:
     ``restarts`` + 1 for a restart. Moving to ``queued`` or ``staged`` clears the owner; moving to
     ``started`` sets it to ``owner``; other moves keep it (so a finished job shows who ran it).
     (A staged job's owner is the lease of the relay publishing it: see ``staged_batch``.)
+
+    ``expect_generation`` adds the job's fencing generation to the compare (None: any);
+    ``generation`` sets it (a republish raises it in the move that accounts for the message).
+    ``recent_recoveries`` replaces the job's recovery times (the caller read them with the
+    generation it compares, so no concurrent recovery is lost).
     """
 
     to: JobState
@@ -73,6 +78,9 @@ class Transition:
     error: str | _Sentinel | None = KEEP
     reason: Literal["recovery", "restart"] | None = None
     at: float | None = None
+    expect_generation: int | None = None
+    generation: int | None = None
+    recent_recoveries: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expect", check_transition(self.expect, self.to))

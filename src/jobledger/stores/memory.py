@@ -53,8 +53,8 @@ from jobledger.stores.base import (
 from jobledger.stores.rows import (
     SEARCH_FIELDS,
     creation_row,
-    dump_json,
     duration_start,
+    instance_beat_values,
     instance_from_row,
     record_from_row,
     transition_values,
@@ -110,6 +110,10 @@ class MemoryStore(Store):
         with self._lock:
             row = self._jobs.get(job_id)
             if row is None or not _expected(row, change.expect, change.expect_owner):
+                return False
+            if change.expect_generation is not None and row["generation"] != (
+                change.expect_generation
+            ):
                 return False
             at = self.now() if change.at is None else float(change.at)
             row.update(
@@ -265,7 +269,6 @@ class MemoryStore(Store):
 
     # -- instances -------------------------------------------------------------------------
     def heartbeat(self, instance: Instance) -> None:
-        queues = dump_json(list(instance.queues))
         with self._lock:
             now = self.now()
             row = self._instances.get(instance.id)
@@ -278,7 +281,7 @@ class MemoryStore(Store):
                     "pid": instance.pid,
                     "started_at": now,
                 }
-            row.update(state=instance.state.value, queues=queues, heartbeat_at=now)
+            row.update(instance_beat_values(instance), heartbeat_at=now)
 
     def deregister(self, instance_id: str) -> bool:
         with self._lock:

@@ -69,6 +69,8 @@ def record_to_row(record: JobRecord) -> dict[str, Any]:
         "attempts": record.attempts,
         "recoveries": record.recoveries,
         "restarts": record.restarts,
+        "generation": record.generation,
+        "recent_recoveries": dump_json(list(record.recent_recoveries)),
         "error": record.error,
         "created_at": to_epoch(record.created_at),
         "staged_at": to_epoch(record.staged_at),
@@ -130,6 +132,10 @@ def transition_values(
         values["recovered_at"] = at
     elif change.reason == "restart":
         values["restarts"] = increment("restarts")
+    if change.recent_recoveries is not None:
+        values["recent_recoveries"] = dump_json(list(change.recent_recoveries))
+    if change.generation is not None:
+        values["generation"] = change.generation
     if change.error is not KEEP:
         values["error"] = change.error
     return values
@@ -151,6 +157,8 @@ def record_from_row(row: Mapping[Any, Any]) -> JobRecord:
         attempts=row["attempts"],
         recoveries=row["recoveries"],
         restarts=row["restarts"],
+        generation=row["generation"],
+        recent_recoveries=tuple(json.loads(row["recent_recoveries"] or "[]")),
         error=row["error"],
         created_at=to_datetime(row["created_at"]),
         staged_at=to_datetime(row["staged_at"]),
@@ -176,7 +184,19 @@ def instance_from_row(row: Mapping[Any, Any], age: float, ttl: float) -> Instanc
         heartbeat_at=to_datetime(row["heartbeat_at"]),
         heartbeat_age=max(0.0, age),
         alive=age <= ttl,
+        holding=tuple((str(i), int(g)) for i, g in json.loads(row.get("holding") or "[]")),
+        stats=json.loads(row.get("stats") or "{}"),
     )
+
+
+def instance_beat_values(instance: Instance) -> dict[str, Any]:
+    """What a heartbeat writes on the instance's row besides the time."""
+    return {
+        "state": instance.state.value,
+        "queues": dump_json(list(instance.queues)),
+        "holding": dump_json([list(h) for h in instance.holding]),
+        "stats": dump_json(dict(instance.stats)),
+    }
 
 
 def duration_start(kind: DurationKind) -> str:

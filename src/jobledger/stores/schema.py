@@ -29,7 +29,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 
 #: Alembic's version table for the ledger's own migrations, apart from the application's.
 VERSION_TABLE = "jobledger_alembic_version"
@@ -69,6 +69,8 @@ jobs = Table(
     Column("attempts", Integer, nullable=False),
     Column("recoveries", Integer, nullable=False),
     Column("restarts", Integer, nullable=False),
+    Column("generation", Integer, nullable=False, server_default="0"),
+    Column("recent_recoveries", Text),
     Column("error", Text),
     _stamp("created_at", nullable=False),
     _stamp("staged_at"),
@@ -98,6 +100,8 @@ instances = Table(
     Column("state", String(16), nullable=False),
     _stamp("started_at", nullable=False),
     _stamp("heartbeat_at", nullable=False),
+    Column("holding", LongText),
+    Column("stats", Text),
     **_MYSQL_TABLE,
 )
 

@@ -66,8 +66,8 @@ from jobledger.stores.base import (
 from jobledger.stores.rows import (
     SEARCH_FIELDS,
     creation_row,
-    dump_json,
     duration_start,
+    instance_beat_values,
     instance_from_row,
     record_from_row,
     transition_values,
@@ -364,7 +364,12 @@ class SQLStore(Store):
     def _transition(self, conn: Connection, job_id: str, change: Transition) -> bool:
         statement = (
             update(jobs)
-            .where(jobs.c.id == job_id, _state_in(change.expect), *_owner_is(change.expect_owner))
+            .where(
+                jobs.c.id == job_id,
+                _state_in(change.expect),
+                *_owner_is(change.expect_owner),
+                *_generation_is(change.expect_generation),
+            )
             .values(**_moved(change))
         )
         return conn.execute(statement).rowcount == 1
@@ -653,11 +658,7 @@ class SQLStore(Store):
         self._retrying(self._heartbeat, instance)
 
     def _heartbeat(self, conn: Connection, instance: Instance) -> None:
-        values = {
-            "state": instance.state.value,
-            "queues": dump_json(list(instance.queues)),
-            "heartbeat_at": db_now(),
-        }
+        values = {**instance_beat_values(instance), "heartbeat_at": db_now()}
         found = conn.execute(
             update(instances).where(instances.c.id == instance.id).values(**values)
         ).rowcount
@@ -809,6 +810,10 @@ def _owner_is(owner: str | _Sentinel | None) -> list[ColumnElement[bool]]:
     if owner is None:
         return [jobs.c.owner.is_(None)]
     return [jobs.c.owner == owner]
+
+
+def _generation_is(generation: int | None) -> list[ColumnElement[bool]]:
+    return [] if generation is None else [jobs.c.generation == generation]
 
 
 def _duration(kind: DurationKind) -> ColumnElement[float]:

@@ -92,6 +92,20 @@ def downgrade_ledger(apps: Any, schema_editor: Any) -> None:
         _drop_version_table(schema_editor)
 
 
+def downgrade_ledger_to(revision: str) -> Any:
+    """A ``RunPython`` backward that takes the ledger schema back to ``revision`` (the one
+    the Django migration before it brought), keeping the tables and their jobs."""
+
+    def backward(apps: Any, schema_editor: Any) -> None:
+        connection = schema_editor.connection
+        current = current_revision(connection)
+        if current is not None and current != revision:
+            for statement in alembic_sql(dialect_for(connection), current, revision, upward=False):
+                schema_editor.execute(statement, params=None)
+
+    return backward
+
+
 def _drop_version_table(schema_editor: Any) -> None:
     schema_editor.execute(f"DROP TABLE {schema_editor.quote_name(VERSION_TABLE)}", params=None)
 
@@ -121,9 +135,12 @@ def current_revision(connection: Any) -> str | None:
     return found[0] if found else None
 
 
-def alembic_sql(dialect: str, start: str | None, destination: str) -> list[str]:
+def alembic_sql(
+    dialect: str, start: str | None, destination: str, *, upward: bool | None = None
+) -> list[str]:
     """The statements Alembic runs to take the ledger from revision ``start`` (None: no
-    schema) to ``destination`` (``head`` or ``base``) on ``dialect``, in order."""
+    schema) to ``destination`` on ``dialect``, in order: up for ``head``, down for ``base``,
+    as ``upward`` says for a revision."""
     from alembic.config import Config
     from alembic.runtime.environment import EnvironmentContext
     from alembic.runtime.migration import MigrationContext, RevisionStep
@@ -135,7 +152,8 @@ def alembic_sql(dialect: str, start: str | None, destination: str) -> list[str]:
     config = Config()
     config.set_main_option("script_location", str(ledger_migrations.HERE))
     script = ScriptDirectory.from_config(config)
-    upward = destination != "base"
+    if upward is None:
+        upward = destination != "base"
 
     def steps(heads: Any, context: MigrationContext) -> Iterable[RevisionStep]:
         if upward:
