@@ -455,6 +455,17 @@ def _bulk(
     return run(ids or (), query if filtered else None, dry_run=dry_run)
 
 
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Also restart jobs running on a live worker (the new generation fences off "
+        "the run still going, so the job's result is recorded once).",
+    ),
+]
+_HIDDEN_FORCE = Annotated[bool, typer.Option("--force", hidden=True)]
+
+
 def _bulk_command(action: str, summary: str) -> None:
     """Register ``restart`` or ``cancel``: the same selection (ids and/or filters), asked
     about before a bulk change, differing only in what the manager does with it."""
@@ -471,15 +482,7 @@ def _bulk_command(action: str, summary: str) -> None:
         older_than: OlderThan = None,
         dry_run: DryRun = False,
         yes: Yes = False,
-        force: Annotated[
-            bool,
-            typer.Option(
-                "--force",
-                hidden=action != "restart",
-                help="Also restart queued, staged, retrying and running jobs (the new "
-                "generation fences off the older message and run, so the job runs once).",
-            ),
-        ] = False,
+        force: Force = False,
         app_module: AppModule = None,
         broker: BrokerUrl = None,
         as_json: AsJson = False,
@@ -495,13 +498,14 @@ def _bulk_command(action: str, summary: str) -> None:
 
     command.__doc__ = summary
     command.__name__ = action
+    if action != "restart":
+        command.__annotations__["force"] = _HIDDEN_FORCE
     _command(name=action)(command)
 
 
 _bulk_command(
     "restart",
-    "Publish jobs again with their own ids: failed, dead, and started ones whose worker died "
-    "(--force: any unfinished job).",
+    "Publish jobs again with their own ids (failed, dead, stuck, orphaned; --force: running).",
 )
 _bulk_command("cancel", "Cancel unfinished jobs: a later delivery is acknowledged and not run.")
 

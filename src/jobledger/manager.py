@@ -144,12 +144,12 @@ class Manager:
         """Publish the selected jobs again with their own ids and the next generation, then
         move them to ``queued`` (invariant 1: publish first).
 
-        Selects the jobs named by ``ids`` plus those matching ``query``. Without ``force``
-        only jobs waiting for a person are restarted: failed, dead, and started ones whose
-        owner is dead (stuck); a queued, staged or retrying job, or one running on a live
-        instance, is skipped with the reason. ``force`` restarts those too: the new generation
-        makes the job's older message stale and fences off a run still going, so the job
-        runs once more, not twice. Jobs that succeeded or were cancelled are never restarted.
+        Selects the jobs named by ``ids`` plus those matching ``query``. A job running on a
+        live instance is skipped with the reason unless ``force``; every other unfinished,
+        failed or dead job is restarted (a queued one whose message the broker lost is
+        stuck). The new generation makes the job's older message stale and, with ``force``,
+        fences off the run still going, so a restart runs the job once more, never twice.
+        Jobs that succeeded or were cancelled are never restarted.
         Two restarts racing on one job publish two copies of one generation: it runs once.
         Refuses the whole call with :class:`~jobledger.errors.IntegrationMissing`, changing
         nothing, if any selected job's queue system has no integration in this process.
@@ -192,13 +192,9 @@ class Manager:
 
     def _not_restartable(self, record: JobRecord) -> str | None:
         """Why a restart without ``force`` leaves ``record`` alone, or None."""
-        if record.state in FAILED_STATES:
-            return None
-        if record.state is JobState.STARTED:
-            if self._running(record):
-                return f"running on live instance {record.owner}"
-            return None
-        return f"is {record.state.value}, not failed, dead or stuck"
+        if record.state is JobState.STARTED and self._running(record):
+            return f"running on live instance {record.owner}"
+        return None
 
     def cancel(
         self,

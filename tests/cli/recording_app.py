@@ -15,7 +15,7 @@ import os
 
 from jobledger.errors import PublishError
 from jobledger.integrations.base import registry
-from jobledger.model import JobRecord
+from jobledger.model import JobRecord, Republish
 from jobledger.stores.sql import SQLStore
 
 _ledger: SQLStore | None = None
@@ -36,7 +36,7 @@ class RecordingIntegration:
     def __init__(self, system: str) -> None:
         self.system = system
 
-    def publish(self, record: JobRecord) -> None:
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
         refused = {i for i in os.environ.get("RECORDING_APP_FAIL", "").split(",") if i}
         if record.id in refused:
             raise PublishError(f"broker refused {record.id}: connection reset")

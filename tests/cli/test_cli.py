@@ -47,7 +47,8 @@ from .helpers import (
 
 JOB_FIELDS = {
     "id", "name", "system", "queue", "args", "kwargs", "options", "tags", "state", "owner",
-    "attempts", "recoveries", "restarts", "error", "created_at", "staged_at",
+    "attempts", "recoveries", "restarts", "generation", "recent_recoveries", "error",
+    "created_at", "staged_at",
     "first_queued_at", "queued_at", "started_at", "finished_at", "recovered_at", "updated_at",
     "queued_to_finished", "started_to_finished",
 }  # fmt: skip
@@ -167,6 +168,8 @@ def test_jobs_json_lines_carry_every_field(cli: Cli, ledger: Ledger) -> None:
         "kwargs": {"template": "welcome"},
         "options": {"priority": 5},
         "tags": {"tenant": "acme"},
+        "generation": 0,
+        "recent_recoveries": [],
         "state": "queued",
         "owner": None,
         "attempts": 0,
@@ -505,7 +508,7 @@ def test_restart_by_ids_publishes_first_then_requeues(
     assert report["skipped"] == {
         "done-1": "is succeeded",
         "cancelled-1": "is cancelled",
-        "running-1": f"running on live instance {LIVE_WORKER.id}",
+        "running-1": f"running on live instance {LIVE_WORKER.id}; restart it with --force",
         "no-such-job": "not found",
     }
     assert report["failed"] == {}
@@ -579,7 +582,7 @@ def test_restart_by_filter_dry_run_yes_and_age(
     assert sorted(lines[5:]) == [
         "skipped cancelled-1: is cancelled",
         "skipped done-1: is succeeded",
-        f"skipped running-1: running on live instance {LIVE_WORKER.id}",
+        f"skipped running-1: running on live instance {LIVE_WORKER.id}; restart it with --force",
     ]
     assert sorted(p["id"] for p in read_log(publish_log)) == sorted(RESTARTED)
     for job_id in RESTARTED:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -21,7 +21,7 @@ from jobledger.errors import ConfigError, IntegrationMissing, JobNotFound, Publi
 from jobledger.integrations.base import Registry
 from jobledger.lifecycle import Lifecycle
 from jobledger.manager import Manager
-from jobledger.model import Instance, JobRecord, JobState
+from jobledger.model import Instance, JobRecord, JobState, Republish
 from jobledger.query import JobQuery
 from jobledger.stores.schema import instances, jobs, locks
 from jobledger.stores.sql import SQLStore
@@ -51,7 +51,7 @@ class Recorder:
     published: list[tuple[str, JobState]] = field(default_factory=list)
     records: list[JobRecord] = field(default_factory=list)
 
-    def publish(self, record: JobRecord) -> None:
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
         if record.id in self.refuse:
             raise PublishError(f"broker down for {record.id}")
         current = self.store.get(record.id)
@@ -271,12 +271,14 @@ def test_restart_by_ids(manager: Manager, sql_store: SQLStore, recorder: Recorde
         "missing-1": "not found",
         "ok-1": "is succeeded",
         "cancelled-1": "is cancelled",
-        "running": f"running on live instance {LIVE.id}",
+        "running": f"running on live instance {LIVE.id}; restart it with --force",
     }
     # Published once each, with the ledger still showing the old state (invariant 1), and the
     # record as stored: id, name, args, queue and options unchanged.
     assert sorted(recorder.published) == sorted((i, before[i].state) for i in restarted)
-    assert {r.id: r for r in recorder.records} == {i: before[i] for i in restarted}
+    assert {r.id: r for r in recorder.records} == {
+        i: replace(before[i], generation=before[i].generation + 1) for i in restarted
+    }
     for job_id, old in before.items():
         new = sql_store.get(job_id)
         assert new is not None
@@ -285,6 +287,7 @@ def test_restart_by_ids(manager: Manager, sql_store: SQLStore, recorder: Recorde
             continue
         assert new.state is S.QUEUED and new.owner is None
         assert new.restarts == old.restarts + 1
+        assert new.generation == old.generation + 1  # the restart's message is the current one
         assert (new.args, new.kwargs, new.options, new.queue, new.attempts) == (
             old.args, old.kwargs, old.options, old.queue, old.attempts,
         )  # fmt: skip
@@ -307,7 +310,9 @@ def test_restart_by_filter_and_age_with_dry_run(
     assert sorted(everything.done) == [
         "dead-1", "failed-1", "orphan", "queued-new", "queued-old",
     ]  # fmt: skip
-    assert everything.skipped["running"] == f"running on live instance {LIVE.id}"
+    assert everything.skipped["running"] == (
+        f"running on live instance {LIVE.id}; restart it with --force"
+    )
     assert recorder.published == []
     assert snapshot(sql_store) == before  # a dry run changes nothing
 
@@ -360,7 +365,7 @@ def test_restart_of_a_job_that_moves_on_while_it_is_published(
     restart_seed(sql_store)
 
     class ClaimedMeanwhile(Recorder):
-        def publish(self, record: JobRecord) -> None:
+        def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
             super().publish(record)
             # the delivery of a restart's message (it carries the restart header)
             claim = Lifecycle(self.store, LIVE.id, ttl=30).claim(record.id, restart=True)

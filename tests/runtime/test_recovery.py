@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jobledger.errors import PublishError
-from jobledger.model import Instance, JobRecord, JobState
+from jobledger.model import Instance, JobRecord, JobState, Republish
 from jobledger.query import JobQuery
 from jobledger.recovery import LOCK_NAME, Outcome, Recovery, RecoveryLoop
 from jobledger.stores.base import Transition
@@ -50,7 +50,7 @@ class Recorder:
         self.published: list[str] = []
         self.lock = threading.Lock()
 
-    def __call__(self, record: JobRecord) -> None:
+    def __call__(self, record: JobRecord, *, reason: Republish | None = None) -> None:
         if self.fail:
             raise PublishError("broker down (test)")
         current = self.store.get(record.id)

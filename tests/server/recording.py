@@ -12,7 +12,7 @@ import os
 import threading
 
 from jobledger.integrations.base import registry
-from jobledger.model import JobRecord
+from jobledger.model import JobRecord, Republish
 
 
 class RecordingIntegration:
@@ -24,7 +24,7 @@ class RecordingIntegration:
         self.published: list[str] = []
         self._lock = threading.Lock()
 
-    def publish(self, record: JobRecord) -> None:
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
         with self._lock:
             self.published.append(record.id)
             if self.log_path:

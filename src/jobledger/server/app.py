@@ -82,10 +82,12 @@ def create_app(
         metrics=metrics,
         templates=templates(),
     )
-    health = Health(settings.ttl)
-    loops: list[Loop] = [untracked_heartbeat(the_store, settings, metrics, health)]
+    ledger_health = Health(settings.ttl)
+    loops: list[Loop] = [untracked_heartbeat(the_store, settings, metrics, ledger_health)]
     if maintenance:
-        loops += maintenance_loops(the_store, settings, manager, the_registry, metrics, health)
+        loops += maintenance_loops(
+            the_store, settings, manager, the_registry, metrics, ledger_health
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
