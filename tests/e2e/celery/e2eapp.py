@@ -15,7 +15,7 @@ from celery import Celery
 
 from jobledger.config import Settings
 from jobledger.integrations.celery import CeleryIntegration, install
-from jobledger.model import JobRecord
+from jobledger.model import JobRecord, Republish
 
 RUNS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS runs (job_id TEXT, phase TEXT, worker TEXT, at REAL, pid INT)"
@@ -108,9 +108,9 @@ def make_app(
     integration = install(app, settings=settings)
     publish = integration.publish
 
-    def counted_publish(record: JobRecord) -> None:
+    def counted_publish(record: JobRecord, *, reason: Republish | None = None) -> None:
         """Every publish by a recoverer (recovery, restart) leaves a row in the runs table."""
-        publish(record)
+        publish(record, reason=reason)
         record_run(record.id, "published")
 
     integration.publish = counted_publish  # type: ignore[method-assign]
