@@ -248,11 +248,10 @@ def finished(store: Store, jid: str, event: JobEvent, to: JobState) -> Outcome:
     if store.transition(jid, change):
         return Outcome(jid, to, True, "finished")
     latest = store.get(jid)
+    now = f"{latest.state.value} (owner {latest.owner or 'none'})" if latest else "gone"
+    by = owner or "an event that names no instance"
     raise ApiError(
-        409,
-        f"job {jid} is {latest.state.value if latest else 'gone'} (owner "
-        f"{latest.owner if latest else None}): not finished by {owner}, the result is not applied",
-        "instance",
+        409, f"job {jid} is {now}: not finished by {by}; the result is not applied", "instance"
     )
 
 
