@@ -99,8 +99,9 @@ _TRANSIENT_CODES = {"40P01", "40001", 1213, 1205}
 
 
 def parse_url(url: str | URL) -> URL:
-    """A SQLAlchemy URL with jobledger's default driver filled in; :class:`ConfigError` if the
-    text is not a database URL."""
+    """A SQLAlchemy URL with jobledger's default driver filled in (``postgres://``, the
+    spelling of Heroku, libpq and many hosts, read as ``postgresql://``); :class:`ConfigError`
+    if the text is not a database URL."""
     try:
         parsed = make_url(url)
     except (sa_exc.ArgumentError, ValueError):
@@ -109,6 +110,9 @@ def parse_url(url: str | URL) -> URL:
             "postgresql://user@host/db"
         ) from None
     backend = parsed.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+        parsed = parsed.set(drivername=parsed.drivername.replace("postgres", backend, 1))
     if "+" not in parsed.drivername and backend in _DEFAULT_DRIVERS:
         parsed = parsed.set(drivername=f"{backend}+{_DEFAULT_DRIVERS[backend]}")
     if backend in ("mysql", "mariadb") and "charset" not in parsed.query:
