@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import inspect
 import json
 import os
 import signal
@@ -22,8 +24,10 @@ from rich.console import Console
 from rich.table import Table
 from typer.exceptions import TyperException
 
+from jobledger import __version__
 from jobledger.config import Settings, parse_duration
-from jobledger.errors import ConfigError, JobLedgerError
+from jobledger.errors import ConfigError, IntegrationMissing, JobLedgerError
+from jobledger.integrations.base import EXTRAS
 from jobledger.manager import ActionReport, Manager
 from jobledger.model import JobRecord, JobState, OutboxStats
 from jobledger.query import JobQuery
@@ -37,13 +41,37 @@ from jobledger.serialize import (
 )
 from jobledger.stores import Store, store_for
 
+#: Plain help (no Rich markup): Rich read ``[default: …]`` in a help text as a markup tag and
+#: dropped it, and printed ``<bool>`` beside every flag.
 app = typer.Typer(
     name="jobledger",
     help="A durable ledger for background jobs: see what is stuck, restart it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"jobledger {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print jobledger's version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """A durable ledger for background jobs: see what is stuck, restart it."""
 
 
 class _Console(Console):
@@ -68,6 +96,7 @@ DatabaseUrl = Annotated[
     typer.Option(
         "--database-url",
         help="Ledger database URL [default: $JOBLEDGER_DATABASE_URL or sqlite:///jobledger.db]",
+        metavar="URL",
         show_default=False,
     ),
 ]
@@ -75,19 +104,32 @@ AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")
 States = Annotated[
     list[str] | None,
     typer.Option(
-        "--state", "-s", help="Job state (repeatable): " + ", ".join(s.value for s in JobState)
+        "--state",
+        "-s",
+        help="Job state (repeatable): " + ", ".join(s.value for s in JobState),
+        metavar="STATE",
     ),
 ]
-Queues = Annotated[list[str] | None, typer.Option("--queue", "-q", help="Queue (repeatable).")]
-Names = Annotated[list[str] | None, typer.Option("--name", "-n", help="Task name (repeatable).")]
+Queues = Annotated[
+    list[str] | None,
+    typer.Option("--queue", "-q", help="Queue (repeatable).", metavar="QUEUE"),
+]
+Names = Annotated[
+    list[str] | None,
+    typer.Option("--name", "-n", help="Task name (repeatable).", metavar="NAME"),
+]
 Match = Annotated[
     str | None,
-    typer.Option("--match", "-m", help="Literal text the job's arguments contain."),
+    typer.Option("--match", "-m", help="Literal text the job's arguments contain.", metavar="TEXT"),
 ]
 Regex = Annotated[bool, typer.Option("--regex", help="Read --match as a regular expression.")]
 OlderThan = Annotated[
     str | None,
-    typer.Option("--older-than", help="In its current state for longer than this: 90s, 15m, 3d."),
+    typer.Option(
+        "--older-than",
+        help="In its current state for longer than this: 90s, 15m, 3d.",
+        metavar="DURATION",
+    ),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Say what would be done; change nothing.")]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before a bulk change.")]
@@ -95,7 +137,9 @@ AppModule = Annotated[
     str | None,
     typer.Option(
         "--app",
-        help="Module to import first so its queue integration registers (e.g. your Celery app).",
+        help="Module to import first so its queue integration registers (e.g. your Celery "
+        "app's, as for celery -A; the current directory is on the import path).",
+        metavar="MODULE",
     ),
 ]
 BrokerUrl = Annotated[
@@ -103,6 +147,7 @@ BrokerUrl = Annotated[
     typer.Option(
         "--broker",
         help="Celery broker URL: publish jobs by task name, without importing their code.",
+        metavar="URL",
     ),
 ]
 
@@ -114,6 +159,8 @@ def _register_integration(
     itself), or for ``--broker`` install the Celery integration on a bare app of that broker
     (invariant 10: a record holds all a publish needs)."""
     if app_module:
+        if os.getcwd() not in sys.path:  # as `celery -A` finds a module beside the user
+            sys.path.insert(0, os.getcwd())
         try:
             importlib.import_module(app_module)
         except Exception as exc:
@@ -272,10 +319,10 @@ def _confirm_bulk(action: str, count: int, yes: bool) -> None:
     """A bulk change by filter asks first; without a terminal it needs ``--yes``."""
     if yes or count == 0:
         return
+    jobs = "job" if count == 1 else "jobs"
     if not sys.stdin.isatty():
-        jobs = "job" if count == 1 else "jobs"
         raise ConfigError(f"{action} of {count} {jobs} by filter needs --yes (or --dry-run first)")
-    if not typer.confirm(f"{action.capitalize()} {count} jobs?", default=False):
+    if not typer.confirm(f"{action.capitalize()} {count} {jobs}?", default=False):
         raise typer.Exit(1)
 
 
@@ -302,7 +349,9 @@ def jobs_command(
     match: Match = None,
     regex: Regex = False,
     older_than: OlderThan = None,
-    limit: Annotated[int, typer.Option(help="At most this many jobs; 0 for all.", min=0)] = 50,
+    limit: Annotated[
+        int, typer.Option(help="At most this many jobs; 0 for all.", min=0, metavar="N")
+    ] = 50,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -318,7 +367,7 @@ def jobs_command(
 
 @_command(name="show")
 def show(
-    job_id: Annotated[str, typer.Argument(help="The job id (the queue's own).")],
+    job_id: Annotated[str, typer.Argument(help="The job id (the queue's own).", metavar="ID")],
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -368,7 +417,10 @@ def stats(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
 
 @_command(name="durations")
 def durations(
-    kind: Annotated[str, typer.Option(help="From 'queued' or 'started' to finished.")] = "started",
+    kind: Annotated[
+        str,
+        typer.Option(help="From 'queued' or 'started' to finished.", metavar="queued|started"),
+    ] = "started",
     per_job: Annotated[bool, typer.Option("--per-job", help="One line per job.")] = False,
     state: States = None,
     queue: Queues = None,
@@ -377,7 +429,7 @@ def durations(
     regex: Regex = False,
     older_than: OlderThan = None,
     limit: Annotated[
-        int, typer.Option(help="With --per-job: at most this many; 0 for all.", min=0)
+        int, typer.Option(help="With --per-job: at most this many; 0 for all.", min=0, metavar="N")
     ] = 50,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
@@ -463,16 +515,34 @@ Force = Annotated[
         "the run still going, so the job's result is recorded once).",
     ),
 ]
-_HIDDEN_FORCE = Annotated[bool, typer.Option("--force", hidden=True)]
 
 
-def _bulk_command(action: str, summary: str) -> None:
+def _no_integration(exc: IntegrationMissing) -> ConfigError:
+    """What a command given neither ``--app`` nor ``--broker`` lacks to publish: the option
+    to pass, and the extra to install only if its queue system is not installed."""
+    system = exc.system or "?"
+    option = (
+        "--app with your Celery app's module (as for celery -A) or --broker with its broker URL"
+        if system == "celery"
+        else "--app with the module that installs its integration"
+    )
+    extra = EXTRAS.get(system)
+    install = (
+        f"pip install 'jobledger[{extra}]', then "
+        if extra is not None and importlib.util.find_spec(system) is None
+        else ""
+    )
+    return ConfigError(f"no integration for queue system {system!r}: {install}pass {option}")
+
+
+def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
     """Register ``restart`` or ``cancel``: the same selection (ids and/or filters), asked
-    about before a bulk change, differing only in what the manager does with it."""
+    about before a bulk change, differing only in what the manager does with it (and only a
+    command that publishes offers ``--app`` and ``--broker``)."""
 
     def command(
         ids: Annotated[
-            list[str] | None, typer.Argument(help="Job ids.", show_default=False)
+            list[str] | None, typer.Argument(help="Job ids.", show_default=False, metavar="ID")
         ] = None,
         state: States = None,
         queue: Queues = None,
@@ -488,26 +558,40 @@ def _bulk_command(action: str, summary: str) -> None:
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
-        if force and action != "restart":
-            raise ConfigError(f"{action} takes no --force")
         filtered = any((state, queue, name, match, older_than))
         query = _query(state, queue, name, match, regex, older_than)
         manager = _manager(database_url, app_module, broker)
-        report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
+        try:
+            report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
+        except IntegrationMissing as exc:
+            if app_module or broker:
+                raise
+            raise _no_integration(exc) from None
         _print_report(report, as_json)
 
     command.__doc__ = summary
     command.__name__ = action
-    if action != "restart":
-        command.__annotations__["force"] = _HIDDEN_FORCE
+    if not publishes:
+        signature = inspect.signature(command, eval_str=True)
+        kept = [
+            p
+            for p in signature.parameters.values()
+            if p.name not in ("app_module", "broker", "force")
+        ]
+        command.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
     _command(name=action)(command)
 
 
 _bulk_command(
     "restart",
     "Publish jobs again with their own ids (failed, dead, stuck, orphaned; --force: running).",
+    publishes=True,
 )
-_bulk_command("cancel", "Cancel unfinished jobs: a later delivery is acknowledged and not run.")
+_bulk_command(
+    "cancel",
+    "Cancel unfinished jobs: a later delivery is acknowledged and not run.",
+    publishes=False,
+)
 
 
 @_command(name="prune")
@@ -516,12 +600,16 @@ def prune(
         str | None,
         typer.Option(
             help="Keep succeeded/cancelled jobs this long "
-            "[default: $JOBLEDGER_KEEP_SUCCEEDED or 7d]"
+            "[default: $JOBLEDGER_KEEP_SUCCEEDED or 7d]",
+            metavar="DURATION",
         ),
     ] = None,
     keep_failed: Annotated[
         str | None,
-        typer.Option(help="Also delete failed/dead jobs older than this [default: keep them]"),
+        typer.Option(
+            help="Also delete failed/dead jobs older than this [default: keep them]",
+            metavar="DURATION",
+        ),
     ] = None,
     dry_run: DryRun = False,
     as_json: AsJson = False,
@@ -585,7 +673,8 @@ def relay(
     grace: Annotated[
         str | None,
         typer.Option(
-            help="Only jobs staged at least this long ago (default: JOBLEDGER_RELAY_GRACE, 5s)."
+            help="Only jobs staged at least this long ago [default: $JOBLEDGER_RELAY_GRACE or 5s]",
+            metavar="DURATION",
         ),
     ] = None,
     app_module: AppModule = None,
@@ -655,13 +744,21 @@ def relay(
 def demo(
     broker: Annotated[
         str | None,
-        typer.Option("--broker", help="Celery broker URL [default: a temporary filesystem queue]"),
+        typer.Option(
+            "--broker",
+            help="Celery broker URL [default: a temporary filesystem queue]",
+            metavar="URL",
+        ),
     ] = None,
-    jobs: Annotated[int, typer.Option(help="How many jobs to enqueue.", min=4, max=200)] = 10,
+    jobs: Annotated[
+        int, typer.Option(help="How many jobs to enqueue.", min=4, max=200, metavar="N")
+    ] = 10,
     database_url: Annotated[
         str | None,
         typer.Option(
-            "--database-url", help="Ledger database URL [default: a temporary SQLite file]"
+            "--database-url",
+            help="Ledger database URL [default: a temporary SQLite file]",
+            metavar="URL",
         ),
     ] = None,
 ) -> None:
@@ -699,11 +796,15 @@ def main() -> None:
 def serve(
     host: Annotated[
         str | None,
-        typer.Option(help="Address to bind [default: $JOBLEDGER_SERVER_HOST or 127.0.0.1]"),
+        typer.Option(
+            help="Address to bind [default: $JOBLEDGER_SERVER_HOST or 127.0.0.1]", metavar="HOST"
+        ),
     ] = None,
     port: Annotated[
         int | None,
-        typer.Option(help="Port [default: $JOBLEDGER_SERVER_PORT or 8000]", min=0, max=65535),
+        typer.Option(
+            help="Port [default: $JOBLEDGER_SERVER_PORT or 8000]", min=0, max=65535, metavar="PORT"
+        ),
     ] = None,
     maintenance: Annotated[
         bool,

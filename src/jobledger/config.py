@@ -18,6 +18,7 @@ from jobledger.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///jobledger.db"
 DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_STATEMENT_TIMEOUT = 5.0
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_RECOVERY_INTERVAL = 30.0
 DEFAULT_MAX_RECOVERIES = 3
@@ -85,6 +86,10 @@ class Settings:
     #: ``JOBLEDGER_CONNECT_TIMEOUT``: how long connecting to a ledger server may take before the
     #: ledger counts as down (5s), so a silent host cannot hold up an enqueue.
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    #: ``JOBLEDGER_STATEMENT_TIMEOUT``: how long one ledger statement may take, waiting for a
+    #: lock included, before the ledger counts as down (5s): a host that accepts the connection
+    #: and then hangs cannot hold up an enqueue or a worker. Migrations run without it.
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
     #: ``JOBLEDGER_INSTANCE_NAME``: the stable part of an instance id (default: the host name;
     #: on Kubernetes set it from the pod name).
     instance_name: str = field(default_factory=socket.gethostname)
@@ -153,6 +158,7 @@ class Settings:
             raise ConfigError("JOBLEDGER_INSTANCE_NAME must not be 'relay' (reserved)")
         for name in (
             "connect_timeout",
+            "statement_timeout",
             "heartbeat_interval",
             "recovery_interval",
             "recovery_window",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobledger.config import Settings
+from jobledger.demo_worker import TASK, make_app  # Celery: `jobledger demo` names the extra
 from jobledger.model import JobRecord, JobState
 from jobledger.query import JobQuery
 from jobledger.stores.sql import SQLStore
@@ -88,8 +90,6 @@ class _Worker:
 
 def run_demo(database_url: str | None = None, broker: str | None = None, jobs: int = 10) -> bool:
     """Run the story; True if every job succeeded and the killed worker's jobs were recovered."""
-    from jobledger.demo_worker import TASK, make_app
-
     workdir = Path(tempfile.mkdtemp(prefix="jobledger-demo-"))
     folder = workdir / "broker"
     folder.mkdir()
@@ -187,11 +187,24 @@ def run_demo(database_url: str | None = None, broker: str | None = None, jobs: i
         if keep_dir:
             console.print(
                 f"\nThe ledger stays in {database_url}: try "
-                f"`jobledger jobs --database-url {database_url}`."
+                f"`{cli_command()} jobs --database-url {shlex.quote(database_url)}`."
             )
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return ok
+
+
+def cli_command() -> str:
+    """How to run this jobledger from the user's shell: ``jobledger`` when that name on the
+    PATH is this very installation, else the script's full path (a virtualenv's ``bin`` that
+    is not on the PATH), else ``python -m jobledger`` with this interpreter."""
+    script = Path(sys.executable).with_name("jobledger")
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m jobledger"
+    found = shutil.which("jobledger")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "jobledger"
+    return shlex.quote(str(script))
 
 
 def _print_jobs(ids: list[str], records: dict[str, JobRecord]) -> None:

@@ -32,6 +32,7 @@ def make_app(
         options = {
             "data_folder_in": folder,
             "data_folder_out": folder,
+            "control_folder": os.path.join(folder, "control"),  # not the working directory
             "store_processed": False,
             "polling_interval": 0.1,
         }

@@ -37,7 +37,12 @@ class JobNotFound(JobLedgerError, LookupError):
 
 
 class IntegrationMissing(JobLedgerError):
-    """No integration is registered for a job's queue system, so it cannot be published again."""
+    """No integration is registered for a job's queue system (``system``), so it cannot be
+    published again."""
+
+    def __init__(self, message: str, system: str | None = None) -> None:
+        super().__init__(message)
+        self.system = system
 
 
 class PublishError(JobLedgerError):

@@ -53,6 +53,12 @@ class ActionReport:
         return not self.failed
 
 
+def workers(store: Store, ttl: float) -> list[Instance]:
+    """The worker instances the ledger knows, alive or not (judged on the database clock),
+    without the supervisor's stand-in: what people count and list as workers."""
+    return [i for i in store.instances(ttl) if i.is_worker]
+
+
 class Manager:
     """Queries, restarts and cancels over one store.
 
@@ -129,8 +135,8 @@ class Manager:
         return self.store.queue_stats()
 
     def instances(self) -> list[Instance]:
-        """Registered worker instances, alive or not (judged on the database clock)."""
-        return self.store.instances(self.settings.ttl)
+        """Registered worker instances, alive or not (see :func:`workers`)."""
+        return workers(self.store, self.settings.ttl)
 
     # -- actions ---------------------------------------------------------------------------
     def restart(

@@ -276,6 +276,12 @@ class InstanceState(str, enum.Enum):
     DRAINING = "draining"  # warm shutdown: takes no new jobs, beats until its jobs are done
 
 
+#: The nonce of a stand-in instance: an owner the supervisor beats for, of jobs that no worker
+#: holds (an HTTP client's, started without naming its instance). A stand-in is not a worker:
+#: counting it as one would keep "no worker alive" from ever being true.
+STAND_IN_NONCE = "supervisor"
+
+
 @dataclass(frozen=True)
 class Instance:
     """One worker process incarnation: a stable ``name`` plus a ``nonce`` drawn at each boot.
@@ -305,6 +311,11 @@ class Instance:
     @property
     def id(self) -> str:
         return f"{self.name}:{self.nonce}"
+
+    @property
+    def is_worker(self) -> bool:
+        """False for the supervisor's stand-in (:data:`STAND_IN_NONCE`)."""
+        return self.nonce != STAND_IN_NONCE
 
 
 def nearest_rank(p: float, count: int) -> int:

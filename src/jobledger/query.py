@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
@@ -80,12 +81,7 @@ class JobQuery:
         if self.regex:
             if self.match is None:
                 raise ConfigError("a regular expression match needs a pattern")
-            try:
-                re.compile(self.match)
-            except re.error as exc:
-                raise ConfigError(
-                    f"regular expression {self.match!r} does not compile: {exc}"
-                ) from None
+            _check_regex(self.match)
         for age in (self.older_than, self.newer_than):
             if age is not None and not age >= 0:
                 raise ConfigError(f"age must be zero or more seconds, not {age!r}")
@@ -93,6 +89,24 @@ class JobQuery:
     def narrowed(self, **changes: object) -> JobQuery:
         """A copy with some fields replaced (``states`` given here replace, not intersect)."""
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _check_regex(pattern: str) -> None:
+    """:class:`ConfigError` for a pattern that does not compile, or that Python reads other
+    than a database would (``[[:alpha:]]``, a POSIX class to PostgreSQL, is a set of
+    characters to SQLite's and the memory store's ``re``: Python warns of it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"regular expression {pattern!r} does not compile: {exc}") from None
+        except FutureWarning as exc:
+            raise ConfigError(
+                f"regular expression {pattern!r} is ambiguous ({exc}): POSIX classes such as "
+                "[[:alpha:]] are not supported everywhere; write e.g. [A-Za-z] or \\w, and "
+                "escape a literal '[' as \\["
+            ) from None
 
 
 def _as_set(value: Iterable[str] | str | None) -> frozenset[str]:

@@ -10,6 +10,7 @@ path or the relay; and a transaction staging cannot go through is refused before
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -448,12 +449,7 @@ def test_a_sqlite_connection_that_begins_immediate_does_not_wait_on_its_own_fast
     BEGIN, after the lock is taken: its own write would wait for the caller's, and the caller
     for it."""
     url = f"sqlite:///{tmp_path / 'immediate.db'}"
-    store = SQLStore(url)
-
-    @event.listens_for(store.engine, "connect")
-    def _short_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.execute("PRAGMA busy_timeout=2000")  # fail in 2 s, not 30
-
+    store = SQLStore(url, statement_timeout=2)  # a wait on the lock fails in 2 s
     store.migrate()
     broker = Broker(store)
     outbox = Outbox(store, publish=broker)
@@ -479,3 +475,26 @@ def test_a_sqlite_connection_that_begins_immediate_does_not_wait_on_its_own_fast
     finally:
         app.dispose()
         store.close()
+
+
+def test_the_ledger_statement_timeout_stays_out_of_the_callers_transaction(
+    sql_backend: str, sql_url: str, sql_store: SQLStore, app_engine: Engine, broker: Broker
+) -> None:
+    """The statement timeout is the ledger store's own: a caller's transaction that stages a
+    job may run a statement longer than it (and hold its locks as long), and the job still
+    commits and is published."""
+    store = SQLStore(sql_url, statement_timeout=0.5)
+    outbox = Outbox(store, publish=broker)
+    sleep = {"postgresql": "pg_sleep", "mariadb": "SLEEP", "sqlite": "sleep"}[sql_backend]
+    try:
+        with app_engine.begin() as conn:
+            conn.execute(orders.insert().values(id="o-1", total=5))
+            outbox.stage(job("job-1"), using=conn)
+            if sql_backend == "sqlite":
+                conn.connection.driver_connection.create_function("sleep", 1, time.sleep)
+            conn.execute(text(f"SELECT {sleep}(1)"))
+    finally:
+        store.close()
+    assert order_ids(app_engine) == {"o-1"}
+    assert broker.published == ["job-1"]
+    assert state(sql_store, "job-1") is S.QUEUED

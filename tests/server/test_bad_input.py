@@ -4,6 +4,7 @@ altered. A ledger that is down answers 503 with JSON."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -63,6 +64,25 @@ def test_huge_bodies_are_refused(make_client: AppFactory, store: SQLStore) -> No
 
     r = client.post("/api/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+    assert store.get("big-1") is None
+
+
+def test_a_streamed_form_past_the_limit_is_413(make_client: AppFactory, store: SQLStore) -> None:
+    """A form sent in chunks (no Content-Length) of 10 MB: the API and the dashboard answer
+    413, not a 400 about a malformed form."""
+    client = make_client(max_body_bytes=4096)
+    form = {"content-type": "application/x-www-form-urlencoded"}
+
+    def chunks() -> Iterator[bytes]:
+        yield b"job_id=big-1&job_class=t&arguments="
+        for _ in range(160):
+            yield b"x" * 65536
+
+    r = client.post("/api/v1/jobs", content=chunks(), headers=form)
+    assert r.status_code == 413, r.text
+    assert r.json() == {"error": "request body larger than 4096 bytes", "field": "body"}
+    page = client.post("/login", content=chunks(), headers=form)
+    assert page.status_code == 413 and "larger than 4096 bytes" in page.text
     assert store.get("big-1") is None
 
 

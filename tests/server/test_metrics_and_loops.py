@@ -3,6 +3,7 @@ refusal to expose a ledger without a token."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from jobledger.cli import app as cli_app
 from jobledger.loop import Loop
 from jobledger.model import Instance, JobRecord, JobState
+from jobledger.server.events import UNTRACKED
 from jobledger.stores.base import Transition
 from jobledger.stores.sql import SQLStore
 
@@ -37,9 +39,30 @@ def test_metrics(client: TestClient, store: SQLStore) -> None:
     assert 'jobledger_oldest_pending_seconds{queue="mail"}' in text
     assert "jobledger_dead_jobs 1.0" in text
     assert "jobledger_outbox_backlog 1.0" in text
-    assert "jobledger_instances_alive 2.0" in text  # w:1 and the HTTP stand-in owner
+    assert "jobledger_instances_alive 1.0" in text  # w:1, not the HTTP stand-in owner
     assert 'jobledger_duplicates_skipped_total{event="queued"} 1.0' in text
     assert "jobledger_ledger_up 1.0" in text
+
+
+def test_the_supervisors_stand_in_is_no_worker(
+    client: TestClient, store: SQLStore, pg_url: str
+) -> None:
+    """With no worker running, every view says so: the stand-in owner the supervisor keeps
+    beating (so anonymous HTTP jobs are never orphans) is neither counted nor listed, and an
+    "all workers down" alert on ``jobledger_instances_alive`` can fire."""
+    _until(lambda: store.is_alive(UNTRACKED.id, 30))
+    text = client.get("/metrics").text
+    assert "jobledger_instances_alive 0.0" in text and "jobledger_instances 0.0" in text
+    assert client.get("/api/v1/instances").json() == {"instances": []}
+    assert UNTRACKED.name not in client.get("/instances").text
+    assert '0<small>/0</small></span><span class="label">instances alive' in client.get("/").text
+    listed = CliRunner().invoke(cli_app, ["instances", "--json", "--database-url", pg_url])
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+
+    beat = client.post("/api/v1/instances/web-1/heartbeat", data={"nonce": "supervisor"})
+    assert beat.status_code == 422  # a client cannot hide as the stand-in
+    assert client.post("/api/v1/instances/web-1/heartbeat").status_code == 200
+    assert "jobledger_instances_alive 1.0" in client.get("/metrics").text
 
 
 def test_loop_runs_and_stops_promptly() -> None:

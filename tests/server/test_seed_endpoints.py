@@ -105,6 +105,12 @@ def test_instances_heartbeat_and_owner_check(client: TestClient, store: SQLStore
     # another instance may not finish it (invariant 3)
     r = client.post("/api/v1/jobs/own-1/complete", data={"instance": "web-2"})
     assert r.status_code == 409 and store.get("own-1").state.value == "started"  # type: ignore[union-attr]
+    r = client.post("/api/v1/jobs/own-1/complete", data={})  # an anonymous report
+    assert r.status_code == 409
+    assert r.json()["error"] == (
+        "job own-1 is started (owner web-1:http): not finished by an event that names no "
+        "instance; the result is not applied"
+    )
     r = client.post("/api/v1/jobs/own-1/complete", data={"instance": "web-1"})
     assert r.status_code == 200 and store.get("own-1").state.value == "succeeded"  # type: ignore[union-attr]
 

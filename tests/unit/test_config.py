@@ -49,6 +49,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "database_url": ("postgresql://u@db/ledger", "postgresql://u@db/ledger"),
     "auto_migrate": ("yes", True),
     "connect_timeout": ("3s", 3.0),
+    "statement_timeout": ("1500ms", 1.5),
     "instance_name": ("worker-7", "worker-7"),
     "heartbeat_interval": ("5s", 5.0),
     "heartbeat_ttl": ("1m", 60.0),
@@ -109,6 +110,8 @@ def test_from_env_defaults_and_overrides() -> None:
         ("JOBLEDGER_HEARTBEAT_INTERVAL", "-3", "JOBLEDGER_HEARTBEAT_INTERVAL"),
         ("JOBLEDGER_HEARTBEAT_TTL", "10s", "JOBLEDGER_HEARTBEAT_TTL"),  # not above the interval
         ("JOBLEDGER_RECOVERY_INTERVAL", "0s", "JOBLEDGER_RECOVERY_INTERVAL"),
+        ("JOBLEDGER_STATEMENT_TIMEOUT", "0", "JOBLEDGER_STATEMENT_TIMEOUT"),
+        ("JOBLEDGER_STATEMENT_TIMEOUT", "later", "JOBLEDGER_STATEMENT_TIMEOUT"),
         ("JOBLEDGER_RECOVERY_WINDOW", "forever", "JOBLEDGER_RECOVERY_WINDOW"),
         ("JOBLEDGER_MAX_RECOVERIES", "three", "JOBLEDGER_MAX_RECOVERIES"),
         ("JOBLEDGER_MAX_RECOVERIES", "-1", "JOBLEDGER_MAX_RECOVERIES"),

@@ -120,7 +120,9 @@ class Registry:
             if extra
             else "register an integration for it in this process"
         )
-        raise IntegrationMissing(f"no integration for queue system {system!r} is registered: {how}")
+        raise IntegrationMissing(
+            f"no integration for queue system {system!r} is registered: {how}", system
+        )
 
     def systems(self) -> list[str]:
         with self._lock:

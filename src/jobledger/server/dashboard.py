@@ -25,7 +25,7 @@ from jobledger.serialize import job_to_dict
 from jobledger.server.auth import SESSION_COOKIE, SESSION_MAX_AGE
 from jobledger.server.context import Context, context
 from jobledger.server.errors import ApiError, status_of
-from jobledger.server.inputs import job_id, job_query, storable
+from jobledger.server.inputs import job_id, job_query, read_form, storable
 from jobledger.server.overview import overview
 
 router = APIRouter(include_in_schema=False)
@@ -89,9 +89,9 @@ class Page:
         """The posted form if its CSRF token is right and the visitor may write; else a
         refusal page (403), which changes nothing."""
         try:
-            form = await self.request.form()
-        except Exception:
-            return self.error(400, "The form could not be read.")
+            form = await read_form(self.request)
+        except ApiError as exc:
+            return self.error(exc.status, exc.message)
         token = form.get("csrf")
         if not self.ctx.auth.csrf_ok(self.session, token if isinstance(token, str) else None):
             return self.error(
@@ -365,9 +365,9 @@ async def login_page(request: Request) -> Response:
 async def login(request: Request) -> Response:
     page = Page(request)
     try:
-        form = await request.form()
-    except Exception:
-        return page.error(400, "The form could not be read.")
+        form = await read_form(request)
+    except ApiError as exc:
+        return page.error(exc.status, exc.message)
     token = form.get("csrf")
     if not page.ctx.auth.csrf_ok(page.session, token if isinstance(token, str) else None):
         return page.error(

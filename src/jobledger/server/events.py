@@ -22,6 +22,7 @@ from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import (
     CLAIMABLE_STATES,
     NAME_MAX_LENGTH,
+    STAND_IN_NONCE,
     Instance,
     InstanceState,
     JobRecord,
@@ -37,7 +38,7 @@ HTTP_SYSTEM = "http"
 HTTP_NONCE = "http"
 #: The owner of jobs started by clients that name no instance; the supervisor beats for it.
 UNTRACKED = Instance(
-    name="http-untracked", nonce="supervisor", hostname=socket.gethostname(), pid=0
+    name="http-untracked", nonce=STAND_IN_NONCE, hostname=socket.gethostname(), pid=0
 )
 
 EventKind = Literal["queued", "started", "complete", "failed"]
@@ -100,6 +101,14 @@ class Heartbeat(BaseModel):
     pid: int = Field(default=0, ge=0, le=2**31 - 1)
     queues: list[str] | str = Field(default_factory=list)
     state: InstanceState = InstanceState.RUNNING
+
+    @field_validator("nonce")
+    @classmethod
+    def _not_a_stand_in(cls, value: str) -> str:
+        """A client beating as the stand-in would be left out of the workers counted."""
+        if value == STAND_IN_NONCE:
+            raise ValueError(f"the nonce {STAND_IN_NONCE!r} is reserved for the supervisor")
+        return value
 
 
 @dataclass(frozen=True)
@@ -239,11 +248,10 @@ def finished(store: Store, jid: str, event: JobEvent, to: JobState) -> Outcome:
     if store.transition(jid, change):
         return Outcome(jid, to, True, "finished")
     latest = store.get(jid)
+    now = f"{latest.state.value} (owner {latest.owner or 'none'})" if latest else "gone"
+    by = owner or "an event that names no instance"
     raise ApiError(
-        409,
-        f"job {jid} is {latest.state.value if latest else 'gone'} (owner "
-        f"{latest.owner if latest else None}): not finished by {owner}, the result is not applied",
-        "instance",
+        409, f"job {jid} is {now}: not finished by {by}; the result is not applied", "instance"
     )
 
 

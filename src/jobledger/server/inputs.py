@@ -13,12 +13,14 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData
 
 from jobledger.config import parse_duration
 from jobledger.errors import ConfigError
 from jobledger.model import JobState, validate_job_id
 from jobledger.query import JobQuery
 from jobledger.server.errors import ApiError
+from jobledger.server.limits import BodyTooLarge
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -43,14 +45,22 @@ def job_id(value: str, field: str = "job_id") -> str:
         raise ApiError(422, str(exc), field) from None
 
 
+async def read_form(request: Request) -> FormData:
+    """The posted form; :class:`ApiError` 413 for a body past the size limit (also a streamed
+    one, without Content-Length), 400 for one that cannot be parsed."""
+    try:
+        return await request.form()
+    except BodyTooLarge as exc:
+        raise ApiError(413, str(exc.detail), "body") from None
+    except Exception as exc:  # the multipart parser's errors have no common base
+        raise ApiError(400, f"malformed form body: {exc}", "body") from None
+
+
 async def read_body(request: Request) -> dict[str, Any]:
     """The request's fields from a JSON object or a form, whichever its content type says."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind in FORM_TYPES:
-        try:
-            form = await request.form()
-        except Exception as exc:  # the multipart parser's errors have no common base
-            raise ApiError(400, f"malformed form body: {exc}", "body") from None
+        form = await read_form(request)
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
             if not isinstance(value, str):

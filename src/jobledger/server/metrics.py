@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jobledger.errors import StoreError
+from jobledger.manager import workers
 from jobledger.model import JobState, OutboxStats
 from jobledger.stores.base import Store
 
@@ -77,7 +78,7 @@ class LedgerCollector(Collector):
         up = GaugeMetricFamily("jobledger_ledger_up", "1 if the ledger answered this scrape.")
         try:
             stats = self.store.queue_stats()
-            instances = self.store.instances(self.ttl)
+            instances = workers(self.store, self.ttl)
         except StoreError as exc:
             log.warning("metrics scrape: %s", exc)
             self.metrics.ledger_errors.inc()

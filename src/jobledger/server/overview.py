@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobledger.manager import workers
 from jobledger.model import FINAL_STATES, JobState, QueueStats
 from jobledger.query import JobQuery
 from jobledger.stores.base import Store
@@ -74,7 +75,7 @@ def finished_buckets(store: Store, window: float = 3600.0, count: int = 12) -> l
 def overview(store: Store, ttl: float, recovered_here: int) -> Overview:
     queues = store.queue_stats()
     totals = {s: sum(q.counts.get(s, 0) for q in queues) for s in JobState}
-    instances = store.instances(ttl)
+    instances = workers(store, ttl)
     alive = sum(1 for i in instances if i.alive)
     return Overview(
         totals=totals,

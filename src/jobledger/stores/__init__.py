@@ -19,4 +19,5 @@ def store_for(settings: Settings) -> Store:
         settings.database_url,
         auto_migrate=settings.auto_migrate,
         connect_timeout=settings.connect_timeout,
+        statement_timeout=settings.statement_timeout,
     )

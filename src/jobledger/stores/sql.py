@@ -39,7 +39,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import StaticPool
 
-from jobledger.config import DEFAULT_CONNECT_TIMEOUT
+from jobledger.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
 from jobledger.errors import ConfigError, SchemaMissing, StoreError, StoreUnavailable
 from jobledger.model import DurationStats, Instance, JobRecord, JobState, QueueStats, nearest_rank
 from jobledger.query import (
@@ -91,13 +91,17 @@ _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 #: The driver jobledger picks when a URL names only the database (``postgresql://…``).
 _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pymysql"}
 
+#: SQLite's busy timeout while migrating (seconds): other writers may hold the lock a while.
+_SQLITE_MIGRATE_BUSY = 30.0
+
 #: Errors worth one more try: deadlocks and serialization failures (PostgreSQL, MySQL).
 _TRANSIENT_CODES = {"40P01", "40001", 1213, 1205}
 
 
 def parse_url(url: str | URL) -> URL:
-    """A SQLAlchemy URL with jobledger's default driver filled in; :class:`ConfigError` if the
-    text is not a database URL."""
+    """A SQLAlchemy URL with jobledger's default driver filled in (``postgres://``, the
+    spelling of Heroku, libpq and many hosts, read as ``postgresql://``); :class:`ConfigError`
+    if the text is not a database URL."""
     try:
         parsed = make_url(url)
     except (sa_exc.ArgumentError, ValueError):
@@ -106,6 +110,9 @@ def parse_url(url: str | URL) -> URL:
             "postgresql://user@host/db"
         ) from None
     backend = parsed.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+        parsed = parsed.set(drivername=parsed.drivername.replace("postgres", backend, 1))
     if "+" not in parsed.drivername and backend in _DEFAULT_DRIVERS:
         parsed = parsed.set(drivername=f"{backend}+{_DEFAULT_DRIVERS[backend]}")
     if backend in ("mysql", "mariadb") and "charset" not in parsed.query:
@@ -130,7 +137,9 @@ class SQLStore(Store):
 
     ``auto_migrate`` applies the shipped migrations on first use instead of refusing with
     :class:`SchemaMissing`. ``connect_timeout`` (seconds) bounds how long a connection attempt to
-    a database server may take. ``engine_options`` go to :func:`sqlalchemy.create_engine`.
+    a database server may take, ``statement_timeout`` how long one statement may run or wait for
+    a lock (past it the call raises :class:`StoreUnavailable`, as for an outage).
+    ``engine_options`` go to :func:`sqlalchemy.create_engine`.
     """
 
     def __init__(
@@ -139,15 +148,18 @@ class SQLStore(Store):
         *,
         auto_migrate: bool = False,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = parse_url(url)
         self.auto_migrate = auto_migrate
         self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+        self._engine_options = dict(engine_options or {})
         self._schema_checked = False
         self._schema_lock = threading.Lock()
         self._ledger_id: str | None = None
-        self.engine = self._create_engine(dict(engine_options or {}))
+        self.engine = self._create_engine(statement_timeout)
         self.dialect = self.engine.dialect.name
 
     def __repr__(self) -> str:
@@ -164,22 +176,34 @@ class SQLStore(Store):
         return self.url.render_as_string(hide_password=True)
 
     # -- connections -----------------------------------------------------------------------
-    def _create_engine(self, options: dict[str, Any]) -> Engine:
+    def _create_engine(self, statement_timeout: float | None) -> Engine:
+        """An engine whose every connection has the connect timeout and, unless None (for
+        migrations), the statement timeout: a ledger host that answers slowly or not at all
+        must not hold a publish or a worker for minutes (invariant 7)."""
+        options = dict(self._engine_options)
+        connect_args: dict[str, Any] = dict(options.get("connect_args", {}))
+        options["connect_args"] = connect_args
         options.setdefault("pool_pre_ping", True)
         backend = self.url.get_backend_name()
         if backend == "sqlite":
             if self.url.database in (None, "", ":memory:"):
                 options.setdefault("poolclass", StaticPool)
-                options.setdefault("connect_args", {"check_same_thread": False})
-            else:
-                options.setdefault("connect_args", {"timeout": 30})
+                connect_args.setdefault("check_same_thread", False)
+            # How long a write waits for another's lock (SQLite has no other slow statement).
+            busy = statement_timeout if statement_timeout is not None else _SQLITE_MIGRATE_BUSY
+            connect_args.setdefault("timeout", busy)
         else:
-            # A ledger host that does not answer must not hold a publish for minutes (invariant 7).
-            connect_args = options.setdefault("connect_args", {})
             connect_args.setdefault("connect_timeout", max(1, round(self.connect_timeout)))
             if backend in ("mysql", "mariadb"):
                 # Sessions in UTC, so any time the server shows (logs, NOW()) matches db_now.
                 connect_args.setdefault("init_command", "SET time_zone = '+00:00'")
+                if statement_timeout is not None:  # PyMySQL gives up on a silent socket
+                    connect_args.setdefault("read_timeout", statement_timeout)
+                    connect_args.setdefault("write_timeout", statement_timeout)
+            elif backend == "postgresql" and statement_timeout is not None:
+                setting = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+                given = connect_args.get("options", self.url.query.get("options"))
+                connect_args["options"] = f"{given} {setting}" if given else setting
         try:
             engine = create_engine(self.url, **options)
         except (sa_exc.NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
@@ -191,6 +215,19 @@ class SQLStore(Store):
         if backend == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+
+    @contextlib.contextmanager
+    def _migration_engine(self) -> Iterator[Engine]:
+        """An engine without the statement timeout, for migrations (building an index on a
+        large ledger may take minutes); an in-memory SQLite database exists only in its own."""
+        if self.dialect == "sqlite" and self.url.database in (None, "", ":memory:"):
+            yield self.engine
+            return
+        engine = self._create_engine(None)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
     @contextlib.contextmanager
     def _translate(self) -> Iterator[None]:
@@ -298,7 +335,7 @@ class SQLStore(Store):
         from jobledger.stores import migrations  # Alembic: only needed here, slow to import
 
         try:
-            with self._translate(), self.engine.begin() as conn:
+            with self._translate(), self._migration_engine() as engine, engine.begin() as conn:
                 report = migrations.upgrade(conn)
         except CommandError as exc:  # e.g. a database migrated by a newer jobledger
             raise SchemaMissing(
@@ -792,9 +829,10 @@ def _moved(change: Transition) -> dict[str, Any]:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """WAL lets readers work beside the one writer; the busy timeout makes writers queue."""
+    """WAL lets readers work beside the one writer (who queue for the lock as long as the
+    ``timeout`` connect argument, the busy timeout, allows)."""
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "busy_timeout=30000", "synchronous=NORMAL"):
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL"):
         with contextlib.suppress(Exception):  # an in-memory database has no WAL
             cursor.execute(f"PRAGMA {pragma}")
     cursor.close()

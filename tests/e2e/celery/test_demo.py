@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +40,19 @@ def check_outcome(result: subprocess.CompletedProcess[str], jobs: int) -> None:
 
 
 def test_the_demo_needs_no_server(tmp_path: Path) -> None:
-    check_outcome(run_demo(tmp_path), 10)
+    """It leaves nothing in the working directory (kombu's filesystem transport keeps its
+    ``control`` folder in the demo's own), and its closing hint is a command that runs."""
+    result = run_demo(tmp_path)
+    check_outcome(result, 10)
+    assert list(tmp_path.iterdir()) == []
+    hint = re.search(r"try `(.+ --database-url (sqlite:///(\S+)))`", result.stdout)
+    assert hint, result.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBLEDGER_")}
+    listed = subprocess.run(
+        [*shlex.split(hint.group(1)), "--json"], env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 10, listed.stderr
+    shutil.rmtree(Path(hint.group(3)).parent)
 
 
 def test_the_demo_on_redis_and_postgresql(tmp_path: Path) -> None:
