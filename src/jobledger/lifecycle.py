@@ -11,10 +11,11 @@ import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from jobledger.config import DEFAULT_MAX_RECOVERIES, DEFAULT_RECOVERY_WINDOW
 from jobledger.errors import StoreError
+from jobledger.journal import LOCAL
 from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState
 from jobledger.pending import PendingWrites, TransitionWrite
 from jobledger.recovery import over_recovery_cap
@@ -69,11 +70,11 @@ class Lifecycle:
     the recovery sweep does.
     """
 
-    store: Store
+    store: Store = field(metadata=LOCAL)  # not journaled: a replayed claim uses the replayer's
     owner: str
     ttl: float
     delete_on_success: bool = False
-    pending: PendingWrites | None = None
+    pending: PendingWrites | None = field(default=None, metadata=LOCAL)
     max_recoveries: int = DEFAULT_MAX_RECOVERIES
     recovery_window: float = DEFAULT_RECOVERY_WINDOW
     #: How long a delivery of a job this instance itself holds waits for the record to move
