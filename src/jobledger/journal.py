@@ -207,9 +207,12 @@ class Journal:
         """The other journals in this one's directory whose owner process is gone."""
         found = []
         for path in sorted(self.path.parent.glob(f"*{SUFFIX}")):
-            if path == self.path or not _owner_file(path).exists():
+            if path == self.path:
                 continue
-            fd = os.open(_owner_file(path), os.O_RDWR)
+            try:
+                fd = os.open(_owner_file(path), os.O_RDWR)
+            except FileNotFoundError:
+                continue  # not a journal a worker ever owned
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -275,7 +278,8 @@ class Journal:
     def replaying(self) -> Iterator[None]:
         """This process's thread lock, then the journal's replay ``flock`` (blocking)."""
         with self._threads:
-            self._connection()  # opens this process's replay lock file too
+            with _fork_lock:
+                self._connection()  # opens this process's replay lock file too
             assert self._replay_fd is not None
             fcntl.flock(self._replay_fd, fcntl.LOCK_EX)
             try:

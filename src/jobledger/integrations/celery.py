@@ -863,6 +863,13 @@ class _Consumption:
 
     def attach(self, consumer: Any) -> None:
         """The consumer started (in its event loop's thread, so it may be stopped directly)."""
+        if not self.integration.app.conf.worker_enable_remote_control:
+            log.warning(
+                "Celery's remote control is off (worker_enable_remote_control): this worker "
+                "cannot stop consuming while the ledger is unreachable; jobs delivered then run "
+                "with their claims journaled"
+            )
+            return
         self.consumer = consumer
         self.queues = [q.name for q in consumer.task_consumer.queues]
         self._wanted = self.integration.health.can_claim
@@ -892,8 +899,8 @@ class _Consumption:
                 return
             try:
                 self._follow()
-            except Exception:  # the broker is down, say: the next round tries again
-                log.exception("jobledger could not switch the worker's consumer")
+            except Exception as exc:  # the broker is down, say: the next round tries again
+                log.warning("jobledger could not switch the worker's consumer: %r", exc)
 
     def _follow(self) -> None:
         wanted = self._wanted
