@@ -33,6 +33,8 @@ DEFAULT_RELAY_GRACE = 5.0
 DEFAULT_RELAY_BATCH_SIZE = 500
 DEFAULT_RELAY_MAX_BACKOFF = 30.0
 DEFAULT_RELAY_LEASE = 60.0
+DEFAULT_JOURNAL_DIR = ".jobledger"
+DEFAULT_JOURNAL_LIMIT = 10_000
 #: The shortest API token accepted: it is the only secret between the network and the ledger.
 API_TOKEN_MIN_LENGTH = 16
 ENV_PREFIX = "JOBLEDGER_"
@@ -145,6 +147,15 @@ class Settings:
     #: called inside an open Django ``transaction.atomic`` block instead of publishing it (the
     #: job then commits with the block); a task declared ``staged=False`` opts out. Default off.
     stage_in_atomic: bool = False
+    #: ``JOBLEDGER_JOURNAL_DIR``: where a worker keeps the ledger writes it could not make
+    #: (ledger down) until they are replayed: one SQLite journal per instance name, shared by
+    #: the worker's processes (default ``.jobledger`` in the worker's working directory). A
+    #: worker replays its own name's journal at start and any journal there whose worker is
+    #: gone; on Kubernetes an ``emptyDir`` survives a container restart, not the pod.
+    journal_dir: str = DEFAULT_JOURNAL_DIR
+    #: ``JOBLEDGER_JOURNAL_LIMIT``: the most writes a journal keeps (10000); past it the oldest
+    #: is dropped, logged and counted (its job is recovered and run again once its owner stops).
+    journal_limit: int = DEFAULT_JOURNAL_LIMIT
 
     def __post_init__(self) -> None:
         if not isinstance(self.database_url, str) or not self.database_url.strip():
@@ -169,6 +180,12 @@ class Settings:
             raise ConfigError(
                 f"JOBLEDGER_HEARTBEAT_TTL ({self.heartbeat_ttl}s) must be longer than "
                 f"JOBLEDGER_HEARTBEAT_INTERVAL ({self.heartbeat_interval}s)"
+            )
+        if not isinstance(self.journal_dir, str) or not self.journal_dir.strip():
+            raise ConfigError("JOBLEDGER_JOURNAL_DIR must not be empty")
+        if self.journal_limit < 1:
+            raise ConfigError(
+                f"JOBLEDGER_JOURNAL_LIMIT must be 1 or more, not {self.journal_limit}"
             )
         if self.max_recoveries < 0:
             raise ConfigError("JOBLEDGER_MAX_RECOVERIES must be zero or more")

@@ -111,6 +111,7 @@ def run_demo(database_url: str | None = None, broker: str | None = None, jobs: i
         JOBLEDGER_DATABASE_URL=database_url,
         JOBLEDGER_HEARTBEAT_INTERVAL=str(INTERVAL),
         JOBLEDGER_RECOVERY_INTERVAL=str(INTERVAL),
+        JOBLEDGER_JOURNAL_DIR=str(workdir / "journal"),  # not in the caller's directory
         JLDEMO_BROKER=broker,
         JLDEMO_FOLDER=str(folder),
         JLDEMO_QUEUE=queue,

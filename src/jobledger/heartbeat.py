@@ -105,6 +105,7 @@ class Heartbeat:
         wait: Callable[[float], object] | None = None,
         holding: Callable[[], Sequence[tuple[str, int]]] = tuple,
         stats: Callable[[], Mapping[str, int]] = dict,
+        on_beat: Callable[[bool], object] = lambda can_claim: None,
     ) -> None:
         self.store = store
         self.instance = instance
@@ -116,6 +117,10 @@ class Heartbeat:
         self._wakeup = threading.Event()
         self.health = health if health is not None else Health(ttl, clock)
         self.failures = 0
+        #: The error of the latest beat, None once one succeeds (a worker's start reads it).
+        self.last_error: Exception | None = None
+        #: Called after every beat with :attr:`can_claim` (a worker stops or resumes consuming).
+        self.on_beat = on_beat
         self._stopping = threading.Event()
         self._wait = wait if wait is not None else threading.Event().wait
         self._thread: threading.Thread | None = None
@@ -160,18 +165,27 @@ class Heartbeat:
             except Exception as exc:
                 self.failures += 1
                 self.health.mark_failed()
+                self.last_error = exc
                 if isinstance(exc, JobLedgerError):
                     log.warning("heartbeat of %s failed: %s", self.instance_id, exc)
                 else:
                     log.exception("heartbeat of %s failed unexpectedly", self.instance_id)
                 self._report_health()
                 return False
+            self.last_error = None
             self.health.mark_ok()
             self._report_health()
             return True
 
     def _report_health(self) -> None:
         healthy = self.health.can_claim
+        try:
+            self.on_beat(healthy)
+        except Exception:  # the beating thread must outlive its listener's bugs
+            log.exception("heartbeat listener of %s failed", self.instance_id)
+        self._log_health(healthy)
+
+    def _log_health(self, healthy: bool) -> None:
         if healthy != self._was_healthy:
             if healthy:
                 log.warning("instance %s beats again: claiming jobs again", self.instance_id)

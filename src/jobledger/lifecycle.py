@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from jobledger.config import DEFAULT_MAX_RECOVERIES, DEFAULT_RECOVERY_WINDOW
 from jobledger.errors import StoreError
+from jobledger.journal import LOCAL
 from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState, Republish
 from jobledger.pending import PendingWrites, TransitionWrite
 from jobledger.recovery import over_recovery_cap, with_recovery
@@ -76,11 +77,11 @@ class Lifecycle:
     Deliveries without a generation (published before generations) keep the older rules.
     """
 
-    store: Store
+    store: Store = field(metadata=LOCAL)  # not journaled: a replayed claim uses the replayer's
     owner: str
     ttl: float
     delete_on_success: bool = False
-    pending: PendingWrites | None = None
+    pending: PendingWrites | None = field(default=None, metadata=LOCAL)
     max_recoveries: int = DEFAULT_MAX_RECOVERIES
     recovery_window: float = DEFAULT_RECOVERY_WINDOW
 

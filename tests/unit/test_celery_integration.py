@@ -16,6 +16,7 @@ from celery import Celery, Task, signals
 from celery.exceptions import Ignore
 
 from jobledger.config import Settings
+from jobledger.heartbeat import Health
 from jobledger.integrations.celery import RESTART_HEADER, CeleryIntegration, install
 from jobledger.model import JobRecord, JobState
 from jobledger.testing import MemoryStore
@@ -175,3 +176,19 @@ def test_task_replace_is_recorded_as_such_and_left_to_the_replacement(
 
 def test_a_worker_recovers_only_celery_jobs(make_env: Callable[..., Env]) -> None:
     assert make_env().integration.recovery().systems == {"celery"}
+
+
+def test_a_delivery_to_a_worker_that_cannot_beat_runs_and_is_not_handed_back(
+    make_env: Callable[..., Env],
+) -> None:
+    """Invariant 9 is the consumer's to keep (it stops consuming); a delivery that reached a
+    pool process anyway runs once, claimed, instead of being re-published in a loop."""
+    env = make_env()
+    env.integration.health = Health(ttl=30.0)  # never beat: past the TTL
+    assert not env.integration.health.can_claim
+    assert env.store.create(JobRecord(id="j", name="t.work", system="celery", queue="q"))
+    sent = len(env.sent)
+    assert run(env, "j", lambda: "ran") == "ran"
+    done = env.store.get("j")
+    assert done is not None and done.state is S.SUCCEEDED and done.owner == "w:1"
+    assert len(env.sent) == sent  # nothing published again

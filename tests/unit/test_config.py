@@ -71,6 +71,8 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "relay_max_backoff": ("1m", 60.0),
     "relay_lease": ("90s", 90.0),
     "stage_in_atomic": ("true", True),
+    "journal_dir": ("/var/lib/worker/journal", "/var/lib/worker/journal"),
+    "journal_limit": ("500", 500),
 }
 
 
@@ -120,6 +122,8 @@ def test_from_env_defaults_and_overrides() -> None:
         ("JOBLEDGER_KEEP_FAILED", "x", "JOBLEDGER_KEEP_FAILED"),
         ("JOBLEDGER_INSTANCE_NAME", "a:b", "JOBLEDGER_INSTANCE_NAME"),
         ("JOBLEDGER_INSTANCE_NAME", "n" * 201, "JOBLEDGER_INSTANCE_NAME"),
+        ("JOBLEDGER_JOURNAL_LIMIT", "0", "JOBLEDGER_JOURNAL_LIMIT"),
+        ("JOBLEDGER_JOURNAL_LIMIT", "many", "JOBLEDGER_JOURNAL_LIMIT"),
     ],
 )
 def test_a_bad_variable_is_named(variable: str, value: str, named: str) -> None:
@@ -134,6 +138,8 @@ def test_validation_in_code() -> None:
         Settings(heartbeat_interval=10, heartbeat_ttl=10)
     with pytest.raises(ConfigError, match="JOBLEDGER_KEEP_FAILED"):
         Settings(keep_failed=-1)
+    with pytest.raises(ConfigError, match="JOBLEDGER_JOURNAL_DIR"):
+        Settings(journal_dir=" ")
     with pytest.raises(ConfigError, match="JOBLEDGER_HEARTBEAT_INTERVAL"):
         Settings(heartbeat_interval=math.nan)
     assert Settings(heartbeat_interval=2).ttl == 6

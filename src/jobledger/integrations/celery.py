@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from amqp.exceptions import IrrecoverableChannelError, NotFound
 from celery import Celery, Task, signals
@@ -76,6 +76,7 @@ from jobledger.errors import (
     JobLedgerError,
     MessageRefused,
     PublishError,
+    SchemaMissing,
     StagingError,
 )
 from jobledger.heartbeat import Health, Heartbeat, new_instance
@@ -86,7 +87,9 @@ from jobledger.integrations.celery_staging import (
     signature_parts,
     staged_record,
 )
+from jobledger.journal import Journal, replay_orphans
 from jobledger.lifecycle import Claim, Lifecycle
+from jobledger.loop import Loop
 from jobledger.model import JobRecord, JobState, Republish
 from jobledger.outbox import Outbox
 from jobledger.pending import PendingWrites, TransitionWrite
@@ -167,6 +170,9 @@ class CeleryIntegration:
         self._stores: dict[int, Store] = {} if store is None else {os.getpid(): store}
         self._stores_lock = threading.Lock()
         self._pending: dict[int, PendingWrites] = {}
+        self.journal: Journal | None = None  # a worker's, opened before the pool forks
+        self.journal_loop: Loop | None = None
+        self.consumption: _Consumption | None = None
         # Created before any fork so pool children read what the main process's thread writes.
         self.health = Health(settings.ttl)
         self.instance_id: str | None = None
@@ -196,12 +202,16 @@ class CeleryIntegration:
 
     @property
     def pending(self) -> PendingWrites:
-        """This process's buffer of ledger writes waiting for the ledger (invariant 7)."""
+        """This process's ledger writes waiting for the ledger (invariant 7): in a worker, in
+        the journal all its processes share, replayed by the main process's journal loop; in
+        any other process, in memory."""
         pid = os.getpid()
         with self._stores_lock:
             found = self._pending.get(pid)
             if found is None:
-                found = self._pending[pid] = PendingWrites(lambda: self.store)
+                found = self._pending[pid] = PendingWrites(
+                    lambda: self.store, log=self.journal, replay_on_add=self.journal is None
+                )
             return found
 
     @property
@@ -503,8 +513,6 @@ class CeleryIntegration:
         if self.instance_id is None:
             self._count("run_unguarded")
             return body()  # not a worker started with our hooks: nothing to claim as
-        if not self.health.can_claim:
-            return self._refuse(task, job_id, body)
         record = self._record_from_request(task)
         generation = _generation_of(getattr(request, GENERATION_HEADER, None))
         lifecycle = self.lifecycle()
@@ -566,17 +574,6 @@ class CeleryIntegration:
         except JobLedgerError as exc:  # not a ledger outage (those are deferred): a bug
             self._count("finish_unrecorded")
             log.warning("a job's end could not be recorded: %s", exc)
-
-    def _refuse(self, task: Task, job_id: str, body: Callable[[], Any]) -> Any:
-        """Invariant 9: an instance that cannot beat hands the job back instead of running it."""
-        self._count("refused_unhealthy")
-        try:
-            self.publish(self._record_from_request(task))
-        except PublishError as exc:
-            log.error("job %s: cannot hand it back (%s), running it unclaimed", job_id, exc)
-            return body()
-        log.error("job %s handed back: this instance cannot reach the ledger", job_id)
-        raise Ignore()
 
     def _record_from_request(self, task: Task) -> JobRecord:
         request = task.request
@@ -775,7 +772,12 @@ class CeleryIntegration:
             log.warning("job %s %s, not recorded: %s", job_id, reason, exc)
 
     def on_worker_init(self, sender: Any = None, **_: Any) -> None:
-        """Register the instance before the pool forks, so children claim as a live one."""
+        """Before the pool forks: open the journal, register the instance (so children claim
+        as a live one), and replay what earlier workers left in the journal directory.
+
+        An unmigrated ledger or an unusable journal directory ends the worker here with one
+        line; an unreachable ledger is an outage: the worker starts and consumes nothing until
+        the ledger answers (:class:`_Consumption`)."""
         from celery.worker import state as worker_state
 
         self.wrap_tasks()
@@ -784,11 +786,21 @@ class CeleryIntegration:
             pid = os.getpid()
             store = self._stores.get(pid) or self._factory()
             self._stores[pid] = cast(Store, _ForkGuardedStore(store))
+            self._pending.pop(pid, None)  # from now on, this process's writes are journaled
+        try:
+            self.journal = Journal.for_instance(
+                self.settings.journal_dir,
+                self.settings.instance_name,
+                limit=self.settings.journal_limit,
+            )
+        except ConfigError as exc:
+            _exit_at_start(str(exc))
         queues: list[str] = []
         with contextlib.suppress(Exception):  # varies by version and options; only informative
             queues = sorted(self.app.amqp.queues.consume_from or self.app.amqp.queues)
         instance = new_instance(self.settings, queues)
         self.instance_id = instance.id
+        self.consumption = _Consumption(self)
         self.heartbeat = Heartbeat(
             self.store,
             instance,
@@ -798,16 +810,45 @@ class CeleryIntegration:
             health=self.health,
             holding=self._holding,
             stats=lambda: self.counters,
+            on_beat=self.consumption.want,
         )
         self.heartbeat.start()
+        if isinstance(self.heartbeat.last_error, SchemaMissing):
+            self.heartbeat.halt()
+            _exit_at_start(str(self.heartbeat.last_error))
+        if self.heartbeat.last_error is not None:
+            log.error(
+                "jobledger instance %s cannot reach the ledger at start (%s): it consumes no "
+                "jobs until the ledger answers",
+                instance.id,
+                self.heartbeat.last_error,
+            )
+        else:
+            self._replay_journals()
+        self.journal_loop = Loop("journal", self.settings.heartbeat_interval, self._replay_journals)
+        self.journal_loop.start()
         self.recovery_loop = RecoveryLoop(
             self.recovery(),
             interval=self.settings.recovery_interval,
             enabled=lambda: self.health.can_claim,
         )
-        log.info("jobledger instance %s registered", instance.id)
+        log.info("jobledger instance %s registered (journal %s)", instance.id, self.journal.path)
 
-    def on_worker_ready(self, **_: Any) -> None:
+    def _replay_journals(self) -> None:
+        """The main process's replay: this worker's journal while it holds writes (its pool
+        processes' and its predecessor's), then the journals in the same directory whose
+        worker is gone."""
+        assert self.journal is not None
+        self.pending.flush()
+        left = replay_orphans(self.journal, lambda: self.store)
+        if left:
+            log.warning("%d ledger writes of gone workers still wait for the ledger", left)
+
+    def on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        """The consumer runs (``sender``, in its event loop's thread): stop it at once if the
+        ledger is out of reach, then start the loops."""
+        if self.consumption is not None and sender is not None:
+            self.consumption.attach(sender)
         if self.recovery_loop is not None:
             self.recovery_loop.start()
         if self.settings.relay and self.instance_id is not None:
@@ -835,40 +876,37 @@ class CeleryIntegration:
         """Warm shutdown begins (in a signal handler): say draining, write nothing here."""
         if self.heartbeat is not None:
             self.heartbeat.mark_draining()
+        if self.consumption is not None:
+            self.consumption.detach()
 
     def on_worker_shutdown(self, **_: Any) -> None:
-        """After Celery's warm shutdown waited for the pool: drain, then deregister."""
-        if self.recovery_loop is not None:
-            self.recovery_loop.stop()
+        """After Celery's warm shutdown waited for the pool: replay the journal once more,
+        drain, then deregister. Writes the ledger did not take stay in the journal for the
+        next start of this instance name, or any worker sharing the journal directory."""
+        for loop in (self.recovery_loop, self.relay_loop, self.journal_loop):
+            if loop is not None:
+                loop.stop()
         if self.relay_loop is not None:
-            self.relay_loop.stop()
             self.relay_loop.relay.store.close()
-        self._flush_pending()
+        if self.journal is not None:
+            try:
+                self.pending.flush()
+            except Exception:
+                log.exception("replaying the journal at shutdown failed")
+            if self.pending.holds():
+                log.warning(
+                    "%d ledger writes stay in the journal %s: the next start of %s, or any "
+                    "worker using that directory, replays them",
+                    len(self.journal),
+                    self.journal.path,
+                    self.settings.instance_name,
+                )
         if self.heartbeat is not None:
             self.heartbeat.drain(timeout=self.settings.ttl)
 
     def on_worker_process_init(self, **_: Any) -> None:
         self._claimed.clear()
         self._retrying.clear()
-
-    def on_worker_process_shutdown(self, **_: Any) -> None:
-        """A pool process exits: one last try at the writes it still owes the ledger."""
-        self._flush_pending()
-
-    def _flush_pending(self) -> None:
-        pending = self._pending.get(os.getpid())
-        if pending is None or not len(pending):
-            return
-        try:
-            if not pending.flush():
-                log.warning(
-                    "%d ledger writes lost at exit: this worker still owns their jobs, so they "
-                    "stay as last recorded (a started one until this worker stops beating and "
-                    "the sweep recovers it)",
-                    len(pending),
-                )
-        except Exception:
-            log.exception("flushing pending ledger writes at exit failed")
 
     def connect(self) -> None:
         """Connect the signal receivers (weakly held by Celery, so bound to this object)."""
@@ -882,7 +920,6 @@ class CeleryIntegration:
             (signals.worker_shutting_down, self.on_worker_shutting_down),
             (signals.worker_shutdown, self.on_worker_shutdown),
             (signals.worker_process_init, self.on_worker_process_init),
-            (signals.worker_process_shutdown, self.on_worker_process_shutdown),
         ]
         self._receivers = pairs
         for signal, receiver in pairs:
@@ -912,6 +949,112 @@ class CeleryIntegration:
             pending.stop()
         for store in stores:
             store.close()
+        if self.journal is not None:
+            self.journal.close()
+
+
+def _exit_at_start(line: str) -> NoReturn:
+    """End a worker that cannot work at all with one line (a signal receiver's exception
+    would only be logged by Celery, and the worker would start anyway)."""
+    print(f"jobledger: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+class _Consumption:
+    """Invariant 9 for a Celery worker: it stops consuming its queues while its heartbeat has
+    failed for longer than the TTL, and consumes again once a beat succeeds. Messages wait in
+    the broker meanwhile instead of being handed back and forth; deliveries already in the
+    worker run, their claims journaled (invariant 7).
+
+    Celery's remote control does it (``cancel_consumer`` / ``add_consumer``, sent to this
+    worker only): the command travels through the broker and is carried out by the worker's
+    own event loop, the only thread that may touch the consumer, with every pool. A thread of
+    its own sends them, so a slow broker never holds up a heartbeat, and checks every interval
+    that the consumer did as told, sending again if a command was lost (a Redis broadcast is
+    not kept for a worker that is reconnecting).
+    """
+
+    def __init__(self, integration: CeleryIntegration) -> None:
+        self.integration = integration
+        self.interval = integration.settings.heartbeat_interval
+        self.consumer: Any = None
+        self.queues: list[str] = []
+        self._wanted = True
+        self._said = True  # what the log last said: consuming or not
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def attach(self, consumer: Any) -> None:
+        """The consumer started (in its event loop's thread, so it may be stopped directly)."""
+        if not self.integration.app.conf.worker_enable_remote_control:
+            log.warning(
+                "Celery's remote control is off (worker_enable_remote_control): this worker "
+                "cannot stop consuming while the ledger is unreachable; jobs delivered then run "
+                "with their claims journaled"
+            )
+            return
+        self.consumer = consumer
+        self.queues = [q.name for q in consumer.task_consumer.queues]
+        self._wanted = self.integration.health.can_claim
+        if not self._wanted:
+            self._announce(False)
+            for queue in self.queues:
+                consumer.cancel_task_queue(queue)
+        self._thread = threading.Thread(target=self._run, name="jobledger-consumption", daemon=True)
+        self._thread.start()
+
+    def want(self, can_claim: bool) -> None:
+        """After each beat (the heartbeat's thread): consume if it ``can_claim``."""
+        self._wanted = can_claim
+        if can_claim != self._said:
+            self._wake.set()
+
+    def detach(self) -> None:
+        """Shutdown: leave the consumer to Celery."""
+        self._stopped.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stopped.is_set():
+                return
+            try:
+                self._follow()
+            except Exception as exc:  # the broker is down, say: the next round tries again
+                log.warning("jobledger could not switch the worker's consumer: %r", exc)
+
+    def _follow(self) -> None:
+        wanted = self._wanted
+        if wanted != self._said:
+            self._announce(wanted)
+        if self._consuming() == wanted:
+            return
+        control = self.integration.app.control
+        command = control.add_consumer if wanted else control.cancel_consumer
+        for queue in self.queues:
+            command(queue, destination=[self.consumer.hostname])
+
+    def _consuming(self) -> bool:
+        task_consumer = self.consumer.task_consumer
+        return any(task_consumer.consuming_from(queue) for queue in self.queues)
+
+    def _announce(self, consuming: bool) -> None:
+        self._said = consuming
+        instance = self.integration.instance_id
+        if consuming:
+            self.integration._count("consuming_resumed")
+            log.warning("instance %s reaches the ledger again: consuming %s", instance, self.queues)
+        else:
+            self.integration._count("consuming_stopped")
+            log.error(
+                "instance %s cannot reach the ledger (no beat for over its TTL): it stops "
+                "consuming %s until it does; messages wait in the broker",
+                instance,
+                self.queues,
+            )
 
 
 #: The counter a skipped delivery raises, by the claim's outcome (else ``duplicates_skipped``).

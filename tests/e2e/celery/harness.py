@@ -125,6 +125,22 @@ class Harness:
         return env
 
     def start_worker(self, name: str, concurrency: int = 4, **extra: str) -> Worker:
+        """Spawn a worker and wait until it registered in the ledger and is ready."""
+        worker = self.spawn_worker(name, concurrency, **extra)
+        proc = worker.proc
+        wait_for(
+            f"worker {name} to register",
+            lambda: (
+                (proc.poll() is None and any(i.name == name for i in self.store.instances(ttl=10)))
+                or _died(worker)
+            ),
+        )
+        wait_for(f"worker {name} to be ready", lambda: "ready." in worker.output() or _died(worker))
+        return worker
+
+    def spawn_worker(self, name: str, concurrency: int = 4, **extra: str) -> Worker:
+        """Spawn a worker (in the test's directory, so workers share a journal directory) and
+        return at once."""
         log = self.tmp_path / f"{name}.log"
         cmd = [
             sys.executable, "-m", "celery", "-A", "e2eworker", "worker",
@@ -139,14 +155,6 @@ class Harness:
             )  # fmt: skip
         worker = Worker(proc, name, log)
         self.workers.append(worker)
-        wait_for(
-            f"worker {name} to register",
-            lambda: (
-                (proc.poll() is None and any(i.name == name for i in self.store.instances(ttl=10)))
-                or _died(worker)
-            ),
-        )
-        wait_for(f"worker {name} to be ready", lambda: "ready." in worker.output() or _died(worker))
         return worker
 
     def runs(self) -> list[tuple[str, str, str, float]]:

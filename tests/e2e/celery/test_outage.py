@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 from harness import REDIS, Harness, make_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
@@ -46,3 +48,100 @@ def test_ledger_down_while_publishing_and_running(make_harness: Callable[..., Ha
         assert job.args == [int(job.args[0])] and job.finished_at is not None
     done = Counter(r[0] for r in h.runs() if r[1] == "done")
     assert all(done[i] == 1 for i in ids), "a job ran twice or never"
+
+
+def done_once(h: Harness, ids: list[str]) -> bool:
+    done = Counter(r[0] for r in h.runs() if r[1] == "done")
+    assert all(done[i] <= 1 for i in ids), f"a job ran twice: {done}"
+    return all(done[i] == 1 for i in ids)
+
+
+@pytest.mark.parametrize("successor", ["w1", "w2"])
+def test_jobs_run_during_an_outage_by_a_killed_worker_end_succeeded(
+    make_harness: Callable[..., Harness], successor: str
+) -> None:
+    """The journal outlives the worker: jobs that ran (claim and success deferred) before
+    their worker was SIGKILLed end ``succeeded`` once the ledger is back and a worker of the
+    same name, or another worker sharing the journal directory, starts."""
+    h = make_harness(REDIS, "postgresql", proxied=True, heartbeat_interval=1.0)
+    assert h.proxy is not None
+    first = h.start_worker("w1", concurrency=2)
+    h.proxy.pause()
+    ids = [h.app.send_task("e2e.work", args=[i], kwargs={"seconds": 0.1}).id for i in range(6)]
+    wait_for("the jobs to run during the outage", lambda: done_once(h, ids))
+    first.kill()
+    first.wait()
+    h.proxy.resume()
+    assert h.store.count(JobQuery()) == 0  # the ledger learnt nothing of them
+    h.start_worker(successor, concurrency=1)
+    wait_for(
+        "the journaled writes to be replayed",
+        lambda: h.store.count(JobQuery(states=SUCCEEDED)) == len(ids),
+        timeout=30,
+    )
+    for job in h.store.iter_jobs(JobQuery()):
+        assert job.owner is not None and job.owner.startswith("w1:")  # the run that happened
+    assert done_once(h, ids)
+
+
+def test_a_worker_stops_consuming_while_the_ledger_is_down_and_resumes(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """Invariant 9 without a loop: past the TTL the worker cancels its consumer, messages
+    wait in the broker (none handed back and forth), and it consumes again once it beats."""
+    import redis
+
+    h = make_harness(REDIS, "postgresql", proxied=True, heartbeat_interval=1.0)
+    assert h.proxy is not None
+    worker = h.start_worker("w1", concurrency=2)
+    h.proxy.pause()
+    # Celery's own line: the worker's event loop carried out the cancel_consumer it was sent
+    wait_for("the worker to stop consuming", lambda: "Canceling queue" in worker.output())
+    ids = [h.app.send_task("e2e.work", args=[i], kwargs={"seconds": 0.05}).id for i in range(10)]
+    broker = redis.Redis.from_url(REDIS)
+    failed_beats = worker.output().count("heartbeat of")
+    wait_for(  # two more beats: time in which a consuming worker would have taken them
+        "two more failed beats", lambda: worker.output().count("heartbeat of") >= failed_beats + 2
+    )
+    assert broker.llen(h.queue) == len(ids) and h.runs() == []
+    h.proxy.resume()
+    wait_for("every job to succeed", lambda: done_once(h, ids), timeout=30)
+    wait_for(
+        "the ledger to record them",
+        lambda: h.store.count(JobQuery(states=SUCCEEDED)) == len(ids),
+        timeout=30,
+    )
+    output = worker.output()
+    assert output.count("stops consuming") == 1 and output.count("reaches the ledger again") == 1
+    assert "Started consuming from" in output  # the add_consumer it was sent
+    assert "handed back" not in output and not any(r[1] == "published" for r in h.runs())
+    broker.close()
+
+
+def test_a_worker_that_starts_during_an_outage_waits_for_the_ledger(
+    make_harness: Callable[..., Harness],
+) -> None:
+    h = make_harness(REDIS, "postgresql", proxied=True, heartbeat_interval=1.0)
+    assert h.proxy is not None
+    h.proxy.pause()
+    ids = [h.app.send_task("e2e.work", args=[i]).id for i in range(3)]
+    worker = h.spawn_worker("w1", concurrency=2)
+    wait_for(
+        "the worker to start without consuming",
+        lambda: "ready." in worker.output() and "stops consuming" in worker.output(),
+    )
+    assert "cannot reach the ledger at start" in worker.output() and h.runs() == []
+    h.proxy.resume()
+    wait_for("every job to succeed", lambda: done_once(h, ids), timeout=30)
+
+
+def test_an_unmigrated_ledger_stops_the_worker_at_once_with_one_line(
+    make_harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = make_harness(REDIS)
+    worker = h.spawn_worker("w1", JOBLEDGER_DATABASE_URL=f"sqlite:///{tmp_path / 'empty.db'}")
+    assert worker.wait(timeout=60) == 2
+    output = worker.output()
+    lines = [line for line in output.splitlines() if line.startswith("jobledger:")]
+    assert len(lines) == 1 and "jobledger migrate" in lines[0], output
+    assert "Traceback" not in output
