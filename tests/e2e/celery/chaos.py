@@ -11,8 +11,9 @@ fast`` of the ledger, and a ledger outage of a few seconds (stop, wait, start). 
 exits is started again, as an orchestrator would, under the same instance name (``--new-names``:
 a new one each time). Fault *i* fires when the bodies completed reach a seeded fraction of the
 jobs (so a slow machine gets the same faults at the same progress), or 30 s after the previous
-one if the run stalls (and at least ``MIN_GAP`` after it). The seed fixes the plan (kinds, order, progress points, targets, down
-times); what the processes are doing at that instant is up to the machine.
+one if the run stalls, and never within ``MIN_GAP`` of it. The seed fixes the plan (kinds,
+order, progress points, targets, down times); what the processes are doing at that instant is
+up to the machine.
 
 The verdict, once the faults stopped and the run settled (polled with a deadline): every job
 ``succeeded`` in the ledger, every body completed at least once, no body started after the
@@ -387,9 +388,13 @@ class ChaosRun:
         late = []
         for job_id in self.ids:
             job = jobs.get(job_id)
-            if job is not None and job.state is JobState.SUCCEEDED and job.finished_at:
-                if any(at > job.finished_at.timestamp() for at, _ in starts[job_id]):
-                    late.append(job_id)
+            if (
+                job is not None
+                and job.state is JobState.SUCCEEDED
+                and job.finished_at
+                and any(at > job.finished_at.timestamp() for at, _ in starts[job_id])
+            ):
+                late.append(job_id)
         verdict = Verdict(
             jobs=len(self.ids),
             states=states,
