@@ -92,7 +92,7 @@ class Harness:
         ledger: str = "sqlite",
         *,
         proxied: bool = False,
-        heartbeat_interval: float = 0.5,
+        heartbeat_interval: float = 1.0,  # TTL 3 s: the shortest an e2e test may use
         visibility_timeout: float | None = None,
     ) -> None:
         self.tmp_path = tmp_path
