@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -34,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,7 @@ class ChaosRun:
         self.say(f"chaos: logs and servers under {self.workdir}")
         with contextlib.ExitStack() as stack:
             stack.callback(self._clean_up)
+            stack.enter_context(self._client_log())
             self.ledger.init()
             self.ledger.start()
             self.store = SQLStore(self.ledger.url)
@@ -211,6 +213,24 @@ class ChaosRun:
             if not verdict.ok:
                 self.config.keep = True
         return verdict
+
+    @contextlib.contextmanager
+    def _client_log(self) -> Iterator[None]:
+        """The publishing side's jobledger warnings (hundreds of "published but not recorded"
+        during a ledger outage) go to logs/client.log, beside the workers' logs."""
+        logger = logging.getLogger("jobledger")
+        handler = logging.FileHandler(self.workdir / "logs" / "client.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s/client] %(message)s"))
+        propagate, level = logger.propagate, logger.level
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate, logger.level = propagate, level
+            handler.close()
 
     def _spawn(self, slot: Slot) -> None:
         slot.incarnation += 1
