@@ -74,6 +74,8 @@ LEDGER_ENV = {
 }
 DRAIN_TIMEOUT = 60.0
 STALL_TIMEOUT = 30.0
+#: Log lines shown in a failing job's history.
+HISTORY_LINES = 15
 #: Faults are at least this far apart, so that each one is a fault of its own.
 MIN_GAP = 1.0
 
@@ -487,11 +489,18 @@ class ChaosRun:
             )
         body = ", ".join(f"start {rel(at)} on {who}" for at, who in starts) or "never started"
         lines.append(f"  runs: {body}")
-        for log in sorted((self.workdir / "logs").glob("*.log")):
-            for line in log.read_text(errors="replace").splitlines():
-                if job_id in line:
-                    lines.append(f"  {log.stem}: {line.strip()[:220]}")
-        return lines[:24]
+        logged = sorted(  # every log line starts with its time: one timeline over all logs
+            (line.strip(), log.stem)
+            for log in (self.workdir / "logs").glob("*.log")
+            for line in log.read_text(errors="replace").splitlines()
+            if job_id in line
+        )
+        if len(logged) > HISTORY_LINES:  # the first lines and the last ones tell the story
+            head, tail = HISTORY_LINES // 3, HISTORY_LINES - HISTORY_LINES // 3
+            skipped = [(f"... {len(logged) - HISTORY_LINES} more lines ...", "")]
+            logged = logged[:head] + skipped + logged[-tail:]
+        lines += [f"  {stem}{': ' if stem else ''}{line[:240]}" for line, stem in logged]
+        return lines
 
     def summary(self, verdict: Verdict) -> str:
         config = self.config
