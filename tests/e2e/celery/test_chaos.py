@@ -15,7 +15,9 @@ def test_faults_lose_no_job_and_rerun_no_success() -> None:
     config = Config(
         jobs=400,
         faults=9,  # every kind at least once, three of them twice
-        seed=int(os.environ.get("JOBLEDGER_CHAOS_SEED", "1")),
+        # a plan that reached the holes of issue 13 on every run against the code it was
+        # written beside (seeds 1 and 2 happened to miss them there)
+        seed=int(os.environ.get("JOBLEDGER_CHAOS_SEED", "3")),
         settle_timeout=90,
     )
     lines: list[str] = []
