@@ -61,6 +61,24 @@ class Worker:
         return self.log.read_text(errors="replace")
 
 
+def spawn_worker(
+    module: str, name: str, queue: str, concurrency: int, cwd: Path, env: dict[str, str], log: Path
+) -> Worker:
+    """``celery -A module worker`` (prefork) on ``queue`` in a process group of its own, its
+    output in ``log``; returns at once (the caller decides what "ready" means)."""
+    cmd = [
+        sys.executable, "-m", "celery", "-A", module, "worker",
+        "-P", "prefork", "-c", str(concurrency), "-Q", queue,
+        "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+        "--without-heartbeat",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Worker(proc, name, log)
+
+
 class Harness:
     """A queue of the test's own on ``broker``, a ledger on ``ledger`` (``sqlite`` or
     ``postgresql``), a runs table, and the workers started. With ``proxied``, the client and
@@ -74,7 +92,7 @@ class Harness:
         ledger: str = "sqlite",
         *,
         proxied: bool = False,
-        heartbeat_interval: float = 0.5,
+        heartbeat_interval: float = 1.0,  # TTL 3 s: the shortest an e2e test may use
         visibility_timeout: float | None = None,
     ) -> None:
         self.tmp_path = tmp_path
@@ -141,19 +159,10 @@ class Harness:
     def spawn_worker(self, name: str, concurrency: int = 4, **extra: str) -> Worker:
         """Spawn a worker (in the test's directory, so workers share a journal directory) and
         return at once."""
-        log = self.tmp_path / f"{name}.log"
-        cmd = [
-            sys.executable, "-m", "celery", "-A", "e2eworker", "worker",
-            "-P", "prefork", "-c", str(concurrency), "-Q", self.queue,
-            "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
-            "--without-heartbeat",
-        ]  # fmt: skip
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=self.tmp_path, env=self.env(name, **extra), stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        worker = Worker(proc, name, log)
+        worker = spawn_worker(
+            "e2eworker", name, self.queue, concurrency, self.tmp_path, self.env(name, **extra),
+            self.tmp_path / f"{name}.log",
+        )  # fmt: skip
         self.workers.append(worker)
         return worker
 

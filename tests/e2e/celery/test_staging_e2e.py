@@ -250,9 +250,10 @@ def test_rolled_back_jobs_never_exist_and_committed_ones_run_once(
     assert len(set(committed)) == len(committed) == 3 * 8 + extra
     assert len(set(rolled_back)) == len(rolled_back) == 4 * 8 + extra
     assert orders(engine) == kept_orders  # the business rows went the same way as the jobs
-    # the fast path published the committed jobs right after their commits; none was left over
+    # the broker was up: the fast path gave up on none. How many it published before the
+    # workers' relay (grace 0.5 s) took one is up to the machine's load, not an invariant.
     counters = h.integration.outbox.counters
-    assert counters["published"] in (len(committed), len(committed) - extra)
+    assert 0 < counters["published"] <= len(committed)
     assert counters["left_to_relay"] == 0
     engine.dispose()
 
@@ -411,10 +412,11 @@ def test_relay_killed_mid_batch_loses_nothing_and_runs_nothing_twice(
     ran = starts(h)
     assert all(ran[i] == 1 for i in ids), "a job ran twice or never"
     assert sum(ran.values()) == count
-    # each second copy was delivered and skipped by the claim guard
+    # each second copy was delivered and skipped by the claim guard (as already succeeded or,
+    # on a machine slow enough for the copies to overlap, as running elsewhere)
     wait_for(
         "every duplicate delivery to be skipped",
-        lambda: worker.output().count("not run: already_succeeded") == len(twice),
+        lambda: all(f"job {i} (e2e.work) not run: " in worker.output() for i in twice),
     )
 
 
