@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from jobledger import __version__
 from jobledger.cli import app
 from jobledger.demo import cli_command
+from jobledger.query import JobQuery
 from jobledger.stores.sql import SQLStore, parse_url
 from jobledger.testing import wait_for
 from ledgerdb import database_url, empty_sql_store
@@ -175,3 +176,20 @@ def test_sigint_stops_the_test_runner_started_with_sigint_ignored(tmp_path: Path
             process.wait()
     assert process.returncode == 2, output  # pytest's "interrupted"
     assert re.search(r"KeyboardInterrupt", output), output
+
+
+def test_the_readme_python_quick_start_runs(tmp_path: Path) -> None:
+    """The README's first example runs as written (every name it uses is defined), on a
+    SQLite ledger instead of its PostgreSQL one."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Quick start (Python)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    url = f"sqlite:///{tmp_path / 'quick.db'}"
+    code = code.replace('"postgresql://app@db/app"', repr(url))
+    assert repr(url) in code
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    store = SQLStore(url)
+    try:
+        assert [r.state.value for r in store.iter_jobs(JobQuery())] == ["succeeded"]
+    finally:
+        store.close()
