@@ -112,7 +112,8 @@ def test_maintenance_recovers_and_prunes(
     _until(lambda: store.get("old-1") is None)
     _until(lambda: recorder.published == ["orphan-1"])
     _until(lambda: store.get("orphan-1").state is JobState.QUEUED)  # type: ignore[union-attr]
-    assert "jobledger_recoveries_total 1.0" in client.get("/metrics").text
+    # the sweep counts what it moved after it returns: wait for the count, do not race it
+    _until(lambda: "jobledger_recoveries_total 1.0" in client.get("/metrics").text)
     assert {loop.name for loop in client.app.state.loops} >= {"recovery", "prune"}  # type: ignore[attr-defined]
 
 
