@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from jobledger.errors import ConfigError
+from jobledger.model import OrphanPolicy
 
 DEFAULT_DATABASE_URL = "sqlite:///jobledger.db"
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -156,8 +157,17 @@ class Settings:
     #: ``JOBLEDGER_JOURNAL_LIMIT``: the most writes a journal keeps (10000); past it the oldest
     #: is dropped, logged and counted (its job is recovered and run again once its owner stops).
     journal_limit: int = DEFAULT_JOURNAL_LIMIT
+    #: ``JOBLEDGER_ON_ORPHAN``: what a tracked job whose worker died while it ran becomes when
+    #: its task does not say (``@app.task(on_orphan=...)``): ``requeue`` (default, run it
+    #: again), ``fail`` (failed with the reason, for a person) or ``discard`` (cancelled with
+    #: the reason). Recorded with each job at publish.
+    on_orphan: OrphanPolicy = OrphanPolicy.REQUEUE
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "on_orphan", OrphanPolicy.parse(self.on_orphan))
+        except ConfigError as exc:
+            raise ConfigError(f"JOBLEDGER_ON_ORPHAN: {exc}") from None
         if not isinstance(self.database_url, str) or not self.database_url.strip():
             raise ConfigError("JOBLEDGER_DATABASE_URL must not be empty")
         if not self.instance_name or len(self.instance_name) > 200 or ":" in self.instance_name:

@@ -92,6 +92,33 @@ class Republish(str, enum.Enum):
         return "restart" if self is Republish.RESTART else "recovery"
 
 
+class OrphanPolicy(str, enum.Enum):
+    """What a job whose worker died while it ran becomes (DESIGN.md invariant 10), chosen per
+    task because a task that charges a card may not be safe to run twice. Recorded with the
+    job at publish (``options["on_orphan"]``), so a recoverer applies it without the task's
+    code. A job that never started (prefetched, or its claim never landed) is always put back:
+    its body did not run."""
+
+    REQUEUE = "requeue"  # publish it again (the default)
+    FAIL = "fail"  # mark it failed with the reason, for a person to decide
+    DISCARD = "discard"  # cancel it with the reason
+
+    @classmethod
+    def parse(cls, value: str | OrphanPolicy) -> OrphanPolicy:
+        """The policy named by ``value``; :class:`ConfigError` naming the known ones if none."""
+        if isinstance(value, OrphanPolicy):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            known = ", ".join(p.value for p in cls)
+            raise ConfigError(f"unknown orphan policy {value!r}; known: {known}") from None
+
+
+#: The record option that carries a job's :class:`OrphanPolicy`.
+ORPHAN_OPTION = "on_orphan"
+
+
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED})
 UNCOMPLETED_STATES = frozenset(JobState) - FINAL_STATES
 

@@ -23,7 +23,15 @@ from jobledger.config import Settings
 from jobledger.errors import JobLedgerError
 from jobledger.integrations.base import registry
 from jobledger.loop import Loop
-from jobledger.model import RECENT_RECOVERIES_KEPT, JobRecord, JobState, Republish, to_epoch
+from jobledger.model import (
+    ORPHAN_OPTION,
+    RECENT_RECOVERIES_KEPT,
+    JobRecord,
+    JobState,
+    OrphanPolicy,
+    Republish,
+    to_epoch,
+)
 from jobledger.stores.base import Store, Transition
 
 log = logging.getLogger(__name__)
@@ -53,8 +61,14 @@ class Outcome(str, enum.Enum):
 
     REQUEUED = "requeued"  # published again, now queued
     DEAD = "dead"  # over the recovery cap: a poison pill
+    FAILED = "failed"  # its task's orphan policy is "fail": failed with the reason
+    DISCARDED = "discarded"  # its task's orphan policy is "discard": cancelled with the reason
     RACE_LOST = "race_lost"  # the job moved meanwhile (finished, taken over, recovered)
     PUBLISH_FAILED = "publish_failed"  # the broker did not take it; still started, next sweep
+
+
+#: The outcomes that moved a job (what ``jobledger_recoveries_total`` counts).
+MOVED = frozenset({Outcome.REQUEUED, Outcome.DEAD, Outcome.FAILED, Outcome.DISCARDED})
 
 
 def over_recovery_cap(
@@ -137,6 +151,7 @@ class Recovery:
         batch: int = 500,
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
+        on_orphan: OrphanPolicy = OrphanPolicy.REQUEUE,
     ) -> None:
         self.store = store
         self.ttl = ttl
@@ -147,6 +162,7 @@ class Recovery:
         self.batch = batch
         self.systems = None if systems is None else frozenset(systems)
         self.ledger_up_for = ledger_up_for
+        self.on_orphan = on_orphan
         self.token = secrets.token_hex(8)
 
     @classmethod
@@ -168,6 +184,7 @@ class Recovery:
             publish=publish,
             systems=systems,
             ledger_up_for=ledger_up_for,
+            on_orphan=settings.on_orphan,
         )
 
     def sweep_once(self) -> SweepReport:
@@ -253,9 +270,14 @@ class Recovery:
 
         ``orphan`` is the record as read: its ``owner`` and ``generation`` are what the
         compare-and-set expects, and the message carries the generation after it. Also used
-        by an integration for a job whose worker process died under it.
+        by an integration for a job whose worker process died under it. A job whose task
+        chose another :class:`~jobledger.model.OrphanPolicy` is failed or cancelled instead,
+        with the reason, and never published.
         """
         owner = orphan.owner
+        policy = self.policy_of(orphan)
+        if policy is not OrphanPolicy.REQUEUE:
+            return self._settle(orphan, policy, why)
         if self._over_cap(orphan):
             error = (
                 f"poison pill: recovered {orphan.recoveries} times within "
@@ -274,6 +296,42 @@ class Recovery:
                 return Outcome.DEAD
             return self._race_lost(orphan)
         return self._republish(orphan, Republish.RECOVERY, why)
+
+    def policy_of(self, record: JobRecord) -> OrphanPolicy:
+        """The job's own orphan policy (recorded at publish), else this recoverer's default;
+        an unreadable one counts as the default, with a warning."""
+        named = record.options.get(ORPHAN_OPTION)
+        if named is None:
+            return self.on_orphan
+        try:
+            return OrphanPolicy.parse(named)
+        except JobLedgerError as exc:
+            log.warning("job %s: %s; using %s", record.id, exc, self.on_orphan.value)
+            return self.on_orphan
+
+    def _settle(self, orphan: JobRecord, policy: OrphanPolicy, why: str) -> Outcome:
+        """started → failed or cancelled: the task asked not to be run again after its worker
+        died mid-run, so a person decides (a restart runs it again)."""
+        error = (
+            f"orphaned: its worker {orphan.owner} died while it ran ({why}); not run again, "
+            f"as its task asks (on_orphan={policy.value}). Restart it by hand if it is safe."
+        )
+        to, outcome = (
+            (JobState.FAILED, Outcome.FAILED)
+            if policy is OrphanPolicy.FAIL
+            else (JobState.CANCELLED, Outcome.DISCARDED)
+        )
+        change = Transition(
+            to=to,
+            expect=_STARTED,
+            expect_owner=orphan.owner,
+            expect_generation=orphan.generation,
+            error=error,
+        )
+        if not self.store.transition(orphan.id, change):
+            return self._race_lost(orphan)
+        log.error("job %s (%s) is %s: %s", orphan.id, orphan.name, to.value, error)
+        return outcome
 
     def requeue(
         self, record: JobRecord, *, why: str, reason: Republish = Republish.REQUEUE

@@ -32,7 +32,14 @@ def test_metrics(client: TestClient, store: SQLStore) -> None:
     store.create(JobRecord(id="q-1", name="t", queue="mail"))
     store.create(JobRecord(id="d-1", name="t", queue="mail", state=JobState.DEAD))
     store.create(JobRecord(id="s-1", name="t", queue="mail", state=JobState.STAGED))
-    store.heartbeat(Instance(name="w", nonce="1"))
+    store.heartbeat(
+        Instance(
+            name="w",
+            nonce="1",
+            holding=(("q-1", 0),),
+            stats={"duplicates_skipped": 3, "claim_deferred": 1},
+        )
+    )
     client.post("/api/v1/jobs", data={"job_id": "q-1", "job_class": "t"})  # a duplicate
     text = client.get("/metrics").text
     assert 'jobledger_jobs{queue="mail",state="queued"} 1.0' in text
@@ -42,6 +49,10 @@ def test_metrics(client: TestClient, store: SQLStore) -> None:
     assert "jobledger_instances_alive 1.0" in text  # w:1, not the HTTP stand-in owner
     assert 'jobledger_duplicates_skipped_total{event="queued"} 1.0' in text
     assert "jobledger_ledger_up 1.0" in text
+    # what the worker counted across its processes, as its last beat reported it
+    assert 'jobledger_worker_events_total{event="duplicates_skipped",instance="w:1"} 3.0' in text
+    assert 'jobledger_worker_events_total{event="claim_deferred",instance="w:1"} 1.0' in text
+    assert 'jobledger_worker_holding{instance="w:1"} 1.0' in text
 
 
 def test_the_supervisors_stand_in_is_no_worker(

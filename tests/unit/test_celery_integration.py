@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 from celery import Celery, Task, signals
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 
 from jobledger.config import Settings
+from jobledger.errors import ConfigError
 from jobledger.heartbeat import Health
-from jobledger.integrations.celery import RESTART_HEADER, CeleryIntegration, install
-from jobledger.model import JobRecord, JobState
+from jobledger.integrations.celery import (
+    GENERATION_HEADER,
+    REPUBLISH_HEADER,
+    RESTART_HEADER,
+    CeleryIntegration,
+    install,
+)
+from jobledger.model import ORPHAN_OPTION, JobRecord, JobState, Republish
 from jobledger.testing import MemoryStore
 
 S = JobState
@@ -48,7 +55,10 @@ def make_env() -> Iterator[Callable[..., Env]]:
 
     def capture(headers: Any = None, properties: Any = None, body: Any = None, **_: Any) -> None:
         for env in made:
-            env.sent.append(Sent(dict(headers or {}), dict(properties or {}), body))
+            # the headers as published: later receivers (the integration's) fill them in
+            env.sent.append(
+                Sent(headers if headers is not None else {}, dict(properties or {}), body)
+            )
 
     signals.before_task_publish.connect(capture, weak=False)
 
@@ -192,3 +202,64 @@ def test_a_delivery_to_a_worker_that_cannot_beat_runs_and_is_not_handed_back(
     done = env.store.get("j")
     assert done is not None and done.state is S.SUCCEEDED and done.owner == "w:1"
     assert len(env.sent) == sent  # nothing published again
+
+
+def test_every_publish_carries_the_generation_and_a_republish_its_reason(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    result = env.task("t.work").delay(1)
+    assert env.sent[-1].headers[GENERATION_HEADER] == 0
+    assert REPUBLISH_HEADER not in env.sent[-1].headers
+    record = env.store.get(result.id)
+    assert record is not None
+    env.integration.publish(replace(record, generation=3), reason=Republish.RECOVERY)
+    assert env.sent[-1].headers[GENERATION_HEADER] == 3
+    assert env.sent[-1].headers[REPUBLISH_HEADER] == "recovery"
+
+
+def test_a_stale_delivery_is_skipped_and_the_current_one_runs_and_finishes(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    assert env.store.create(JobRecord(id="j", name="t.work", system="celery", generation=2))
+    ran: list[int] = []
+    with pytest.raises(Ignore):
+        run(env, "j", lambda: ran.append(1), **{GENERATION_HEADER: 1})
+    assert ran == [] and env.integration.counters["stale_deliveries_skipped"] == 1
+    run(env, "j", lambda: ran.append(2), **{GENERATION_HEADER: 2})
+    done = env.store.get("j")
+    assert ran == [2] and done is not None and (done.state, done.generation) == (S.SUCCEEDED, 2)
+
+
+def test_a_retry_message_continues_the_generation_of_its_run(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    assert env.store.create(JobRecord(id="j", name="t.work", system="celery", generation=5))
+    task = env.task("t.work")
+
+    def retries() -> None:
+        raise task.retry(countdown=60)
+
+    with pytest.raises(Retry):
+        run(env, "j", retries, called_directly=False, **{GENERATION_HEADER: 5})
+    assert env.sent[-1].headers["id"] == "j"
+    assert env.sent[-1].headers[GENERATION_HEADER] == 5
+    record = env.store.get("j")
+    assert record is not None and (record.state, record.generation) == (S.RETRYING, 5)
+
+
+def test_a_tasks_orphan_policy_is_recorded_with_its_job_and_checked_at_boot(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env(on_orphan="discard")
+    env.task("t.after").on_orphan = "fail"
+    charged = env.task("t.after").delay(1)
+    plain = env.task("t.work").delay(1)
+    after, work = env.store.get(charged.id), env.store.get(plain.id)
+    assert after is not None and after.options[ORPHAN_OPTION] == "fail"
+    assert work is not None and work.options[ORPHAN_OPTION] == "discard"  # the setting
+    env.task("t.work").on_orphan = "retry-forever"
+    with pytest.raises(ConfigError, match=r"t\.work: unknown orphan policy"):
+        env.integration.wrap_tasks()

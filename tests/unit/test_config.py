@@ -9,6 +9,7 @@ import pytest
 
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError
+from jobledger.model import OrphanPolicy
 
 
 @pytest.mark.parametrize(
@@ -73,6 +74,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "stage_in_atomic": ("true", True),
     "journal_dir": ("/var/lib/worker/journal", "/var/lib/worker/journal"),
     "journal_limit": ("500", 500),
+    "on_orphan": ("Fail", OrphanPolicy.FAIL),
 }
 
 
@@ -124,6 +126,7 @@ def test_from_env_defaults_and_overrides() -> None:
         ("JOBLEDGER_INSTANCE_NAME", "n" * 201, "JOBLEDGER_INSTANCE_NAME"),
         ("JOBLEDGER_JOURNAL_LIMIT", "0", "JOBLEDGER_JOURNAL_LIMIT"),
         ("JOBLEDGER_JOURNAL_LIMIT", "many", "JOBLEDGER_JOURNAL_LIMIT"),
+        ("JOBLEDGER_ON_ORPHAN", "retry", "JOBLEDGER_ON_ORPHAN"),
     ],
 )
 def test_a_bad_variable_is_named(variable: str, value: str, named: str) -> None:

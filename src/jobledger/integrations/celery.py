@@ -49,7 +49,6 @@ import threading
 import time
 import traceback
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -71,6 +70,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import ContentDisallowed, EncodeError
 
 from jobledger.config import Settings
+from jobledger.counters import SharedCounters
 from jobledger.errors import (
     ConfigError,
     JobLedgerError,
@@ -90,7 +90,7 @@ from jobledger.integrations.celery_staging import (
 from jobledger.journal import Journal, replay_orphans
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.loop import Loop
-from jobledger.model import JobRecord, JobState, Republish
+from jobledger.model import ORPHAN_OPTION, JobRecord, JobState, OrphanPolicy, Republish
 from jobledger.outbox import Outbox
 from jobledger.pending import PendingWrites, TransitionWrite
 from jobledger.recovery import Recovery, RecoveryLoop
@@ -165,7 +165,8 @@ class CeleryIntegration:
         self.app = app
         self.settings = settings
         self.track_all = track_all
-        self.counters: Counter[str] = Counter()
+        # made before any fork, so the heartbeat reports what the pool processes counted
+        self.counters = SharedCounters(WORKER_EVENTS)
         self._factory = store_factory or (lambda: store_for(settings))
         self._stores: dict[int, Store] = {} if store is None else {os.getpid(): store}
         self._stores_lock = threading.Lock()
@@ -250,7 +251,7 @@ class CeleryIntegration:
         )
 
     def _count(self, name: str) -> None:
-        self.counters[name] += 1
+        self.counters.add(name)
 
     # -- which tasks ----------------------------------------------------------------------
     def is_tracked(self, name: str, headers: Mapping[str, Any] | None = None) -> bool:
@@ -267,7 +268,28 @@ class CeleryIntegration:
         """Give every tracked task the claim guard (idempotent; called at finalize and boot)."""
         for task in list(self.app.tasks.values()) if tasks is None else tasks:
             if self.is_tracked(task.name):
+                self.orphan_policy(task.name)  # a misspelt policy fails at boot, not at a crash
                 self._wrap(task)
+
+    def orphan_policy(self, name: str) -> OrphanPolicy:
+        """What a job of task ``name`` becomes if its worker dies while it runs: the task's
+        ``on_orphan`` option, else ``JOBLEDGER_ON_ORPHAN``. :class:`ConfigError` if the task
+        names an unknown policy."""
+        declared = getattr(self.app.tasks.get(name), "on_orphan", None)
+        if declared is None:
+            return self.settings.on_orphan
+        try:
+            return OrphanPolicy.parse(declared)
+        except ConfigError as exc:
+            raise ConfigError(f"task {name}: {exc}") from None
+
+    def _with_policy(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with the task's orphan policy, recorded so that any recoverer applies
+        it without the task's code (the default needs no entry)."""
+        policy = self.orphan_policy(name)
+        if policy is not OrphanPolicy.REQUEUE:
+            options[ORPHAN_OPTION] = policy.value
+        return options
 
     def _wrap(self, task: Task) -> None:
         cls = type(task)
@@ -337,6 +359,7 @@ class CeleryIntegration:
                 f"task {record.name} is not tracked, so no worker would claim or finish its "
                 "staged job: declare it @app.task(tracked=True) (or install with track_all=True)"
             )
+        record = replace(record, options=self._with_policy(record.name, dict(record.options)))
         self.outbox.stage(record, using)
         return self.app.AsyncResult(record.id)
 
@@ -471,8 +494,10 @@ class CeleryIntegration:
             (body[0], body[1]) if isinstance(body, (tuple, list)) and len(body) >= 2 else ([], {})
         )
         queue = _queue_name(declare, routing_key)
-        options = _republish_options(body, exchange, routing_key, headers, properties or {})
         try:
+            options = self._with_policy(
+                name, _republish_options(body, exchange, routing_key, headers, properties or {})
+            )
             record = JobRecord(
                 id=job_id,
                 name=name,
@@ -809,7 +834,7 @@ class CeleryIntegration:
             in_flight=lambda: len(worker_state.active_requests),
             health=self.health,
             holding=self._holding,
-            stats=lambda: self.counters,
+            stats=self.counters.snapshot,
             on_beat=self.consumption.want,
         )
         self.heartbeat.start()
@@ -1057,6 +1082,20 @@ class _Consumption:
             )
 
 
+#: What a worker counts (``jobledger_worker_events_total{event=...}`` on ``/metrics``).
+WORKER_EVENTS = (
+    "duplicates_skipped",  # a delivery of a job that runs elsewhere or succeeded
+    "stale_deliveries_skipped",  # a delivery older than the job's generation
+    "stray_redeliveries_skipped",  # a failed or dead job's redelivery that is no restart
+    "orphan_deliveries_skipped",  # a dead owner's job: left to the recovery's new message
+    "claim_deferred",  # the ledger was down at the claim: journaled, the body ran
+    "claim_unrecorded",  # the claim could not be recorded nor journaled: ran unclaimed
+    "publish_unrecorded",  # published while the ledger was down: created at the claim
+    "finish_unrecorded",  # an outcome that could not be recorded
+    "run_unguarded",  # a delivery outside a jobledger worker: run without a claim
+    "consuming_stopped",  # the heartbeat failed past the TTL: stopped taking jobs
+    "consuming_resumed",
+)
 #: The counter a skipped delivery raises, by the claim's outcome (else ``duplicates_skipped``).
 _SKIP_COUNTERS = {
     Claim.NOT_RESTARTED: "stray_redeliveries_skipped",

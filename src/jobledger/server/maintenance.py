@@ -17,7 +17,7 @@ from jobledger.integrations.base import Registry
 from jobledger.loop import Loop
 from jobledger.manager import Manager
 from jobledger.model import JobRecord, Republish
-from jobledger.recovery import Outcome, Recovery
+from jobledger.recovery import MOVED, Recovery
 from jobledger.relay import Relay, RelayLoop
 from jobledger.server.events import UNTRACKED
 from jobledger.server.metrics import Metrics
@@ -62,7 +62,7 @@ def maintenance_loops(
 
     def sweep() -> None:
         report = recovery.sweep_once()
-        moved = len(report.ids(Outcome.REQUEUED)) + len(report.ids(Outcome.DEAD))
+        moved = sum(len(report.ids(o)) for o in MOVED)
         if moved:
             metrics.count_recoveries(moved)
 

@@ -13,12 +13,12 @@ import logging
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jobledger.errors import StoreError
 from jobledger.manager import workers
-from jobledger.model import JobState, OutboxStats
+from jobledger.model import Instance, JobState, OutboxStats
 from jobledger.stores.base import Store
 
 log = logging.getLogger(__name__)
@@ -118,4 +118,25 @@ class LedgerCollector(Collector):
         alive.add_metric([], sum(1 for i in instances if i.alive))
         known = GaugeMetricFamily("jobledger_instances", "Registered worker instances.")
         known.add_metric([], len(instances))
-        yield from (jobs, lag, dead, backlog, oldest, alive, known)
+        yield from (jobs, lag, dead, backlog, oldest, alive, known, *worker_figures(instances))
+
+
+def worker_figures(instances: list[Instance]) -> tuple[Metric, Metric]:
+    """What each worker reported at its last beat: its event counters (cumulative since it
+    started, so a restarted worker is a new series) and how many jobs it holds."""
+    events = CounterMetricFamily(
+        "jobledger_worker_events",
+        "Events a worker counted since it started (duplicates skipped, claims deferred...), "
+        "as of its last heartbeat.",
+        labels=["instance", "event"],
+    )
+    holding = GaugeMetricFamily(
+        "jobledger_worker_holding",
+        "Tracked jobs a worker had received and not finished at its last heartbeat.",
+        labels=["instance"],
+    )
+    for instance in instances:
+        for event, count in sorted(instance.stats.items()):
+            events.add_metric([instance.id, event], count)
+        holding.add_metric([instance.id], len(instance.holding))
+    return events, holding

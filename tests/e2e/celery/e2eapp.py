@@ -87,6 +87,14 @@ def make_app(
         record_run(self.request.id, "done")
         return n
 
+    @app.task(name="e2e.charges_once", bind=True, tracked=True, shared=False, on_orphan="fail")
+    def charges_once(self: Any, n: int) -> int:
+        """Must not run twice: if its worker dies under it, a person decides."""
+        record_run(self.request.id, "start")
+        time.sleep(120)  # until the test kills its process
+        record_run(self.request.id, "done")
+        return n
+
     @app.task(name="e2e.untracked", bind=True, shared=False)
     def untracked(self: Any, n: int) -> int:
         record_run(self.request.id, "untracked")

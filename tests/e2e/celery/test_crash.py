@@ -162,3 +162,30 @@ def test_racing_recoverers_publish_each_orphan_once(make_harness: Callable[..., 
     for job_id in orphaned:
         job = h.store.get(job_id)
         assert job is not None and job.recoveries == 1
+
+
+@pytest.mark.parametrize("whole_worker", [False, True], ids=["pool-process", "whole-worker"])
+def test_a_task_that_must_not_run_twice_is_failed_with_the_reason_not_rerun(
+    redis_harness: Harness, whole_worker: bool
+) -> None:
+    """``on_orphan="fail"``: whether its pool process or its whole worker is killed under it,
+    the job ends failed with the reason, its body started once, and nothing republished it."""
+    h = redis_harness
+    victim = h.start_worker("victim", concurrency=2)
+    job_id = h.app.send_task("e2e.charges_once", args=[1]).id
+    child = wait_for("the job to start", lambda: h.pids(job_id))[0]
+    if whole_worker:
+        victim.kill(signal.SIGKILL)
+        victim.wait(10)
+        h.start_worker("survivor", concurrency=2)  # its sweep finds the orphan
+    else:
+        os.kill(child, signal.SIGKILL)
+    wait_for(
+        "the job to be failed",
+        lambda: (job := h.store.get(job_id)) is not None and job.state is JobState.FAILED,
+        timeout=30,
+    )
+    job = h.store.get(job_id)
+    assert job is not None and job.error is not None and "on_orphan=fail" in job.error
+    assert job.recoveries == 0 and job.generation == 0
+    assert [r[1] for r in h.runs() if r[0] == job_id] == ["start"]

@@ -1,0 +1,185 @@
+"""The sweep's decisions that rest on facts recorded in the ledger: generations, what a dead
+instance held, the windowed poison-pill cap, the ledger's uptime and each job's orphan policy.
+Real SQL stores (SQLite and PostgreSQL); the ``publish`` seam records what would be sent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobledger.model import (
+    ORPHAN_OPTION,
+    Instance,
+    JobRecord,
+    JobState,
+    OrphanPolicy,
+    Republish,
+)
+from jobledger.recovery import Outcome, Recovery
+from jobledger.stores.base import Transition
+from jobledger.stores.schema import instances
+from jobledger.stores.sql import SQLStore
+from ledgerdb import database_url, empty_sql_store
+
+TTL = 5.0
+S = JobState
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLStore]:
+    s = empty_sql_store(database_url(request.param, tmp_path))
+    yield s
+    s.close()
+
+
+class Sent:
+    """What the sweep published: (id, generation, reason), with the ledger's state then."""
+
+    def __init__(self, store: SQLStore) -> None:
+        self.store = store
+        self.messages: list[tuple[str, int, Republish]] = []
+
+    def __call__(self, record: JobRecord, *, reason: Republish) -> None:
+        current = self.store.get(record.id)
+        assert current is not None and current.generation == record.generation - 1  # first
+        self.messages.append((record.id, record.generation, reason))
+
+
+def sweeper(store: SQLStore, sent: Sent, **kw: object) -> Recovery:
+    options: dict[str, object] = {"ttl": TTL, "max_recoveries": 3, "recovery_window": 3600.0}
+    options.update(kw)
+    return Recovery(store, publish=sent, **options)  # type: ignore[arg-type]
+
+
+def dead_instance(store: SQLStore, name: str, holding: tuple[tuple[str, int], ...] = ()) -> str:
+    """An instance whose last beat is older than the TTL (its heartbeat row backdated)."""
+    instance = Instance(name=name, nonce="1", holding=holding)
+    store.heartbeat(instance)
+    with store.engine.begin() as conn:
+        conn.execute(
+            instances.update()
+            .where(instances.c.id == instance.id)
+            .values(heartbeat_at=instances.c.heartbeat_at - 10 * TTL)
+        )
+    return instance.id
+
+
+def test_a_recovery_publishes_the_next_generation_and_raises_the_records(store: SQLStore) -> None:
+    owner = dead_instance(store, "gone")
+    assert store.create(JobRecord(id="j", name="t", state=S.STARTED, owner=owner, generation=4))
+    sent = Sent(store)
+    assert sweeper(store, sent).sweep_once().outcomes == {"j": Outcome.REQUEUED}
+    assert sent.messages == [("j", 5, Republish.RECOVERY)]
+    record = store.get("j")
+    assert record is not None
+    assert (record.state, record.generation, record.recoveries) == (S.QUEUED, 5, 1)
+    assert len(record.recent_recoveries) == 1
+
+
+def test_jobs_a_dead_instance_received_but_never_started_are_put_back(store: SQLStore) -> None:
+    """Prefetched: still queued at the generation it was delivered with. A job republished
+    since (generation moved), one started elsewhere, and a live instance's holdings stay."""
+    for job_id, generation in (("held", 0), ("moved-on", 2), ("started", 0), ("live-held", 0)):
+        assert store.create(JobRecord(id=job_id, name="t", generation=generation))
+    live = Instance(name="live", nonce="1", holding=(("live-held", 0),))
+    store.heartbeat(live)
+    assert store.transition(
+        "started", Transition(to=S.STARTED, expect=frozenset({S.QUEUED}), owner=live.id)
+    )
+    dead_instance(store, "gone", holding=(("held", 0), ("moved-on", 1), ("started", 0)))
+    sent = Sent(store)
+    report = sweeper(store, sent).sweep_once()
+    assert report.outcomes == {"held": Outcome.REQUEUED}
+    assert sent.messages == [("held", 1, Republish.REQUEUE)]
+    held = store.get("held")
+    assert held is not None and (held.state, held.generation) == (S.QUEUED, 1)
+    # the next sweep finds the holding stale (generation 1 now): nothing twice
+    assert sweeper(store, sent).sweep_once().outcomes == {}
+
+
+def test_no_instance_is_judged_dead_before_the_ledger_was_up_a_full_ttl(store: SQLStore) -> None:
+    owner = dead_instance(store, "gone")
+    assert store.create(JobRecord(id="j", name="t", state=S.STARTED, owner=owner))
+    sent = Sent(store)
+    up_for = [TTL - 0.1]
+    sweep = sweeper(store, sent, ledger_up_for=lambda: up_for[0])
+    report = sweep.sweep_once()
+    assert report.waiting and report.outcomes == {} and sent.messages == []
+    up_for[0] = TTL
+    assert sweep.sweep_once().outcomes == {"j": Outcome.REQUEUED}
+
+
+def test_the_cap_counts_only_recoveries_within_the_window(store: SQLStore) -> None:
+    owner = dead_instance(store, "gone")
+    now = store.now()
+    long_ago = (now - 7200, now - 7100, now - 7000)
+    assert store.create(
+        JobRecord(
+            id="old-pill",
+            name="t",
+            state=S.STARTED,
+            owner=owner,
+            recoveries=3,
+            recent_recoveries=long_ago,
+        )
+    )
+    assert store.create(
+        JobRecord(
+            id="new-pill",
+            name="t",
+            state=S.STARTED,
+            owner=owner,
+            recoveries=4,
+            recent_recoveries=(now - 7200, now - 60, now - 30, now - 10),
+        )
+    )
+    report = sweeper(store, Sent(store)).sweep_once()
+    assert report.outcomes == {"old-pill": Outcome.REQUEUED, "new-pill": Outcome.DEAD}
+
+
+@pytest.mark.parametrize(
+    ("policy", "state", "outcome"),
+    [("fail", S.FAILED, Outcome.FAILED), ("discard", S.CANCELLED, Outcome.DISCARDED)],
+)
+def test_a_task_that_must_not_run_twice_is_settled_with_the_reason_not_republished(
+    store: SQLStore, policy: str, state: JobState, outcome: Outcome
+) -> None:
+    owner = dead_instance(store, "gone")
+    record = JobRecord(
+        id="charge", name="t", state=S.STARTED, owner=owner, options={ORPHAN_OPTION: policy}
+    )
+    assert store.create(record)
+    sent = Sent(store)
+    assert sweeper(store, sent).sweep_once().outcomes == {"charge": outcome}
+    assert sent.messages == []
+    settled = store.get("charge")
+    assert settled is not None and settled.state is state
+    assert settled.error is not None and f"on_orphan={policy}" in settled.error
+
+
+def test_the_recoverers_default_policy_applies_to_jobs_that_name_none(store: SQLStore) -> None:
+    owner = dead_instance(store, "gone")
+    assert store.create(JobRecord(id="plain", name="t", state=S.STARTED, owner=owner))
+    assert store.create(
+        JobRecord(
+            id="says-requeue",
+            name="t",
+            state=S.STARTED,
+            owner=owner,
+            options={ORPHAN_OPTION: "requeue"},
+        )
+    )
+    assert store.create(
+        JobRecord(
+            id="garbled", name="t", state=S.STARTED, owner=owner, options={ORPHAN_OPTION: "?!"}
+        )
+    )
+    sent = Sent(store)
+    report = sweeper(store, sent, on_orphan=OrphanPolicy.FAIL).sweep_once()
+    assert report.outcomes == {
+        "plain": Outcome.FAILED,
+        "says-requeue": Outcome.REQUEUED,
+        "garbled": Outcome.FAILED,  # unreadable: the default, with a warning
+    }
