@@ -26,12 +26,15 @@ from jobledger.loop import Loop
 from jobledger.model import (
     ORPHAN_OPTION,
     RECENT_RECOVERIES_KEPT,
+    Instance,
     JobRecord,
     JobState,
     OrphanPolicy,
+    QueueStats,
     Republish,
     to_epoch,
 )
+from jobledger.query import JobQuery
 from jobledger.stores.base import Store, Transition
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,11 @@ class Publisher(Protocol):
     def __call__(self, record: JobRecord, *, reason: Republish) -> None: ...
 
 
+#: How many messages the broker holds ready for a queue: ``(system, queue) -> count``, None
+#: when it cannot tell (see :class:`jobledger.integrations.base.QueueProbe`).
+ReadyMessages = Callable[[str, str], int | None]
+
+
 def publish_through_registry(record: JobRecord, *, reason: Republish) -> None:
     """Publish ``record`` with the integration registered for its queue system."""
     registry.get(record.system).publish(record, reason=reason)
@@ -65,6 +73,10 @@ class Outcome(str, enum.Enum):
     DISCARDED = "discarded"  # its task's orphan policy is "discard": cancelled with the reason
     RACE_LOST = "race_lost"  # the job moved meanwhile (finished, taken over, recovered)
     PUBLISH_FAILED = "publish_failed"  # the broker did not take it; still started, next sweep
+
+
+def _waiting(stats: QueueStats) -> int:
+    return sum(stats.counts.get(state, 0) for state in _PREFETCHED)
 
 
 #: The outcomes that moved a job (what ``jobledger_recoveries_total`` counts).
@@ -133,6 +145,13 @@ class Recovery:
     ``holding`` list of its last heartbeat; their messages sit unacknowledged in the broker,
     and a surviving copy is skipped as stale once the new generation is published.
 
+    With ``ready_messages`` the sweep also finds queued jobs whose message the broker lost
+    (a broker restarted without persistence): a job is lost when, at two sweeps in a row, it
+    sat unmoved in a queue for which the broker held no message at all, and no live instance
+    held it. It is published again with the next generation, so if its message was only late
+    after all, the older copy is skipped. (A broker that lost some of a queue's messages but
+    not all is not noticed: a person restarts those with ``--state queued --older-than``.)
+
     ``ledger_up_for`` says how long this process has seen the ledger answer without a break:
     liveness is judged only over time the ledger was up, so until it reaches the TTL no
     instance is declared dead (after an outage every heartbeat is old, because nobody could
@@ -152,6 +171,7 @@ class Recovery:
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
         on_orphan: OrphanPolicy = OrphanPolicy.REQUEUE,
+        ready_messages: ReadyMessages | None = None,
     ) -> None:
         self.store = store
         self.ttl = ttl
@@ -163,6 +183,9 @@ class Recovery:
         self.systems = None if systems is None else frozenset(systems)
         self.ledger_up_for = ledger_up_for
         self.on_orphan = on_orphan
+        self.ready_messages = ready_messages
+        # queued jobs seen in an empty queue at the last sweep: id -> (generation, updated_at)
+        self._suspects: dict[str, tuple[int, float | None]] = {}
         self.token = secrets.token_hex(8)
 
     @classmethod
@@ -174,6 +197,7 @@ class Recovery:
         publish: Publisher = publish_through_registry,
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
+        ready_messages: ReadyMessages | None = None,
     ) -> Recovery:
         return cls(
             store,
@@ -185,6 +209,7 @@ class Recovery:
             systems=systems,
             ledger_up_for=ledger_up_for,
             on_orphan=settings.on_orphan,
+            ready_messages=ready_messages,
         )
 
     def sweep_once(self) -> SweepReport:
@@ -197,7 +222,12 @@ class Recovery:
             report.locked_out = True
             return report
         try:
-            if self._sweep_orphans(report) and self._requeue_held(report):
+            instances = self.store.instances(self.ttl)
+            if (
+                self._sweep_orphans(report)
+                and self._requeue_held(report, instances)
+                and self._requeue_lost(report, instances)
+            ):
                 report.pruned = self._prune_dead_instances()
         finally:
             self.store.release_lock(LOCK_NAME, self.token)
@@ -213,10 +243,10 @@ class Recovery:
             report.outcomes[orphan.id] = self.recover(orphan)
         return True
 
-    def _requeue_held(self, report: SweepReport) -> bool:
+    def _requeue_held(self, report: SweepReport, instances: list[Instance]) -> bool:
         """Put back the jobs dead instances had received and not started; False if the lock
         was lost midway."""
-        for instance in self.store.instances(self.ttl):
+        for instance in instances:
             if instance.alive:
                 continue
             for job_id, generation in instance.holding:
@@ -233,6 +263,42 @@ class Recovery:
                 report.outcomes[job_id] = self.requeue(
                     record, why=f"its instance {instance.id} died holding it unstarted"
                 )
+        return True
+
+    def _requeue_lost(self, report: SweepReport, instances: list[Instance]) -> bool:
+        """Put back queued jobs whose message the broker lost (see the class docstring);
+        False if the lock was lost midway."""
+        if self.ready_messages is None:
+            return True
+        held = {job_id for i in instances if i.alive for job_id, _ in i.holding}
+        depth: dict[tuple[str, str], int | None] = {}
+        suspects: dict[str, tuple[int, float | None]] = {}
+        waiting = [q.queue for q in self.store.queue_stats() if _waiting(q) > 0]
+        for queue in waiting:
+            query = JobQuery(
+                states=_PREFETCHED,
+                queues=frozenset({queue}),
+                systems=self.systems or frozenset(),
+            )
+            for record in self.store.query(query, limit=self.batch).items:
+                if record.id in held or report.outcomes.get(record.id) is not None:
+                    continue
+                key = (record.system, record.queue)
+                if key not in depth:
+                    depth[key] = self.ready_messages(*key)
+                if depth[key] != 0:
+                    continue  # the broker holds messages there (or cannot tell): not lost
+                seen = (record.generation, to_epoch(record.updated_at))
+                suspects[record.id] = seen
+                if self._suspects.get(record.id) != seen:
+                    continue  # first sighting: a publish may be landing right now
+                if not self._renew():
+                    return False
+                report.outcomes[record.id] = self.requeue(
+                    record, why=f"its queue {queue} was empty in the broker at two sweeps"
+                )
+                suspects.pop(record.id)
+        self._suspects = suspects
         return True
 
     def _renew(self) -> bool:

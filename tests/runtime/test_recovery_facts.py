@@ -183,3 +183,44 @@ def test_the_recoverers_default_policy_applies_to_jobs_that_name_none(store: SQL
         "says-requeue": Outcome.REQUEUED,
         "garbled": Outcome.FAILED,  # unreadable: the default, with a warning
     }
+
+
+class Broker:
+    """Says how many messages each (system, queue) holds ready."""
+
+    def __init__(self, **ready: int | None) -> None:
+        self.ready = ready
+        self.asked: list[str] = []
+
+    def __call__(self, system: str, queue: str) -> int | None:
+        self.asked.append(queue)
+        return self.ready.get(queue, 0)
+
+
+def test_a_job_queued_in_an_empty_queue_at_two_sweeps_is_put_back(store: SQLStore) -> None:
+    """Lost by the broker: two sightings, unmoved, not held by a live worker. Jobs of a queue
+    the broker still holds messages for, of one it cannot count, held by a live worker, or
+    that moved between the sweeps stay."""
+    for job_id, queue in (
+        ("lost", "empty"),
+        ("held", "empty"),
+        ("busy-queue", "busy"),
+        ("unknown", "opaque"),
+        ("moves", "empty"),
+    ):
+        assert store.create(JobRecord(id=job_id, name="t", queue=queue))
+    store.heartbeat(Instance(name="live", nonce="1", holding=(("held", 0),)))
+    sent = Sent(store)
+    broker = Broker(busy=4, opaque=None)
+    sweep = sweeper(store, sent, ready_messages=broker)
+    assert sweep.sweep_once().outcomes == {}  # first sighting: a publish may be landing
+    assert store.transition(  # a retry's move: not the same sighting any more
+        "moves",
+        Transition(to=S.QUEUED, expect=frozenset({S.QUEUED}), generation=0),
+    )
+    assert sweep.sweep_once().outcomes == {"lost": Outcome.REQUEUED}
+    assert sent.messages == [("lost", 1, Republish.REQUEUE)]
+    assert sweep.sweep_once().outcomes == {"moves": Outcome.REQUEUED}
+    for stays in ("held", "busy-queue", "unknown"):
+        record = store.get(stays)
+        assert record is not None and record.generation == 0

@@ -66,6 +66,18 @@ class BatchPublisher(Protocol):
         """Publish in order; stop at the first job the broker does not take."""
 
 
+@runtime_checkable
+class QueueProbe(Protocol):
+    """An integration that can say how many messages its broker holds ready for a queue.
+    Optional: with it, the recovery sweep finds queued jobs whose message the broker lost (a
+    broker restarted without persistence) by a fact, the queue being empty while the ledger
+    waits on them, instead of leaving them to a person."""
+
+    def ready_messages(self, queue: str) -> int | None:
+        """Messages waiting in ``queue`` (not those delivered and unacknowledged); None when
+        the broker cannot tell or cannot be reached."""
+
+
 #: Publishes a batch of jobs; what the relay and the outbox's fast path call.
 PublishBatch = Callable[[Sequence[JobRecord]], Published]
 
@@ -123,6 +135,13 @@ class Registry:
         raise IntegrationMissing(
             f"no integration for queue system {system!r} is registered: {how}", system
         )
+
+    def ready_messages(self, system: str, queue: str) -> int | None:
+        """What :meth:`QueueProbe.ready_messages` says for ``system``'s ``queue``; None if
+        ``system`` has no integration here or it cannot tell."""
+        with self._lock:
+            found = self._by_system.get(system)
+        return found.ready_messages(queue) if isinstance(found, QueueProbe) else None
 
     def systems(self) -> list[str]:
         with self._lock:

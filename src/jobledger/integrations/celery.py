@@ -248,7 +248,25 @@ class CeleryIntegration:
             publish=self.publish,
             systems={SYSTEM},
             ledger_up_for=lambda: self.health.up_for,
+            ready_messages=lambda _system, queue: self.ready_messages(queue),
         )
+
+    def ready_messages(self, queue: str) -> int | None:
+        """Messages the broker holds ready in ``queue`` (:class:`QueueProbe`): kombu's own
+        count on its virtual transports (Redis, including priority lists), a passive
+        declare on AMQP; 0 for a queue the broker does not have; None if it cannot tell."""
+        try:
+            with self.app.connection_for_read() as connection:
+                channel = connection.default_channel
+                size = getattr(channel, "_size", None)  # kombu's virtual transports
+                if size is not None:
+                    return int(size(queue))
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except NotFound:
+            return 0
+        except Exception as exc:
+            log.debug("cannot count the messages in queue %s: %s", queue, exc)
+            return None
 
     def _count(self, name: str) -> None:
         self.counters.add(name)
@@ -759,8 +777,14 @@ class CeleryIntegration:
 
         for _ in range(3):
             try:  # the event loop adds and removes requests while this thread reads
-                live = {str(r.id) for r in worker_state.reserved_requests} | {
-                    str(r.id) for r in worker_state.active_requests
+                live = {
+                    str(r.id)
+                    for requests in (
+                        worker_state.reserved_requests,
+                        worker_state.active_requests,
+                        getattr(worker_state, "scheduled_requests", ()),  # eta/countdown, newer Celery
+                    )
+                    for r in requests
                 }
                 break
             except RuntimeError:

@@ -57,7 +57,11 @@ def maintenance_loops(
         integrations.get(record.system).publish(record, reason=reason)
 
     recovery = Recovery.from_settings(
-        store, settings, publish=publish, ledger_up_for=lambda: health.up_for
+        store,
+        settings,
+        publish=publish,
+        ledger_up_for=lambda: health.up_for,
+        ready_messages=integrations.ready_messages,
     )
 
     def sweep() -> None:

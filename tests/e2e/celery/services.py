@@ -99,9 +99,12 @@ class PrivateRedis:
     jobledger's or Celery's doing, not Redis's one-second ``everysec`` window.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = True) -> None:
+        """``persistent=False``: no append-only file, so a restart loses every message (a
+        cache-style Redis, as many brokers run)."""
         self.dir = directory / "redis"
         self.dir.mkdir()
+        self.persistent = persistent
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -109,7 +112,8 @@ class PrivateRedis:
     def start(self) -> None:
         cmd = [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
+            "--dir", str(self.dir), "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "always",
             "--save", "", "--logfile", str(self.dir / "server.log"),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, start_new_session=True)

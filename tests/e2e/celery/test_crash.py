@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from harness import (  # noqa: F401
@@ -18,6 +19,7 @@ from harness import (  # noqa: F401
     redis_harness_fixture,
     wait_for,
 )
+from services import PrivateRedis
 
 from jobledger.model import JobState
 from jobledger.query import JobQuery
@@ -189,3 +191,32 @@ def test_a_task_that_must_not_run_twice_is_failed_with_the_reason_not_rerun(
     assert job is not None and job.error is not None and "on_orphan=fail" in job.error
     assert job.recoveries == 0 and job.generation == 0
     assert [r[1] for r in h.runs() if r[0] == job_id] == ["start"]
+
+
+def test_messages_a_broker_lost_come_back_by_themselves(
+    tmp_path: Path, make_harness: Callable[..., Harness]
+) -> None:
+    """A broker without persistence restarts while 20 tracked jobs wait in it: the ledger
+    still says queued, the queue is empty. A worker's sweep sees that twice and publishes
+    each job again (next generation); every job runs once, nobody restarted anything."""
+    broker = PrivateRedis(tmp_path, persistent=False)
+    broker.start()
+    try:
+        h = make_harness(broker.url)
+        ids = [h.app.send_task("e2e.work", args=[i]).id for i in range(20)]
+        assert h.store.count(JobQuery(states=frozenset({JobState.QUEUED}))) == 20
+        broker.kill()
+        broker.start()  # empty: the messages are gone
+        h.start_worker("w1", concurrency=2)
+        wait_for(
+            "every lost job to succeed",
+            lambda: h.store.count(JobQuery(states=SUCCEEDED, ids=frozenset(ids))) == 20,
+            timeout=60,
+        )
+        starts = Counter(r[0] for r in h.runs() if r[1] == "start")
+        assert starts == dict.fromkeys(ids, 1)
+        for job_id in ids:
+            job = h.store.get(job_id)
+            assert job is not None and job.generation == 1 and job.recoveries == 1
+    finally:
+        broker.close()
