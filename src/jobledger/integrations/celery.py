@@ -782,7 +782,7 @@ class CeleryIntegration:
                     for requests in (
                         worker_state.reserved_requests,
                         worker_state.active_requests,
-                        getattr(worker_state, "scheduled_requests", ()),  # eta/countdown, newer Celery
+                        getattr(worker_state, "scheduled_requests", ()),  # eta/countdown
                     )
                     for r in requests
                 }
