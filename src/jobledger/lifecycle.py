@@ -160,20 +160,10 @@ class Lifecycle:
                 current.generation,
             )
             return Claim.STALE
-        if current.state is JobState.SUCCEEDED:
-            log.warning("job %s already succeeded: duplicate delivery skipped", current.id)
-            return Claim.ALREADY_SUCCEEDED
-        if current.state is JobState.CANCELLED:
-            log.info("job %s was cancelled: delivery acknowledged, not run", current.id)
-            return Claim.CANCELLED
+        closed = self._closed(current, restart=generation > current.generation)
+        if closed is not None:
+            return closed
         if generation == current.generation:
-            if current.state in _RESTART_ONLY:
-                log.warning(
-                    "job %s is %s and this delivery is no restart (a stray redelivery): skipped",
-                    current.id,
-                    current.state.value,
-                )
-                return Claim.NOT_RESTARTED
             if current.state is not JobState.STARTED:
                 return None
             if current.owner != self.owner and not self._alive(current.owner):
@@ -218,7 +208,10 @@ class Lifecycle:
     def _alive(self, owner: str | None) -> bool:
         return bool(owner) and self.store.is_alive(str(owner), self.ttl)
 
-    def _judge(self, current: JobRecord, *, restart: bool) -> Claim | None:
+    @staticmethod
+    def _closed(current: JobRecord, *, restart: bool) -> Claim | None:
+        """The skip for a job that is closed to this delivery: succeeded, cancelled, or failed
+        or dead when the delivery is no restart's (a stray redelivery); else None."""
         if current.state in _RESTART_ONLY and not restart:
             log.warning(
                 "job %s is %s and this delivery is no restart (a stray redelivery): skipped",
@@ -232,6 +225,12 @@ class Lifecycle:
         if current.state is JobState.CANCELLED:
             log.info("job %s was cancelled: delivery acknowledged, not run", current.id)
             return Claim.CANCELLED
+        return None
+
+    def _judge(self, current: JobRecord, *, restart: bool) -> Claim | None:
+        closed = self._closed(current, restart=restart)
+        if closed is not None:
+            return closed
         if current.state is not JobState.STARTED:
             return None  # moved between our two reads: try the claim again
         if current.owner == self.owner:

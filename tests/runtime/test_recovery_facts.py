@@ -66,9 +66,15 @@ def dead_instance(store: SQLStore, name: str, holding: tuple[tuple[str, int], ..
     return instance.id
 
 
+def orphaned(store: SQLStore, job_id: str, owner: str, **fields: object) -> None:
+    """A job started by ``owner`` (a dead instance)."""
+    record = JobRecord(id=job_id, name="t", state=S.STARTED, owner=owner, **fields)  # type: ignore[arg-type]
+    assert store.create(record)
+
+
 def test_a_recovery_publishes_the_next_generation_and_raises_the_records(store: SQLStore) -> None:
     owner = dead_instance(store, "gone")
-    assert store.create(JobRecord(id="j", name="t", state=S.STARTED, owner=owner, generation=4))
+    orphaned(store, "j", owner, generation=4)
     sent = Sent(store)
     assert sweeper(store, sent).sweep_once().outcomes == {"j": Outcome.REQUEUED}
     assert sent.messages == [("j", 5, Republish.RECOVERY)]
@@ -101,7 +107,7 @@ def test_jobs_a_dead_instance_received_but_never_started_are_put_back(store: SQL
 
 def test_no_instance_is_judged_dead_before_the_ledger_was_up_a_full_ttl(store: SQLStore) -> None:
     owner = dead_instance(store, "gone")
-    assert store.create(JobRecord(id="j", name="t", state=S.STARTED, owner=owner))
+    orphaned(store, "j", owner)
     sent = Sent(store)
     up_for = [TTL - 0.1]
     sweep = sweeper(store, sent, ledger_up_for=lambda: up_for[0])
@@ -115,25 +121,19 @@ def test_the_cap_counts_only_recoveries_within_the_window(store: SQLStore) -> No
     owner = dead_instance(store, "gone")
     now = store.now()
     long_ago = (now - 7200, now - 7100, now - 7000)
-    assert store.create(
-        JobRecord(
-            id="old-pill",
-            name="t",
-            state=S.STARTED,
-            owner=owner,
-            recoveries=3,
-            recent_recoveries=long_ago,
-        )
+    orphaned(
+        store,
+        "old-pill",
+        owner,
+        recoveries=3,
+        recent_recoveries=long_ago,
     )
-    assert store.create(
-        JobRecord(
-            id="new-pill",
-            name="t",
-            state=S.STARTED,
-            owner=owner,
-            recoveries=4,
-            recent_recoveries=(now - 7200, now - 60, now - 30, now - 10),
-        )
+    orphaned(
+        store,
+        "new-pill",
+        owner,
+        recoveries=4,
+        recent_recoveries=(now - 7200, now - 60, now - 30, now - 10),
     )
     report = sweeper(store, Sent(store)).sweep_once()
     assert report.outcomes == {"old-pill": Outcome.REQUEUED, "new-pill": Outcome.DEAD}
@@ -147,10 +147,7 @@ def test_a_task_that_must_not_run_twice_is_settled_with_the_reason_not_republish
     store: SQLStore, policy: str, state: JobState, outcome: Outcome
 ) -> None:
     owner = dead_instance(store, "gone")
-    record = JobRecord(
-        id="charge", name="t", state=S.STARTED, owner=owner, options={ORPHAN_OPTION: policy}
-    )
-    assert store.create(record)
+    orphaned(store, "charge", owner, options={ORPHAN_OPTION: policy})
     sent = Sent(store)
     assert sweeper(store, sent).sweep_once().outcomes == {"charge": outcome}
     assert sent.messages == []
@@ -161,21 +158,14 @@ def test_a_task_that_must_not_run_twice_is_settled_with_the_reason_not_republish
 
 def test_the_recoverers_default_policy_applies_to_jobs_that_name_none(store: SQLStore) -> None:
     owner = dead_instance(store, "gone")
-    assert store.create(JobRecord(id="plain", name="t", state=S.STARTED, owner=owner))
-    assert store.create(
-        JobRecord(
-            id="says-requeue",
-            name="t",
-            state=S.STARTED,
-            owner=owner,
-            options={ORPHAN_OPTION: "requeue"},
-        )
+    orphaned(store, "plain", owner)
+    orphaned(
+        store,
+        "says-requeue",
+        owner,
+        options={ORPHAN_OPTION: "requeue"},
     )
-    assert store.create(
-        JobRecord(
-            id="garbled", name="t", state=S.STARTED, owner=owner, options={ORPHAN_OPTION: "?!"}
-        )
-    )
+    orphaned(store, "garbled", owner, options={ORPHAN_OPTION: "?!"})
     sent = Sent(store)
     report = sweeper(store, sent, on_orphan=OrphanPolicy.FAIL).sweep_once()
     assert report.outcomes == {
