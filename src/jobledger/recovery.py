@@ -21,7 +21,7 @@ from typing import Protocol
 
 from jobledger.config import Settings
 from jobledger.errors import JobLedgerError
-from jobledger.integrations.base import registry
+from jobledger.integrations.base import QueueProbe, registry
 from jobledger.loop import Loop
 from jobledger.model import (
     ORPHAN_OPTION,
@@ -54,9 +54,8 @@ class Publisher(Protocol):
     def __call__(self, record: JobRecord, *, reason: Republish) -> None: ...
 
 
-#: How many messages the broker holds ready for a queue: ``(system, queue) -> count``, None
-#: when it cannot tell (see :class:`jobledger.integrations.base.QueueProbe`).
-ReadyMessages = Callable[[str, str], int | None]
+#: The :class:`~jobledger.integrations.base.QueueProbe` of a queue system, or None.
+ProbeLookup = Callable[[str], QueueProbe | None]
 
 
 def publish_through_registry(record: JobRecord, *, reason: Republish) -> None:
@@ -145,7 +144,7 @@ class Recovery:
     ``holding`` list of its last heartbeat; their messages sit unacknowledged in the broker,
     and a surviving copy is skipped as stale once the new generation is published.
 
-    With ``ready_messages`` the sweep also finds queued jobs whose message the broker lost
+    With ``probe`` the sweep also finds queued jobs whose message the broker lost
     (a broker restarted without persistence): a job is lost when, at two sweeps in a row, it
     sat unmoved in a queue for which the broker held no message at all, and no live instance
     held it. It is published again with the next generation, so if its message was only late
@@ -171,7 +170,7 @@ class Recovery:
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
         on_orphan: OrphanPolicy = OrphanPolicy.REQUEUE,
-        ready_messages: ReadyMessages | None = None,
+        probe: ProbeLookup | None = None,
     ) -> None:
         self.store = store
         self.ttl = ttl
@@ -183,7 +182,7 @@ class Recovery:
         self.systems = None if systems is None else frozenset(systems)
         self.ledger_up_for = ledger_up_for
         self.on_orphan = on_orphan
-        self.ready_messages = ready_messages
+        self.probe = probe
         # queued jobs seen in an empty queue at the last sweep: id -> (generation, updated_at)
         self._suspects: dict[str, tuple[int, float | None]] = {}
         self.token = secrets.token_hex(8)
@@ -197,7 +196,7 @@ class Recovery:
         publish: Publisher = publish_through_registry,
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
-        ready_messages: ReadyMessages | None = None,
+        probe: ProbeLookup | None = None,
     ) -> Recovery:
         return cls(
             store,
@@ -209,7 +208,7 @@ class Recovery:
             systems=systems,
             ledger_up_for=ledger_up_for,
             on_orphan=settings.on_orphan,
-            ready_messages=ready_messages,
+            probe=probe,
         )
 
     def sweep_once(self) -> SweepReport:
@@ -268,10 +267,10 @@ class Recovery:
     def _requeue_lost(self, report: SweepReport, instances: list[Instance]) -> bool:
         """Put back queued jobs whose message the broker lost (see the class docstring);
         False if the lock was lost midway."""
-        if self.ready_messages is None:
+        if self.probe is None:
             return True
         held = {job_id for i in instances if i.alive for job_id, _ in i.holding}
-        depth: dict[tuple[str, str], int | None] = {}
+        depth: dict[tuple[str, str], int | None] = {}  # this sweep's counts, per broker queue
         suspects: dict[str, tuple[int, float | None]] = {}
         waiting = [q.queue for q in self.store.queue_stats() if _waiting(q) > 0]
         for queue in waiting:
@@ -283,10 +282,7 @@ class Recovery:
             for record in self.store.query(query, limit=self.batch).items:
                 if record.id in held or report.outcomes.get(record.id) is not None:
                     continue
-                key = (record.system, record.queue)
-                if key not in depth:
-                    depth[key] = self.ready_messages(*key)
-                if depth[key] != 0:
+                if self._ready(record, depth) != 0:
                     continue  # the broker holds messages there (or cannot tell): not lost
                 seen = (record.generation, to_epoch(record.updated_at))
                 suspects[record.id] = seen
@@ -300,6 +296,18 @@ class Recovery:
                 suspects.pop(record.id)
         self._suspects = suspects
         return True
+
+    def _ready(self, record: JobRecord, depth: dict[tuple[str, str], int | None]) -> int | None:
+        """Messages ready where ``record``'s message waits (counted once per broker queue in
+        a sweep); None: its integration cannot tell, so the job is never judged lost."""
+        probe = self.probe(record.system) if self.probe is not None else None
+        queue = probe.broker_queue(record) if probe is not None else None
+        if probe is None or queue is None:
+            return None
+        key = (record.system, queue)
+        if key not in depth:
+            depth[key] = probe.ready_messages(queue)
+        return depth[key]
 
     def _renew(self) -> bool:
         """Renew the lock before each job: if it was lost, another sweeper owns the rest."""

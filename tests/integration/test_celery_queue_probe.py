@@ -12,6 +12,7 @@ from celery import Celery
 
 from jobledger.config import Settings
 from jobledger.integrations.celery import CeleryIntegration
+from jobledger.model import JobRecord
 from jobledger.testing import MemoryStore, wait_for
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -35,6 +36,14 @@ def test_ready_messages_counts_what_waits_in_a_queue(app: Celery) -> None:
         with app.connection_for_write() as connection:
             channel = connection.default_channel
             channel.queue_delete(queue)
+
+
+def test_a_job_routed_through_an_exchange_has_no_broker_queue_to_count(app: Celery) -> None:
+    integration = CeleryIntegration(app, Settings(), store=MemoryStore())
+    plain = JobRecord(id="a", name="t", queue="q")
+    routed = JobRecord(id="b", name="t", queue="q", options={"exchange": "media"})
+    assert integration.broker_queue(plain) == "q"
+    assert integration.broker_queue(routed) is None
 
 
 def test_ready_messages_says_none_when_the_broker_is_down() -> None:

@@ -176,21 +176,25 @@ def test_the_recoverers_default_policy_applies_to_jobs_that_name_none(store: SQL
 
 
 class Broker:
-    """Says how many messages each (system, queue) holds ready."""
+    """A queue probe: how many messages each queue holds ready (0 unless told), and no
+    broker queue at all for a job routed through an exchange."""
 
     def __init__(self, **ready: int | None) -> None:
         self.ready = ready
         self.asked: list[str] = []
 
-    def __call__(self, system: str, queue: str) -> int | None:
+    def broker_queue(self, record: JobRecord) -> str | None:
+        return None if record.options.get("exchange") else record.queue
+
+    def ready_messages(self, queue: str) -> int | None:
         self.asked.append(queue)
         return self.ready.get(queue, 0)
 
 
 def test_a_job_queued_in_an_empty_queue_at_two_sweeps_is_put_back(store: SQLStore) -> None:
     """Lost by the broker: two sightings, unmoved, not held by a live worker. Jobs of a queue
-    the broker still holds messages for, of one it cannot count, held by a live worker, or
-    that moved between the sweeps stay."""
+    the broker still holds messages for, of one it cannot count, routed where the probe
+    cannot see, held by a live worker, or that moved between the sweeps stay."""
     for job_id, queue in (
         ("lost", "empty"),
         ("held", "empty"),
@@ -199,10 +203,11 @@ def test_a_job_queued_in_an_empty_queue_at_two_sweeps_is_put_back(store: SQLStor
         ("moves", "empty"),
     ):
         assert store.create(JobRecord(id=job_id, name="t", queue=queue))
+    assert store.create(JobRecord(id="routed", name="t", queue="empty", options={"exchange": "x"}))
     store.heartbeat(Instance(name="live", nonce="1", holding=(("held", 0),)))
     sent = Sent(store)
     broker = Broker(busy=4, opaque=None)
-    sweep = sweeper(store, sent, ready_messages=broker)
+    sweep = sweeper(store, sent, probe=lambda system: broker)
     assert sweep.sweep_once().outcomes == {}  # first sighting: a publish may be landing
     assert store.transition(  # a retry's move: not the same sighting any more
         "moves",
@@ -211,6 +216,7 @@ def test_a_job_queued_in_an_empty_queue_at_two_sweeps_is_put_back(store: SQLStor
     assert sweep.sweep_once().outcomes == {"lost": Outcome.REQUEUED}
     assert sent.messages == [("lost", 1, Republish.REQUEUE)]
     assert sweep.sweep_once().outcomes == {"moves": Outcome.REQUEUED}
-    for stays in ("held", "busy-queue", "unknown"):
+    assert broker.asked.count("empty") == 3  # once per queue and sweep, not per job
+    for stays in ("held", "busy-queue", "unknown", "routed"):
         record = store.get(stays)
         assert record is not None and record.generation == 0

@@ -73,6 +73,11 @@ class QueueProbe(Protocol):
     broker restarted without persistence) by a fact, the queue being empty while the ledger
     waits on them, instead of leaving them to a person."""
 
+    def broker_queue(self, record: JobRecord) -> str | None:
+        """The broker queue this job's message waits in, or None where its route does not
+        say (a message routed through an exchange to queues it names nowhere): such a job is
+        never judged lost."""
+
     def ready_messages(self, queue: str) -> int | None:
         """Messages waiting in ``queue`` (not those delivered and unacknowledged); None when
         the broker cannot tell or cannot be reached."""
@@ -136,12 +141,11 @@ class Registry:
             f"no integration for queue system {system!r} is registered: {how}", system
         )
 
-    def ready_messages(self, system: str, queue: str) -> int | None:
-        """What :meth:`QueueProbe.ready_messages` says for ``system``'s ``queue``; None if
-        ``system`` has no integration here or it cannot tell."""
+    def probe(self, system: str) -> QueueProbe | None:
+        """The integration of ``system`` if it can count its broker's queues, else None."""
         with self._lock:
             found = self._by_system.get(system)
-        return found.ready_messages(queue) if isinstance(found, QueueProbe) else None
+        return found if isinstance(found, QueueProbe) else None
 
     def systems(self) -> list[str]:
         with self._lock:

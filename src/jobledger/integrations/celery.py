@@ -248,8 +248,13 @@ class CeleryIntegration:
             publish=self.publish,
             systems={SYSTEM},
             ledger_up_for=lambda: self.health.up_for,
-            ready_messages=lambda _system, queue: self.ready_messages(queue),
+            probe=lambda system: self if system == SYSTEM else None,
         )
+
+    def broker_queue(self, record: JobRecord) -> str | None:
+        """Where the job's message waits (:class:`QueueProbe`): its queue, unless it was
+        routed through a named exchange, whose bindings this process does not know."""
+        return None if record.options.get("exchange") else record.queue
 
     def ready_messages(self, queue: str) -> int | None:
         """Messages the broker holds ready in ``queue`` (:class:`QueueProbe`): kombu's own

@@ -61,7 +61,7 @@ def maintenance_loops(
         settings,
         publish=publish,
         ledger_up_for=lambda: health.up_for,
-        ready_messages=integrations.ready_messages,
+        probe=integrations.probe,
     )
 
     def sweep() -> None:
