@@ -9,7 +9,6 @@ supervisor on another host needs no channel to the workers but the ledger it alr
 
 from __future__ import annotations
 
-import multiprocessing
 import multiprocessing.sharedctypes
 from collections import Counter
 from collections.abc import Iterable
@@ -23,7 +22,6 @@ class SharedCounters:
     def __init__(self, names: Iterable[str]) -> None:
         self._index = {name: i for i, name in enumerate(dict.fromkeys(names))}
         self._values: Any = multiprocessing.sharedctypes.RawArray("q", len(self._index))
-        self._lock = multiprocessing.Lock()
         self._local: Counter[str] = Counter()
 
     def add(self, name: str, amount: int = 1) -> None:
@@ -31,8 +29,7 @@ class SharedCounters:
         if index is None:
             self._local[name] += amount
             return
-        with self._lock:
-            self._values[index] += amount
+        self._values[index] += amount
 
     def __getitem__(self, name: str) -> int:
         index = self._index.get(name)
@@ -40,7 +37,6 @@ class SharedCounters:
 
     def snapshot(self) -> dict[str, int]:
         """Every counter that is not zero."""
-        with self._lock:
-            shared = {name: int(self._values[i]) for name, i in self._index.items()}
+        shared = {name: int(self._values[i]) for name, i in self._index.items()}
         found = {**shared, **self._local}
         return {name: count for name, count in found.items() if count}

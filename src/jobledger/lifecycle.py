@@ -160,7 +160,12 @@ class Lifecycle:
                 current.generation,
             )
             return Claim.STALE
-        closed = self._closed(current, restart=generation > current.generation)
+        # only a restart's message, newer than the record, starts a failed or dead job again:
+        # a recovery or requeue that lost its race to a run that then failed must not
+        closed = self._closed(
+            current,
+            restart=generation > current.generation and republish is Republish.RESTART,
+        )
         if closed is not None:
             return closed
         if generation == current.generation:

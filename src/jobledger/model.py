@@ -87,9 +87,13 @@ class Republish(str, enum.Enum):
         return self is not Republish.REQUEUE
 
     @property
-    def counted_as(self) -> Literal["recovery", "restart"]:
-        """The counter a move on its account raises (``recoveries`` or ``restarts``)."""
-        return "restart" if self is Republish.RESTART else "recovery"
+    def counted_as(self) -> Literal["recovery", "restart"] | None:
+        """The counter a move on its account raises: ``recoveries`` for a recovery (what the
+        poison-pill cap counts), ``restarts`` for a restart; a requeue of a job that never
+        started raises none (its body did not run, so it is no sign of a poison pill)."""
+        if self is Republish.RECOVERY:
+            return "recovery"
+        return "restart" if self is Republish.RESTART else None
 
 
 class OrphanPolicy(str, enum.Enum):

@@ -64,7 +64,10 @@ class TransitionWrite:
 
     def apply(self, store: Store, *, retried: bool = False) -> bool:
         if self.delete:
-            done = store.delete(self.job_id, self.change.expect, self.change.expect_owner)
+            change = self.change
+            done = store.delete(
+                self.job_id, change.expect, change.expect_owner, change.expect_generation
+            )
         else:
             done = store.transition(self.job_id, self.change)
         if done:

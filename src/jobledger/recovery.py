@@ -227,7 +227,7 @@ class Recovery:
                 and self._requeue_held(report, instances)
                 and self._requeue_lost(report, instances)
             ):
-                report.pruned = self._prune_dead_instances()
+                report.pruned = self._prune_dead_instances(instances)
         finally:
             self.store.release_lock(LOCK_NAME, self.token)
         return report
@@ -249,13 +249,8 @@ class Recovery:
             if instance.alive:
                 continue
             for job_id, generation in instance.holding:
-                record = self.store.get(job_id)
-                if (
-                    record is None
-                    or record.state not in _PREFETCHED
-                    or record.generation != generation
-                    or not self.covers(record)
-                ):
+                record = self._still_held(job_id, generation)
+                if record is None or not self.covers(record):
                     continue  # started (an orphan, above), finished, or put back already
                 if not self._renew():
                     return False
@@ -263,6 +258,13 @@ class Recovery:
                     record, why=f"its instance {instance.id} died holding it unstarted"
                 )
         return True
+
+    def _still_held(self, job_id: str, generation: int) -> JobRecord | None:
+        """The job if it still waits, unstarted, at the generation an instance received."""
+        record = self.store.get(job_id)
+        if record is None or record.state not in _PREFETCHED or record.generation != generation:
+            return None
+        return record
 
     def _requeue_lost(self, report: SweepReport, instances: list[Instance]) -> bool:
         """Put back queued jobs whose message the broker lost (see the class docstring);
@@ -320,13 +322,16 @@ class Recovery:
         """True if this sweep recovers jobs of ``record``'s queue system."""
         return self.systems is None or record.system in self.systems
 
-    def _prune_dead_instances(self) -> list[str]:
-        """Deregister instances long dead that no started job names as its owner. (A job's
+    def _prune_dead_instances(self, instances: list[Instance]) -> list[str]:
+        """Deregister instances long dead that no started job names as its owner and whose
+        held jobs were all put back (their row is what says those jobs need it). (A job's
         owner row going is harmless anyway: an owner that is missing is a dead one.)"""
         long_dead = [
             i.id
-            for i in self.store.instances(self.ttl)
-            if not i.alive and (i.heartbeat_age or 0) > PRUNE_AFTER_TTLS * self.ttl
+            for i in instances
+            if not i.alive
+            and (i.heartbeat_age or 0) > PRUNE_AFTER_TTLS * self.ttl
+            and not any(self._still_held(job_id, g) for job_id, g in i.holding)
         ]
         if not long_dead:
             return []
@@ -423,14 +428,17 @@ class Recovery:
         except JobLedgerError as exc:
             log.error("could not publish job %s (%s) again: %s", record.id, record.name, exc)
             return Outcome.PUBLISH_FAILED
+        counted = reason.counted_as
         change = Transition(
             to=JobState.QUEUED,
             expect=frozenset({record.state}),
             expect_owner=record.owner,
             expect_generation=record.generation,
             generation=after.generation,
-            reason="recovery",
-            recent_recoveries=with_recovery(record, self.store.now()),
+            reason=counted,
+            recent_recoveries=(
+                with_recovery(record, self.store.now()) if counted == "recovery" else None
+            ),
         )
         if self.store.transition(record.id, change):
             log.warning(

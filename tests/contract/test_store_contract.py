@@ -304,6 +304,44 @@ def test_delete_is_compare_and_set(store: Store) -> None:
     assert store.count(JobQuery()) == 0
 
 
+def test_the_generation_is_compared_and_set_by_transition_and_delete(store: Store) -> None:
+    """Fencing generations (invariant 2): a move that expects another generation changes
+    nothing; a republish's move raises it, with the recovery times it was given."""
+    assert store.create(job("job-1", generation=2))
+    stale = Transition(to=S.QUEUED, expect=only(S.QUEUED), expect_generation=1, generation=2)
+    assert not store.transition("job-1", stale)
+    raised = Transition(
+        to=S.QUEUED,
+        expect=only(S.QUEUED),
+        expect_generation=2,
+        generation=3,
+        reason="recovery",
+        recent_recoveries=(100.0, 200.0),
+    )
+    assert store.transition("job-1", raised)
+    record = store.get("job-1")
+    assert record is not None
+    assert (record.generation, record.recoveries, record.recent_recoveries) == (
+        3,
+        1,
+        (100.0, 200.0),
+    )
+    assert store.transition("job-1", claim("w:1"))  # no generation asked: any
+    assert not store.delete("job-1", only(S.STARTED), "w:1", expect_generation=2)
+    assert store.delete("job-1", only(S.STARTED), "w:1", expect_generation=3)
+
+
+def test_a_heartbeat_carries_what_the_instance_holds_and_counted(store: Store) -> None:
+    beat = Instance(name="w", nonce="1", holding=(("job-1", 0), ("job-2", 4)), stats={"x": 2})
+    store.heartbeat(beat)
+    (found_instance,) = store.instances(ttl=30)
+    assert found_instance.holding == (("job-1", 0), ("job-2", 4))
+    assert dict(found_instance.stats) == {"x": 2}
+    store.heartbeat(dataclasses.replace(beat, holding=(), stats={"x": 3}))
+    (again,) = store.instances(ttl=30)
+    assert again.holding == () and dict(again.stats) == {"x": 3}
+
+
 # -- queries -------------------------------------------------------------------------------------
 
 

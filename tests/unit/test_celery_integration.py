@@ -10,10 +10,11 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
+from unittest import mock
 
 import pytest
-from celery import Celery, Task, signals
-from celery.exceptions import Ignore, Retry
+from celery import Celery, Signature, Task, chain, signals
+from celery.exceptions import Ignore, Reject, Retry
 
 from jobledger.config import Settings
 from jobledger.errors import ConfigError
@@ -25,7 +26,8 @@ from jobledger.integrations.celery import (
     CeleryIntegration,
     install,
 )
-from jobledger.model import ORPHAN_OPTION, JobRecord, JobState, Republish
+from jobledger.lifecycle import Claim
+from jobledger.model import ORPHAN_OPTION, Instance, JobRecord, JobState, Republish
 from jobledger.testing import MemoryStore
 
 S = JobState
@@ -263,3 +265,106 @@ def test_a_tasks_orphan_policy_is_recorded_with_its_job_and_checked_at_boot(
     env.task("t.work").on_orphan = "retry-forever"
     with pytest.raises(ConfigError, match=r"t\.work: unknown orphan policy"):
         env.integration.wrap_tasks()
+
+
+def test_a_retry_whose_message_the_broker_refused_ends_failed(
+    make_env: Callable[..., Env],
+) -> None:
+    """``Task.retry`` turns a failed publish into ``Reject``: the job, moved to retrying just
+    before, must end failed (no message will ever come), not wait in retrying for ever."""
+    env = make_env()
+    assert env.store.create(JobRecord(id="j", name="t.work", system="celery", queue="q"))
+    task = env.task("t.work")
+
+    def broker_refuses(*args: Any, **kwargs: Any) -> None:
+        signals.before_task_publish.send(
+            sender="t.work", headers={"id": "j", "task": "t.work"}, body=([1], {}, {})
+        )
+        raise ConnectionError("the broker refused the retry")
+
+    def retries() -> None:
+        raise task.retry(countdown=1)
+
+    with (
+        mock.patch.object(Signature, "apply_async", broker_refuses),
+        pytest.raises(Reject),
+    ):
+        run(env, "j", retries, called_directly=False, **{GENERATION_HEADER: 0})
+    record = env.store.get("j")
+    assert record is not None and record.state is S.FAILED
+    assert record.error is not None and "retry could not be sent" in record.error
+
+
+def test_replacing_a_job_by_a_chain_hands_its_id_and_generation_to_the_last_step(
+    make_env: Callable[..., Env],
+) -> None:
+    """``Task.replace(chain(a, b))``: Celery gives the job's id to the chain's last step,
+    published later by the step before it. The job waits (retrying), and that step's message
+    carries the run's generation, so it runs as the job's current message."""
+    env = make_env()
+    assert env.store.create(
+        JobRecord(id="j", name="t.work", system="celery", queue="q", generation=2)
+    )
+    task, after = env.task("t.work"), env.task("t.after")
+
+    def replaced() -> None:
+        raise task.replace(chain(after.s(1), after.s()))
+
+    with pytest.raises(Ignore):
+        run(env, "j", replaced, called_directly=False, **{GENERATION_HEADER: 2})
+    record = env.store.get("j")
+    assert record is not None and (record.state, record.generation) == (S.RETRYING, 2)
+    first = env.sent[-1]
+    assert first.headers["id"] != "j"  # the chain's first step: a job of its own
+    (last,) = first.body[2]["chain"]
+    assert last["options"]["task_id"] == "j"
+    assert last["options"]["headers"][GENERATION_HEADER] == 2
+    # the last step's delivery, as the step before it publishes it: claimed and run
+    ran: list[str] = []
+    step = env.task("t.after")
+    step.push_request(
+        id="j", args=[1], kwargs={}, delivery_info={"routing_key": "q"}, called_directly=False,
+        **{GENERATION_HEADER: 2},
+    )  # fmt: skip
+    try:
+        env.integration.run_guarded(step, lambda: ran.append("last step"))
+    finally:
+        step.pop_request()
+    done = env.store.get("j")
+    assert ran == ["last step"] and done is not None and done.state is S.SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("policy", "state"), [("requeue", S.QUEUED), ("fail", S.FAILED), ("discard", S.CANCELLED)]
+)
+def test_a_pool_process_lost_after_its_claim_follows_the_tasks_orphan_policy(
+    make_env: Callable[..., Env], policy: str, state: JobState
+) -> None:
+    env = make_env()
+    env.task("t.work").on_orphan = policy
+    env.store.heartbeat(Instance(name="w", nonce="1"))
+    record = JobRecord(id="j", name="t.work", system="celery", queue="q")
+    assert env.store.create(replace(record, options=env.integration._with_policy("t.work", {})))
+    assert env.integration.lifecycle().claim("j", generation=0) is Claim.CLAIMED
+    env.integration._recover_lost("j", "WorkerLostError", replace(record, generation=0))
+    after = env.store.get("j")
+    assert after is not None and after.state is state
+    republished = [s for s in env.sent if s.headers.get("id") == "j"]
+    assert len(republished) == (1 if policy == "requeue" else 0)
+
+
+def test_a_pool_process_lost_before_its_claim_has_its_job_requeued(
+    make_env: Callable[..., Env],
+) -> None:
+    """The claim never landed: its body never ran, so the job is requeued (next generation,
+    a requeue: it never supersedes a run), whatever its task's orphan policy."""
+    env = make_env()
+    env.task("t.work").on_orphan = "fail"
+    record = JobRecord(id="j", name="t.work", system="celery", queue="q")
+    assert env.store.create(record)
+    env.integration._recover_lost("j", "WorkerLostError", record)
+    after = env.store.get("j")
+    assert after is not None and (after.state, after.generation) == (S.QUEUED, 1)
+    assert after.recoveries == 0  # it never ran: no sign of a poison pill
+    assert env.sent[-1].headers[GENERATION_HEADER] == 1
+    assert env.sent[-1].headers[REPUBLISH_HEADER] == "requeue"

@@ -343,3 +343,17 @@ def test_a_missing_record_is_created_at_the_deliverys_generation(store: MemorySt
     assert a.claim("j", record, generation=3) is Claim.CREATED
     assert (current(store).state, current(store).generation) == (S.STARTED, 3)
     assert a.succeed("j", generation=3)
+
+
+@pytest.mark.parametrize("closed", [S.FAILED, S.DEAD])
+@pytest.mark.parametrize("reason", [R.RECOVERY, R.REQUEUE])
+def test_only_a_restart_starts_a_failed_or_dead_job_again(
+    store: MemoryStore, closed: JobState, reason: Republish
+) -> None:
+    """A recovery or requeue published generation 1 while the older message ran and failed
+    for good (or was buried): its late delivery must not run the job a person must decide
+    on, however new it is."""
+    job(store, state=closed)
+    outcome = worker(store, "a").claim("j", generation=1, republish=reason)
+    assert outcome is Claim.NOT_RESTARTED
+    assert current(store).state is closed

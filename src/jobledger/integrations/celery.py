@@ -96,7 +96,7 @@ from jobledger.pending import PendingWrites, TransitionWrite
 from jobledger.recovery import Recovery, RecoveryLoop
 from jobledger.relay import Relay, RelayLoop
 from jobledger.stores import Store, store_for
-from jobledger.stores.base import ANY, StagedBatch, Transition
+from jobledger.stores.base import ANY, KEEP, StagedBatch, Transition
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ class CeleryIntegration:
         # main process: tracked jobs received from the broker, as records to put back if the
         # pool process they were handed to dies before its claim lands
         self._received: dict[str, JobRecord] = {}
+        self._missing: set[str] = set()  # of those, the ones Celery did not hold at last look
         self._retrying: set[str] = set()  # of those, the ones already moved to retrying
         self._receivers: list[tuple[Any, Callable[..., Any]]] = []
 
@@ -336,8 +337,34 @@ class CeleryIntegration:
                 )
             return integration.run_guarded(self, body)
 
+        replace_with = cls.on_replace
+
+        def on_replace(self: Task, sig: Signature) -> Any:
+            integration.on_replace(self, sig)
+            return replace_with(self, sig)
+
         cls.__call__ = __call__
+        cls.on_replace = on_replace
         setattr(cls, _WRAPPED, True)
+
+    def on_replace(self, task: Task, sig: Signature) -> None:
+        """``Task.replace``: the job's id passes to the replacement (the signature itself, or
+        a chain's last step, published later by the step before it, from another process).
+        The job moves to retrying now, before anything is published, and the step that
+        carries its id is tagged with the run's generation, so that its delivery is the job's
+        current message and not a stale one."""
+        job_id = str(task.request.id)
+        running = self._claimed.get(job_id)
+        if running is None:
+            return
+        if job_id not in self._retrying:
+            self._moved_to_retrying(job_id, f"replaced by {sig!r} (Task.replace)")
+        steps = getattr(sig, "tasks", None) or [sig]
+        for step in steps:
+            if step.options.get("task_id") == job_id:
+                headers = {**(step.options.get("headers") or {}), TRACKED_HEADER: True}
+                headers[GENERATION_HEADER] = running[2]
+                step.set(headers=headers)
 
     def stages_apply_async(self, task: Task, options: Mapping[str, Any]) -> bool:
         """True if this ``apply_async`` should stage (``JOBLEDGER_STAGE_IN_ATOMIC``): the task
@@ -598,6 +625,9 @@ class CeleryIntegration:
         except Reject as rejection:
             if rejection.requeue:
                 self._finish(lambda: lifecycle.release(job_id, generation=g))
+            elif job_id in self._retrying:  # Task.retry could not publish its message
+                why = f"its retry could not be sent: {rejection!r}"
+                self._finish(lambda: lifecycle.fail_unsent_retry(job_id, why, generation=g))
             else:
                 why = f"rejected: {rejection!r}"
                 self._finish(lambda: lifecycle.fail(job_id, why, will_retry=False, generation=g))
@@ -626,13 +656,26 @@ class CeleryIntegration:
     def _record_from_request(self, task: Task) -> JobRecord:
         request = task.request
         delivery = request.delivery_info or {}
+        headers = {
+            name: getattr(request, name, None)
+            for name in (ENQUEUED_HEADER, GENERATION_HEADER, "eta", "expires", "retries")
+        }
+        headers["timelimit"] = request.timelimit
+        embed = {key: getattr(request, key, None) for key in _EMBED_OPTIONS}
         return self._delivered_record(
             job_id=str(request.id),
             name=task.name,
             queue=delivery.get("routing_key") or task.queue,
             args=request.args,
             kwargs=request.kwargs,
-            headers={h: getattr(request, h, None) for h in (ENQUEUED_HEADER, GENERATION_HEADER)},
+            headers=headers,
+            options=_republish_options(
+                (request.args, request.kwargs, embed),
+                delivery.get("exchange"),
+                delivery.get("routing_key"),
+                headers,
+                {"priority": delivery.get("priority")},
+            ),
         )
 
     def _delivered_record(
@@ -644,9 +687,11 @@ class CeleryIntegration:
         args: Any,
         kwargs: Any,
         headers: Mapping[str, Any],
+        options: dict[str, Any],
     ) -> JobRecord:
-        """The record a delivery describes (its generation included), for a claim that finds
-        no record (the ledger was down at publish) and for putting the job back."""
+        """The record a delivery describes (its generation, the options to publish it again
+        and its task's orphan policy included), for a claim that finds no record (the ledger
+        was down at publish) and for putting the job back."""
         enqueued = headers.get(ENQUEUED_HEADER)
         queued_at = datetime.fromtimestamp(float(enqueued), tz=timezone.utc) if enqueued else None
         return JobRecord(
@@ -659,6 +704,7 @@ class CeleryIntegration:
             queued_at=queued_at,
             first_queued_at=queued_at,
             generation=_generation_of(headers.get(GENERATION_HEADER)) or 0,
+            options=self._with_policy(name, options),
         )
 
     # -- main-process hooks -------------------------------------------------------------------
@@ -678,17 +724,18 @@ class CeleryIntegration:
         """
         if task_id is None or self.instance_id is None:
             return
+        why = f"{type(exception).__name__}: {exception}"
         if isinstance(exception, WorkerLostError):
-            target: Callable[[str, str], None] = self._recover_lost
+            # what was handed to the process, read now: Celery forgets it soon after
+            delivered = self._received.pop(task_id, None)
+            target: Callable[..., None] = self._recover_lost
+            args: tuple[Any, ...] = (task_id, why, delivered)
         elif isinstance(exception, TimeLimitExceeded):
-            target = self._fail_timed_out
+            target, args = self._fail_timed_out, (task_id, why)
         else:
             return  # raised in the pool process, which recorded it itself
         threading.Thread(
-            target=target,
-            args=(task_id, f"{type(exception).__name__}: {exception}"),
-            name=f"jobledger-failed-{task_id}",
-            daemon=True,
+            target=target, args=args, name=f"jobledger-failed-{task_id}", daemon=True
         ).start()
 
     def _fail_timed_out(self, task_id: str, exception: str) -> None:
@@ -708,20 +755,24 @@ class CeleryIntegration:
             self._count("finish_unrecorded")
             log.warning("job %s hit its hard time limit, not recorded: %s", task_id, exc)
 
-    def _recover_lost(self, task_id: str, exception: str) -> None:
+    def _recover_lost(self, task_id: str, exception: str, delivered: JobRecord | None) -> None:
         """Put back the job of a pool process that died under it (the main process knows
         what it handed that process): a job the process had claimed (started by this
-        instance), and one whose claim never landed (still queued or retrying at the
-        delivery's generation, or the claim deferred while the ledger was down)."""
-        delivered = self._received.pop(task_id, None)
+        instance: recovered, as its task's orphan policy says), and one whose claim never
+        landed (still queued or retrying at the delivery's generation: its body never ran, so
+        it is requeued). What the dead process still owed the ledger (a journaled claim or
+        finish) is replayed first, so the record judged is the one it left."""
         why = f"its pool process died: {exception}"
         try:
-            record = self.store.get(task_id)
-        except JobLedgerError as exc:
+            settled = self.pending.flush(task_id)
+            record = self.store.get(task_id) if settled else None
+        except JobLedgerError:
+            settled, record = False, None
+        if not settled:
             if delivered is not None:
                 self._put_back_unreachable(delivered, why)
             else:
-                log.warning("job %s lost its process; the sweep will recover it: %s", task_id, exc)
+                log.warning("job %s lost its process; the sweep will recover it", task_id)
             return
         if record is None or (delivered is not None and record.generation != delivered.generation):
             return  # republished meanwhile: that newer message is the job's
@@ -729,34 +780,47 @@ class CeleryIntegration:
             if record.state is JobState.STARTED and record.owner == self.instance_id:
                 self.recovery().recover(record, why=why)
             elif record.state in (JobState.QUEUED, JobState.RETRYING) and delivered is not None:
-                self.recovery().requeue(record, why=why, reason=Republish.RECOVERY)
+                self.recovery().requeue(record, why=why)
         except JobLedgerError as exc:
             log.warning("job %s lost its process; the sweep will recover it: %s", task_id, exc)
 
     def _put_back_unreachable(self, delivered: JobRecord, why: str) -> None:
-        """The ledger is down: publish the next generation of the job now, from what its
-        delivery said, and keep the ledger's move for the journal of pending writes (which
-        replays it after the dead process's own deferred claim, whichever that left)."""
-        after = replace(delivered, generation=delivered.generation + 1)
-        try:
-            self.publish(after, reason=Republish.RECOVERY)
-        except PublishError as exc:
-            log.error("job %s lost its process and cannot be put back now: %s", after.id, exc)
-            return
+        """The ledger is down, so whether the dead process's claim landed (and its body ran)
+        is unknown. A job its task lets run again is published now as the next generation,
+        from what its delivery said, as a recovery (it supersedes the run if the claim did
+        land); one its task forbids to run twice is failed or discarded. Either way the
+        ledger's move waits in the journal, after the dead process's own writes."""
+        policy = OrphanPolicy.parse(delivered.options.get(ORPHAN_OPTION, OrphanPolicy.REQUEUE))
+        if policy is OrphanPolicy.REQUEUE:
+            after = replace(delivered, generation=delivered.generation + 1)
+            try:
+                self.publish(after, reason=Republish.RECOVERY)
+            except PublishError as exc:
+                log.error("job %s lost its process and cannot be put back now: %s", after.id, exc)
+                return
+            to, error, generation = JobState.QUEUED, None, after.generation
+        else:
+            to = JobState.FAILED if policy is OrphanPolicy.FAIL else JobState.CANCELLED
+            error = (
+                f"orphaned: {why} while the ledger was unreachable; it may have run, and its "
+                f"task asks not to run it twice (on_orphan={policy.value})"
+            )
+            generation = None
         for source, owner in (
-            (frozenset({JobState.STARTED}), self.instance_id),
+            (_STARTED, self.instance_id),
             (frozenset({JobState.QUEUED, JobState.RETRYING}), ANY),
         ):
             move = Transition(
-                to=JobState.QUEUED,
+                to=to,
                 expect=source,
                 expect_owner=owner,
                 expect_generation=delivered.generation,
-                generation=after.generation,
-                reason="recovery",
+                generation=generation,
+                reason="recovery" if to is JobState.QUEUED else None,
+                error=KEEP if error is None else error,
             )
-            self.pending.submit(TransitionWrite(after.id, move))
-        log.warning("job %s put back as generation %d (%s)", after.id, after.generation, why)
+            self.pending.submit(TransitionWrite(delivered.id, move))
+        log.warning("job %s: %s; ledger unreachable, %s journaled", delivered.id, why, to.value)
 
     def on_task_received(self, request: Any = None, **_: Any) -> None:
         """Main process: remember a tracked delivery (to put it back if its pool process
@@ -764,20 +828,33 @@ class CeleryIntegration:
         headers = getattr(request, "request_dict", None) or {}
         if not headers.get(TRACKED_HEADER) and not self.is_tracked(str(request.name)):
             return
+        delivery = request.delivery_info or {}
+        properties = getattr(getattr(request, "message", None), "properties", None) or {}
         self._received[str(request.id)] = self._delivered_record(
             job_id=str(request.id),
             name=str(request.name),
-            queue=(request.delivery_info or {}).get("routing_key"),
+            queue=delivery.get("routing_key"),
             args=request.args,
             kwargs=request.kwargs,
             headers=headers,
+            options=_republish_options(
+                request._payload,
+                delivery.get("exchange"),
+                delivery.get("routing_key"),
+                headers,
+                properties,
+            ),
         )
         if self.heartbeat is not None:
             self.heartbeat.wake()
 
     def _holding(self) -> list[tuple[str, int]]:
         """The tracked jobs this worker has received and not finished, with each delivery's
-        generation (written with every beat; the sweep puts them back if it dies)."""
+        generation (written with every beat; the sweep puts them back if it dies).
+
+        A received job is forgotten once Celery no longer holds it, judged at two beats in a
+        row: Celery reserves a request only after ``task_received`` fired, so one look could
+        fall in between and forget a job just received."""
         from celery.worker import state as worker_state
 
         for _ in range(3):
@@ -796,9 +873,12 @@ class CeleryIntegration:
                 continue
         else:
             live = set(self._received)
-        for job_id in [i for i in self._received if i not in live]:
+        received = list(self._received.items())  # one atomic copy: the loop adds meanwhile
+        missing = {job_id for job_id, _ in received if job_id not in live}
+        for job_id in missing & self._missing:
             self._received.pop(job_id, None)  # finished: nothing to put back
-        return [(job_id, r.generation) for job_id, r in list(self._received.items())]
+        self._missing = missing
+        return [(job_id, r.generation) for job_id, r in received]
 
     def on_task_revoked(
         self, request: Any = None, terminated: bool = False, expired: bool = False, **_: Any

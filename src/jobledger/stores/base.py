@@ -171,9 +171,14 @@ class Store(Protocol):
         """Apply ``change`` if the job matches its expectations; True if this call won."""
 
     def delete(
-        self, job_id: str, expect: frozenset[JobState], expect_owner: str | _Sentinel | None = ANY
+        self,
+        job_id: str,
+        expect: frozenset[JobState],
+        expect_owner: str | _Sentinel | None = ANY,
+        expect_generation: int | None = None,
     ) -> bool:
-        """Delete the job if it is in one of ``expect`` (and held by ``expect_owner``)."""
+        """Delete the job if it is in one of ``expect`` (and held by ``expect_owner``, at
+        ``expect_generation``): the same compare as :meth:`transition`."""
 
     def query(self, query: JobQuery, *, limit: int, cursor: str | None = None) -> Page[JobRecord]:
         """One page of matching jobs, newest first, and the cursor of the next page."""

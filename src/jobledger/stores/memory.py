@@ -109,10 +109,8 @@ class MemoryStore(Store):
     def transition(self, job_id: str, change: Transition) -> bool:
         with self._lock:
             row = self._jobs.get(job_id)
-            if row is None or not _expected(row, change.expect, change.expect_owner):
-                return False
-            if change.expect_generation is not None and row["generation"] != (
-                change.expect_generation
+            if row is None or not _expected(
+                row, change.expect, change.expect_owner, change.expect_generation
             ):
                 return False
             at = self.now() if change.at is None else float(change.at)
@@ -127,11 +125,15 @@ class MemoryStore(Store):
             return True
 
     def delete(
-        self, job_id: str, expect: frozenset[JobState], expect_owner: str | _Sentinel | None = ANY
+        self,
+        job_id: str,
+        expect: frozenset[JobState],
+        expect_owner: str | _Sentinel | None = ANY,
+        expect_generation: int | None = None,
     ) -> bool:
         with self._lock:
             row = self._jobs.get(job_id)
-            if row is None or not _expected(row, expect, expect_owner):
+            if row is None or not _expected(row, expect, expect_owner, expect_generation):
                 return False
             self._remove(job_id)
             return True
@@ -376,9 +378,17 @@ class MemoryStore(Store):
 _STAGED = frozenset({JobState.STAGED})
 
 
-def _expected(row: Row, expect: frozenset[JobState], owner: str | _Sentinel | None) -> bool:
-    """The compare of compare-and-set: the row is in one of ``expect`` and held by ``owner``."""
+def _expected(
+    row: Row,
+    expect: frozenset[JobState],
+    owner: str | _Sentinel | None,
+    generation: int | None = None,
+) -> bool:
+    """The compare of compare-and-set: the row is in one of ``expect``, held by ``owner``
+    and (when given) at ``generation``."""
     if JobState(row["state"]) not in expect:
+        return False
+    if generation is not None and row["generation"] != generation:
         return False
     return owner is ANY or row["owner"] == owner
 

@@ -412,11 +412,18 @@ class SQLStore(Store):
         return conn.execute(statement).rowcount == 1
 
     def delete(
-        self, job_id: str, expect: frozenset[JobState], expect_owner: str | _Sentinel | None = ANY
+        self,
+        job_id: str,
+        expect: frozenset[JobState],
+        expect_owner: str | _Sentinel | None = ANY,
+        expect_generation: int | None = None,
     ) -> bool:
         with self._write() as conn:
             statement = delete(jobs).where(
-                jobs.c.id == job_id, _state_in(expect), *_owner_is(expect_owner)
+                jobs.c.id == job_id,
+                _state_in(expect),
+                *_owner_is(expect_owner),
+                *_generation_is(expect_generation),
             )
             return bool(conn.execute(statement).rowcount == 1)
 
