@@ -368,3 +368,23 @@ def test_a_pool_process_lost_before_its_claim_has_its_job_requeued(
     assert after.recoveries == 0  # it never ran: no sign of a poison pill
     assert env.sent[-1].headers[GENERATION_HEADER] == 1
     assert env.sent[-1].headers[REPUBLISH_HEADER] == "requeue"
+
+
+def test_a_publish_that_fails_leaves_its_job_cancelled_as_the_caller_was_told(
+    make_env: Callable[..., Env],
+) -> None:
+    """The record is written as the message is sent; if the broker then refuses it, the
+    caller gets the error, and the ledger must not keep a queued job that the lost-message
+    sweep would later publish behind the caller's back."""
+    env = make_env()
+    with (
+        mock.patch("kombu.messaging.Producer.publish", side_effect=ConnectionError("down")),
+        pytest.raises(ConnectionError),
+    ):
+        env.task("t.work").apply_async((1,), task_id="refused", retry=False)
+    record = env.store.get("refused")
+    assert record is not None and record.state is S.CANCELLED
+    assert record.error is not None and "publish failed" in record.error
+    sent = env.task("t.work").apply_async((2,), task_id="fine")  # the next one is untouched
+    again = env.store.get(sent.id)
+    assert again is not None and again.state is S.QUEUED

@@ -182,6 +182,7 @@ class CeleryIntegration:
         self.relay_loop: RelayLoop | None = None
         self._outboxes: dict[int, Outbox] = {}
         self._republishing = threading.local()  # set while publishing a staged job
+        self._recorded = threading.local()  # ids recorded by the apply_async under way
         # jobs this process claimed and runs now: their task name, replacement nesting and
         # the generation of the run
         self._claimed: dict[str, tuple[str, int, int | None]] = {}
@@ -557,10 +558,41 @@ class CeleryIntegration:
                 kwargs=dict(kwargs),
                 options=options,
             )
-            self.store.create(record)  # False: it exists (a retry, a recovery, a restart)
+            if self.store.create(record):  # False: it exists (a retry, a recovery, a restart)
+                recorded = getattr(self._recorded, "ids", None)
+                if recorded is not None:
+                    recorded.append(job_id)
         except JobLedgerError as exc:
             self._count("publish_unrecorded")
             log.warning("job %s (%s) published but not recorded: %s", job_id, name, exc)
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[None]:
+        """Around ``apply_async``: if the publish raises after the record was written, the
+        caller was told the job was not queued, so the record says so too (cancelled, with
+        the error) instead of waiting as ``queued`` for a message that may never exist, and
+        that the lost-message sweep would otherwise publish behind the caller's back."""
+        outer = getattr(self._recorded, "ids", None)
+        ids: list[str] = []
+        self._recorded.ids = ids
+        try:
+            yield
+        except Exception as exc:
+            for job_id in ids:
+                self._unpublished(job_id, exc)
+            raise
+        finally:
+            self._recorded.ids = outer
+
+    def _unpublished(self, job_id: str, exc: Exception) -> None:
+        change = Transition(
+            to=JobState.CANCELLED,
+            expect=frozenset({JobState.QUEUED}),
+            expect_owner=None,
+            expect_generation=0,
+            error=f"not queued: its publish failed and the caller was told ({exc!r})",
+        )
+        self.pending.submit(TransitionWrite(job_id, change))
 
     def _replacement(self, job_id: str, name: str, headers: Mapping[str, Any]) -> str | None:
         """The reason if this publish of a running job is ``Task.replace`` (another task, or a
@@ -1367,9 +1399,12 @@ def _add_task_methods() -> None:
         **options: Any,
     ) -> Any:
         integration = _by_app.get(self._get_app())
-        if integration is not None and not more and integration.stages_apply_async(self, options):
+        if integration is None:
+            return original(self, args, kwargs, *more, **options)
+        if not more and integration.stages_apply_async(self, options):
             return integration.stage(self, args, kwargs, **options)
-        return original(self, args, kwargs, *more, **options)
+        with integration.publishing():
+            return original(self, args, kwargs, *more, **options)
 
     Task.stage = _stage
     Task.apply_staged = _apply_staged
