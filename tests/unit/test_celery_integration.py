@@ -388,3 +388,36 @@ def test_a_publish_that_fails_leaves_its_job_cancelled_as_the_caller_was_told(
     sent = env.task("t.work").apply_async((2,), task_id="fine")  # the next one is untouched
     again = env.store.get(sent.id)
     assert again is not None and again.state is S.QUEUED
+
+
+def test_a_job_started_here_that_no_process_holds_is_recovered_at_the_second_look(
+    make_env: Callable[..., Env],
+) -> None:
+    """Billiard puts a job back when the process it was written to dies before acknowledging
+    it, and reports no ``WorkerLostError``; the copy it hands another process finds the job
+    started by this same worker and is skipped. The audit sees the ledger say "started here"
+    while no process holds it, twice, and recovers it; a job a process does hold is left."""
+    from celery.worker import state as worker_state
+
+    env = make_env()
+    env.store.heartbeat(Instance(name="w", nonce="1"))
+    for job_id in ("lost", "running"):
+        assert env.store.create(JobRecord(id=job_id, name="t.work", system="celery", queue="q"))
+        assert env.integration.lifecycle().claim(job_id, generation=0) is Claim.CLAIMED
+
+    @dataclass(eq=False)
+    class Held:
+        id: str
+
+    held = Held("running")
+    worker_state.active_requests.add(held)
+    try:
+        env.integration._audit()  # first look: maybe a claim racing its report
+        assert env.store.get("lost").state is S.STARTED  # type: ignore[union-attr]
+        env.integration._audit()
+    finally:
+        worker_state.active_requests.discard(held)
+    lost, running = env.store.get("lost"), env.store.get("running")
+    assert lost is not None and (lost.state, lost.generation) == (S.QUEUED, 1)
+    assert running is not None and running.state is S.STARTED
+    assert env.sent[-1].headers["id"] == "lost"

@@ -93,6 +93,7 @@ from jobledger.loop import Loop
 from jobledger.model import ORPHAN_OPTION, JobRecord, JobState, OrphanPolicy, Republish
 from jobledger.outbox import Outbox
 from jobledger.pending import PendingWrites, TransitionWrite
+from jobledger.query import JobQuery
 from jobledger.recovery import Recovery, RecoveryLoop
 from jobledger.relay import Relay, RelayLoop
 from jobledger.stores import Store, store_for
@@ -173,6 +174,7 @@ class CeleryIntegration:
         self._pending: dict[int, PendingWrites] = {}
         self.journal: Journal | None = None  # a worker's, opened before the pool forks
         self.journal_loop: Loop | None = None
+        self.audit_loop: Loop | None = None
         self.consumption: _Consumption | None = None
         # Created before any fork so pool children read what the main process's thread writes.
         self.health = Health(settings.ttl)
@@ -190,6 +192,7 @@ class CeleryIntegration:
         # pool process they were handed to dies before its claim lands
         self._received: dict[str, JobRecord] = {}
         self._missing: set[str] = set()  # of those, the ones Celery did not hold at last look
+        self._unheld: dict[str, int] = {}  # started here, held by no process at last audit
         self._retrying: set[str] = set()  # of those, the ones already moved to retrying
         self._receivers: list[tuple[Any, Callable[..., Any]]] = []
 
@@ -887,23 +890,8 @@ class CeleryIntegration:
         A received job is forgotten once Celery no longer holds it, judged at two beats in a
         row: Celery reserves a request only after ``task_received`` fired, so one look could
         fall in between and forget a job just received."""
-        from celery.worker import state as worker_state
-
-        for _ in range(3):
-            try:  # the event loop adds and removes requests while this thread reads
-                live = {
-                    str(r.id)
-                    for requests in (
-                        worker_state.reserved_requests,
-                        worker_state.active_requests,
-                        getattr(worker_state, "scheduled_requests", ()),  # eta/countdown
-                    )
-                    for r in requests
-                }
-                break
-            except RuntimeError:
-                continue
-        else:
+        live = _held_by_celery()
+        if live is None:
             live = set(self._received)
         received = list(self._received.items())  # one atomic copy: the loop adds meanwhile
         missing = {job_id for job_id, _ in received if job_id not in live}
@@ -911,6 +899,26 @@ class CeleryIntegration:
             self._received.pop(job_id, None)  # finished: nothing to put back
         self._missing = missing
         return [(job_id, r.generation) for job_id, r in received]
+
+    def _audit(self) -> None:
+        """Recover the jobs the ledger says this worker runs that none of its processes
+        holds, at two looks in a row (same generation): a pool process that died without
+        Celery reporting it (billiard loses the report of a process killed before it
+        acknowledged its job) would otherwise leave its job started by a live instance, where
+        no sweep looks, for as long as the worker lives."""
+        assert self.instance_id is not None
+        live = _held_by_celery()
+        if live is None:
+            return
+        query = JobQuery(states=_STARTED, owners=frozenset({self.instance_id}))
+        started = self.store.query(query, limit=1000).items
+        unheld = {r.id: r.generation for r in started if r.id not in live}
+        for record in started:
+            if record.id in unheld and self._unheld.get(record.id) == record.generation:
+                self.recovery().recover(
+                    record, why="no process of its worker holds it (its pool process died)"
+                )
+        self._unheld = unheld
 
     def on_task_revoked(
         self, request: Any = None, terminated: bool = False, expired: bool = False, **_: Any
@@ -993,6 +1001,7 @@ class CeleryIntegration:
             self._replay_journals()
         self.journal_loop = Loop("journal", self.settings.heartbeat_interval, self._replay_journals)
         self.journal_loop.start()
+        self.audit_loop = Loop("audit", self.settings.heartbeat_interval, self._audit)
         self.recovery_loop = RecoveryLoop(
             self.recovery(),
             interval=self.settings.recovery_interval,
@@ -1017,6 +1026,8 @@ class CeleryIntegration:
             self.consumption.attach(sender)
         if self.recovery_loop is not None:
             self.recovery_loop.start()
+        if self.audit_loop is not None:
+            self.audit_loop.start()
         if self.settings.relay and self.instance_id is not None:
             self.relay_loop = self._relay_loop()
             self.relay_loop.start()
@@ -1049,7 +1060,7 @@ class CeleryIntegration:
         """After Celery's warm shutdown waited for the pool: replay the journal once more,
         drain, then deregister. Writes the ledger did not take stay in the journal for the
         next start of this instance name, or any worker sharing the journal directory."""
-        for loop in (self.recovery_loop, self.relay_loop, self.journal_loop):
+        for loop in (self.recovery_loop, self.audit_loop, self.relay_loop, self.journal_loop):
             if loop is not None:
                 loop.stop()
         if self.relay_loop is not None:
@@ -1237,6 +1248,29 @@ WORKER_EVENTS = (
     "consuming_stopped",  # the heartbeat failed past the TTL: stopped taking jobs
     "consuming_resumed",
 )
+
+
+def _held_by_celery() -> set[str] | None:
+    """Ids of the requests this worker's Celery holds now (reserved, running, waiting for
+    their eta), or None if the event loop kept changing them while this thread read."""
+    from celery.worker import state as worker_state
+
+    for _ in range(3):
+        try:
+            return {
+                str(r.id)
+                for requests in (
+                    worker_state.reserved_requests,
+                    worker_state.active_requests,
+                    getattr(worker_state, "scheduled_requests", ()),  # eta/countdown
+                )
+                for r in requests
+            }
+        except RuntimeError:  # a set changed size while we iterated it
+            continue
+    return None
+
+
 #: The counter a skipped delivery raises, by the claim's outcome (else ``duplicates_skipped``).
 _SKIP_COUNTERS = {
     Claim.NOT_RESTARTED: "stray_redeliveries_skipped",
