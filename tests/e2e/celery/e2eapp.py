@@ -6,8 +6,10 @@ the worker's instance name and the time, so a test can count how often each job 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import threading
 import time
 from typing import Any
 
@@ -22,8 +24,23 @@ RUNS_SCHEMA = (
 )
 
 
+#: Held around every write to the runs table and around every fork: the worker's main process
+#: writes "published" rows from a thread while billiard forks pool processes, and a child
+#: forked mid-write inherits SQLite's record of a lock its own connections then wait on.
+_RUNS_LOCK = threading.Lock()
+os.register_at_fork(
+    before=_RUNS_LOCK.acquire,
+    after_in_parent=_RUNS_LOCK.release,
+    after_in_child=_RUNS_LOCK.release,
+)
+
+
 def record_run(job_id: str, phase: str) -> None:
-    with sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60) as conn:
+    with (
+        _RUNS_LOCK,
+        contextlib.closing(sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60)) as conn,
+        conn,
+    ):
         conn.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
             (
@@ -37,7 +54,10 @@ def record_run(job_id: str, phase: str) -> None:
 
 
 def has_run_before(job_id: str) -> bool:
-    with sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60) as conn:
+    with (
+        _RUNS_LOCK,
+        contextlib.closing(sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60)) as conn,
+    ):
         found = conn.execute(
             "SELECT count(*) FROM runs WHERE job_id = ? AND phase = 'start'", (job_id,)
         ).fetchone()
