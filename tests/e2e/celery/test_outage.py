@@ -105,7 +105,10 @@ def test_a_worker_stops_consuming_while_the_ledger_is_down_and_resumes(
     )
     assert broker.llen(h.queue) == len(ids) and h.runs() == []
     h.proxy.resume()
-    wait_for("every job to succeed", lambda: done_once(h, ids), timeout=30)
+    try:
+        wait_for("every job to succeed", lambda: done_once(h, ids), timeout=30)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}; runs: {h.runs()}; worker:\n{worker.output()[-8000:]}")
     wait_for(
         "the ledger to record them",
         lambda: h.store.count(JobQuery(states=SUCCEEDED)) == len(ids),
