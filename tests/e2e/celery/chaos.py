@@ -1,7 +1,7 @@
 """The chaos run: real Celery workers, a private PostgreSQL ledger and a private Redis broker,
 seeded faults while jobs run, then a verdict on what the ledger and the bodies say.
 
-    scripts/chaos --jobs 3000 --faults 21 --seed 7      # the long run (about 10 minutes)
+    scripts/chaos --jobs 3000 --faults 21 --seed 7      # the long run (2-6 minutes)
     scripts/chaos --jobs 400 --faults 9 --seed 3        # what tests/e2e/celery/test_chaos.py runs
 
 Faults (the kinds are dealt round-robin, then shuffled by the seed): SIGKILL of a worker's whole

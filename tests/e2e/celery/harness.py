@@ -65,11 +65,13 @@ def spawn_worker(
     module: str, name: str, queue: str, concurrency: int, cwd: Path, env: dict[str, str], log: Path
 ) -> Worker:
     """``celery -A module worker`` (prefork) on ``queue`` in a process group of its own, its
-    output in ``log``; returns at once (the caller decides what "ready" means)."""
+    output in ``log``; returns at once (the caller decides what "ready" means). The Celery
+    node name carries the queue: a node's remote-control queue on the shared RabbitMQ is
+    exclusive, so two sessions each starting a worker ``survivor`` would lock each other out."""
     cmd = [
         sys.executable, "-m", "celery", "-A", module, "worker",
         "-P", "prefork", "-c", str(concurrency), "-Q", queue,
-        "-n", f"{name}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+        "-n", f"{name}.{queue}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle",
         "--without-heartbeat",
     ]  # fmt: skip
     with log.open("wb") as out:
