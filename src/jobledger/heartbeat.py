@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+#: The shortest time between two beats when deliveries wake the heartbeat early (seconds): a
+#: job received this recently is not yet in the ledger's view of what a worker holds, and a
+#: worker SIGKILLed then leaves it to the lost-message sweep or the broker's own redelivery.
+WAKE_GAP = 0.2
+
 
 def new_instance(settings: Settings, queues: Sequence[str] = ()) -> Instance:
     """This process's instance: the stable name from the settings plus a fresh nonce, so a
@@ -115,6 +120,7 @@ class Heartbeat:
         self.holding = holding
         self.stats = stats
         self._wakeup = threading.Event()
+        self._last_beat = float("-inf")
         self.health = health if health is not None else Health(ttl, clock)
         self.failures = 0
         #: The error of the latest beat, None once one succeeds (a worker's start reads it).
@@ -212,15 +218,19 @@ class Heartbeat:
     def _run(self) -> None:
         while True:
             self._wakeup.wait(self.interval)
+            # woken early: not sooner than WAKE_GAP after the last beat, so a busy worker
+            # beats a few times a second at most, however many jobs it receives
+            self._stopping.wait(max(0.0, self._last_beat + WAKE_GAP - self.health.clock()))
             self._wakeup.clear()
             if self._stopping.is_set():
                 return
+            self._last_beat = self.health.clock()
             self.beat()
 
     def wake(self) -> None:
         """Beat soon, not at the next interval: what the instance holds changed (a job it
-        received is then in the ledger's view before a crash could hide it). Coalesced: many
-        wakes before the thread runs make one beat."""
+        received is then in the ledger's view before a crash could hide it). Coalesced: the
+        wakes within :data:`WAKE_GAP` of a beat make one beat."""
         self._wakeup.set()
 
     def mark_draining(self) -> None:
