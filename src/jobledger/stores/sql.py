@@ -82,6 +82,7 @@ from jobledger.stores.schema import (
     VERSION_TABLE,
     db_now,
     instances,
+    job_search,
     jobs,
     ledger_id_select,
     locks,
@@ -465,7 +466,7 @@ class SQLStore(Store):
             try:
                 return bool(prepared.run(conn, params).rowcount == 1)
             except sa_exc.IntegrityError as exc:
-                if exc.orig.args[:1] == (_DUPLICATE_KEY,):
+                if getattr(exc.orig, "args", ())[:1] == (_DUPLICATE_KEY,):
                     return False
                 raise
 
@@ -546,11 +547,17 @@ class SQLStore(Store):
         return clauses
 
     def _match(self, needle: str, regex: bool) -> ColumnElement[bool]:
-        columns = [jobs.c[name] for name in SEARCH_FIELDS]
+        """The argument search; on PostgreSQL in the indexed copy of the arguments."""
+        table = job_search if self.dialect == "postgresql" else jobs
+        columns = [table.c[name] for name in SEARCH_FIELDS]
         if regex:
-            return or_(*(column.regexp_match(needle) for column in columns))
-        needles = match_needles(needle)
-        return or_(*(self._contains(column, n) for column in columns for n in needles))
+            found = or_(*(column.regexp_match(needle) for column in columns))
+        else:
+            needles = match_needles(needle)
+            found = or_(*(self._contains(column, n) for column in columns for n in needles))
+        if table is jobs:
+            return found
+        return jobs.c.id.in_(select(job_search.c.id).where(found))
 
     def _contains(self, column: ColumnElement[str], needle: str) -> ColumnElement[bool]:
         """A literal, case-sensitive substring test (``%`` and ``_`` match themselves)."""
@@ -971,7 +978,9 @@ def _compare(
     expect: frozenset[JobState], owner: str | _Sentinel | None, generation: int | None
 ) -> list[ColumnElement[bool]]:
     """The compare of a compare-and-set, with the id, owner and generation as parameters."""
-    states = [bindparam(f"expect_{i}", s.value) for i, s in enumerate(sorted(expect))]
+    states: list[ColumnElement[str]] = [
+        bindparam(f"expect_{i}", s.value) for i, s in enumerate(sorted(expect))
+    ]
     clauses = [jobs.c.id == bindparam("id"), jobs.c.state.in_(states)]
     if owner is None:
         clauses.append(jobs.c.owner.is_(None))

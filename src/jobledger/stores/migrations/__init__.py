@@ -32,7 +32,8 @@ def upgrade(connection: Connection) -> str:
 
 
 def ensure_search_index(connection: Connection) -> str:
-    """On PostgreSQL, trigram GIN indexes on the arguments make ``match`` fast on big ledgers.
+    """On PostgreSQL, trigram GIN indexes on the arguments (their copy in
+    ``jobledger_job_search``) make ``match`` fast on big ledgers.
 
     ``pg_trgm`` ships with PostgreSQL's contrib package but needs ``CREATE`` rights to enable;
     where it cannot be had, search still works by scanning, and this says so (run
@@ -54,11 +55,11 @@ def ensure_search_index(connection: Connection) -> str:
         reason = f"cannot enable pg_trgm: {str(exc).splitlines()[0]}"
         log.warning("argument search will scan the jobs table: %s", reason)
         return f"scan ({reason})"
-    for column in ("args", "kwargs", "tags"):
+    for column in ("args", "kwargs", "tags"):  # on the search copy: see revision 0003
         connection.execute(
             text(
-                f"CREATE INDEX IF NOT EXISTS ix_jobledger_jobs_{column}_trgm "
-                f"ON jobledger_jobs USING gin ({column} gin_trgm_ops)"
+                f"CREATE INDEX IF NOT EXISTS ix_jobledger_job_search_{column}_trgm "
+                f"ON jobledger_job_search USING gin ({column} gin_trgm_ops)"
             )
         )
     return "pg_trgm (trigram GIN indexes)"
