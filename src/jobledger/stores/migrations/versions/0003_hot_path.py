@@ -49,7 +49,8 @@ def upgrade() -> None:
         "SELECT id, args, kwargs, tags FROM jobledger_jobs"
     )
     op.execute(
-        "CREATE OR REPLACE FUNCTION jobledger_job_search_sync() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "CREATE OR REPLACE FUNCTION jobledger_job_search_sync() RETURNS trigger "
+        "LANGUAGE plpgsql AS $$ "
         "BEGIN "
         "IF TG_OP = 'DELETE' THEN "
         "DELETE FROM jobledger_job_search WHERE id = OLD.id; "
