@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, text
+from sqlalchemy.dialects import mysql, postgresql
 
 from jobledger.stores.schema import VERSION_TABLE
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
+
+# What the revisions' tables share. Frozen as the revisions are: a later change of type gets a
+# name of its own here, so that no applied revision changes under a database.
+MYSQL_TABLE: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+JOB_ID = sa.String(255).with_variant(postgresql.VARCHAR(255, collation="C"), "postgresql")
 
 
 def alembic_config(connection: Connection) -> Config:
@@ -65,4 +78,12 @@ def ensure_search_index(connection: Connection) -> str:
     return "pg_trgm (trigram GIN indexes)"
 
 
-__all__ = ["VERSION_TABLE", "alembic_config", "ensure_search_index", "upgrade"]
+__all__ = [
+    "JOB_ID",
+    "LONG_TEXT",
+    "MYSQL_TABLE",
+    "VERSION_TABLE",
+    "alembic_config",
+    "ensure_search_index",
+    "upgrade",
+]

@@ -14,24 +14,16 @@ indexes move there (``ensure_search_index``, run by ``jobledger migrate`` after 
 migrations). On SQLite and MariaDB/MySQL the table is made and stays empty.
 """
 
-from typing import Any
-
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import mysql, postgresql
+
+from jobledger.stores.migrations import JOB_ID, LONG_TEXT, MYSQL_TABLE
 
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-MYSQL: dict[str, Any] = {
-    "mysql_engine": "InnoDB",
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
-}
-LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-JOB_ID = sa.String(255).with_variant(postgresql.VARCHAR(255, collation="C"), "postgresql")
 SEARCH_FIELDS = ("args", "kwargs", "tags")
 
 
@@ -40,7 +32,7 @@ def upgrade() -> None:
         "jobledger_job_search",
         sa.Column("id", JOB_ID, primary_key=True),
         *(sa.Column(c, LONG_TEXT, nullable=False) for c in SEARCH_FIELDS),
-        **MYSQL,
+        **MYSQL_TABLE,
     )
     if op.get_context().dialect.name != "postgresql":
         return
