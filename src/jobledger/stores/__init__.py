@@ -20,4 +20,5 @@ def store_for(settings: Settings) -> Store:
         auto_migrate=settings.auto_migrate,
         connect_timeout=settings.connect_timeout,
         statement_timeout=settings.statement_timeout,
+        synchronous_publish=settings.synchronous_publish,
     )

@@ -89,6 +89,20 @@ class Transition:
         if isinstance(self.error, str):
             object.__setattr__(self, "error", bound_error(self.error))
 
+    def landed(self, current: JobRecord | None) -> bool:
+        """Whether ``current`` is what this move leaves behind: the lost-answer check of a
+        write retried after its connection dropped (the first try may have committed)."""
+        if current is None or current.state is not self.to:
+            return False
+        generation = self.expect_generation if self.generation is None else self.generation
+        if generation is not None and current.generation != generation:
+            return False
+        if self.to is JobState.STARTED:
+            return current.owner == self.owner
+        if self.to in (JobState.QUEUED, JobState.STAGED):
+            return current.owner is None
+        return self.expect_owner is ANY or current.owner == self.expect_owner
+
 
 class StagedBatch(Protocol):
     """Staged jobs held by one relay pass or fast-path publish (see :meth:`Store.staged_batch`)."""
@@ -146,6 +160,14 @@ class Store(Protocol):
     """Where the ledger lives. See the module docstring for what every implementation promises."""
 
     # -- schema and connection -------------------------------------------------------------
+    @property
+    def serialize_across_fork(self) -> bool:
+        """True if a process must not fork while one of its threads is inside a call of this
+        store (SQLite: a child inherits the parent's file-lock bookkeeping, not the thread
+        that would release it). A worker runtime then holds one process-wide lock around every
+        call and every fork; other stores need no such lock."""
+        return False
+
     def migrate(self) -> None:
         """Create or upgrade the ledger's tables; idempotent."""
 
