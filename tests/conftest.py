@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from jobledger.stores.base import Store
 from jobledger.stores.sql import SQLStore
-from ledgerdb import SQL_BACKENDS, database_url, drop_session_databases, empty_sql_store
+from ledgerdb import (
+    SQL_BACKENDS,
+    database_url,
+    discard_store,
+    drop_session_databases,
+    empty_sql_store,
+    empty_store,
+)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -46,3 +54,18 @@ def make_sql_store(tmp_path: Path) -> Iterator[Callable[[str], SQLStore]]:
     yield make
     for store in opened:
         store.close()
+
+
+@pytest.fixture
+def make_store(tmp_path: Path) -> Iterator[Callable[[str], Store]]:
+    """Open a migrated, empty ledger on the backend named (a SQL one, or ``redis``: a prefix
+    of its own on the test Redis); each is closed, a Redis one's keys deleted, at teardown."""
+    opened: list[Store] = []
+
+    def make(backend: str) -> Store:
+        opened.append(empty_store(database_url(backend, tmp_path)))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        discard_store(store)

@@ -149,6 +149,16 @@ class Store(Protocol):
     def migrate(self) -> None:
         """Create or upgrade the ledger's tables; idempotent."""
 
+    def migrate_report(self) -> str:
+        """Migrate, and say how argument search is served (what ``jobledger migrate`` prints)."""
+        self.migrate()
+        return "a scan of every job"
+
+    @property
+    def safe_url(self) -> str:
+        """Where the ledger is, any password hidden: for messages and logs."""
+        return repr(self)
+
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-import re
 import secrets
 import threading
 import time
@@ -27,7 +26,6 @@ from jobledger.model import (
     JobRecord,
     JobState,
     QueueStats,
-    nearest_rank,
 )
 from jobledger.query import (
     Cursor,
@@ -35,7 +33,6 @@ from jobledger.query import (
     Page,
     check_page_size,
     finished_query,
-    match_needles,
     page_of,
     prunable_states,
 )
@@ -51,12 +48,13 @@ from jobledger.stores.base import (
     _Sentinel,
 )
 from jobledger.stores.rows import (
-    SEARCH_FIELDS,
     creation_row,
     duration_start,
     instance_beat_values,
     instance_from_row,
     record_from_row,
+    row_test,
+    stats_by_name,
     transition_values,
 )
 
@@ -189,13 +187,7 @@ class MemoryStore(Store):
             for row in self._matching(finished_query(query)):
                 if has_both(row):
                     by_name.setdefault(row["name"], []).append(row["finished_at"] - row[start])
-        result: list[DurationStats] = []
-        for name, seconds in sorted(by_name.items()):
-            seconds.sort()
-            count = len(seconds)
-            p50, p95 = (seconds[nearest_rank(p, count)] for p in (0.5, 0.95))
-            result.append(DurationStats(name, count, p50, p95, seconds[-1]))
-        return result
+        return stats_by_name(by_name)
 
     def prune(self, query: JobQuery, *, batch_size: int = 1000) -> int:
         check_page_size(batch_size)
@@ -346,7 +338,7 @@ class MemoryStore(Store):
         check_page_size(limit)
         after = None if cursor is None else Cursor.decode(cursor)
         with self._lock:
-            test = _predicate(query, self.now())
+            test = row_test(query, self.now())
             end = len(self._order)
             if after is not None:
                 end = bisect.bisect_left(self._order, (after.created_at, after.id))
@@ -366,7 +358,7 @@ class MemoryStore(Store):
 
     def _matching(self, query: JobQuery) -> Iterable[Row]:
         """The rows ``query`` selects, in no order (the lock must be held while iterating)."""
-        test = _predicate(query, self.now())
+        test = row_test(query, self.now())
         return (row for row in self._jobs.values() if test(row))
 
     # -- for tests ---------------------------------------------------------------------------
@@ -391,45 +383,6 @@ def _expected(
     if generation is not None and row["generation"] != generation:
         return False
     return owner is ANY or row["owner"] == owner
-
-
-def _predicate(query: JobQuery, now: float) -> Callable[[Row], bool]:
-    """``query`` as a test of one row, with the meaning :meth:`SQLStore._where` gives it."""
-    fields: list[tuple[str, frozenset[str]]] = [
-        ("state", frozenset(s.value for s in query.states)),
-        ("queue", query.queues),
-        ("name", query.names),
-        ("system", query.systems),
-        ("id", query.ids),
-        ("owner", query.owners),
-    ]
-    wanted = [(name, values) for name, values in fields if values]
-    oldest = None if query.older_than is None else now - query.older_than
-    newest = None if query.newer_than is None else now - query.newer_than
-    text = _text_test(query.match, query.regex)
-
-    def test(row: Row) -> bool:
-        if any(row[name] not in values for name, values in wanted):
-            return False
-        if oldest is not None and not row["updated_at"] <= oldest:
-            return False
-        if newest is not None and not row["updated_at"] > newest:
-            return False
-        return text is None or any(text(row[name]) for name in SEARCH_FIELDS)
-
-    return test
-
-
-def _text_test(needle: str | None, regex: bool) -> Callable[[str], bool] | None:
-    """The argument search of :meth:`SQLStore._match`: a Python ``re.search`` (what SQLite
-    uses too), or a literal, case-sensitive substring test of every needle."""
-    if needle is None:
-        return None
-    if regex:
-        pattern = re.compile(needle)
-        return lambda stored: pattern.search(stored) is not None
-    needles = match_needles(needle)
-    return lambda stored: any(n in stored for n in needles)
 
 
 def _has(*names: str) -> Callable[[Row], bool]:
