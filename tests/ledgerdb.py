@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, make_url, select, text
 
 from jobledger.stores import Store, open_store
 from jobledger.stores.redis import RedisStore
@@ -123,3 +124,48 @@ def ledger_url(store: Store) -> str:
         return f"{REDIS_URL}{separator}prefix={store.keys.prefix}"
     assert isinstance(store, SQLStore)
     return store.url.render_as_string(hide_password=False)
+
+
+def age_heartbeat(store: Store, instance_id: str, seconds: float) -> None:
+    """Move an instance's last heartbeat ``seconds`` into the past (setup for "silent for an
+    hour" without waiting an hour)."""
+    if isinstance(store, RedisStore):
+        key = store.keys.instance(instance_id)
+        moment = float(store.client.hget(key, "heartbeat_at")) - seconds  # type: ignore[arg-type]
+        store.client.hset(key, "heartbeat_at", repr(moment))
+        store.client.zadd(store.keys.beats, {instance_id: moment})
+        return
+    assert isinstance(store, SQLStore)
+    with store.engine.begin() as conn:
+        conn.execute(
+            instances.update()
+            .where(instances.c.id == instance_id)
+            .values(heartbeat_at=instances.c.heartbeat_at - seconds)
+        )
+
+
+def snapshot(store: Store) -> dict[str, Any]:
+    """Everything the ledger stores (SQL: every row of every table, in primary-key order;
+    Redis: every key of the ledger with its value), to prove a call changed nothing."""
+    if isinstance(store, RedisStore):
+        client = store.client
+        found: dict[str, Any] = {}
+        for key in sorted(client.scan_iter(store.keys.pattern, count=1000)):
+            kind = client.type(key)
+            read = {
+                "hash": client.hgetall,
+                "zset": lambda k: client.zrange(k, 0, -1, withscores=True),
+                "set": lambda k: sorted(client.smembers(k)),
+                "string": client.get,
+            }[kind]
+            found[key] = read(key)
+        return found
+    assert isinstance(store, SQLStore)
+    with store.engine.connect() as conn:
+        return {
+            table.name: [
+                tuple(row)
+                for row in conn.execute(select(table).order_by(*table.primary_key.columns))
+            ]
+            for table in (jobs, instances, locks)
+        }
