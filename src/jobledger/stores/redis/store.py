@@ -199,9 +199,11 @@ class RedisStore(Store):
             self._checked = True
 
     def _run(self, name: str, keys: list[str], args: Iterable[Any]) -> Any:
+        """Run a script; one that names no key of its own is given ``P:meta``, so a cluster
+        client sends it to the node that holds the ledger's slot."""
         self._ready()
         with self._translate():
-            return self._scripts.run(name, keys, [self.keys.prefix, *args])
+            return self._scripts.run(name, keys or [self.keys.meta], [self.keys.prefix, *args])
 
     def migrate(self) -> None:
         """Check the server and write the ledger's metadata (idempotent)."""
