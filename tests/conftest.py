@@ -41,19 +41,17 @@ def sql_store(sql_url: str) -> Iterator[SQLStore]:
 
 
 @pytest.fixture
-def make_sql_store(tmp_path: Path) -> Iterator[Callable[[str], SQLStore]]:
-    """Open a migrated, emptied store on the backend named (``sqlite``, ``postgresql``,
+def make_sql_store(make_store: Callable[[str], Store]) -> Callable[[str], SQLStore]:
+    """Open a migrated, emptied store on the SQL backend named (``sqlite``, ``postgresql``,
     ``mariadb``), for fixtures that parametrize over more than the SQL backends; each store
     opened is closed at teardown."""
-    opened: list[SQLStore] = []
 
     def make(backend: str) -> SQLStore:
-        opened.append(empty_sql_store(database_url(backend, tmp_path)))
-        return opened[-1]
+        store = make_store(backend)
+        assert isinstance(store, SQLStore)
+        return store
 
-    yield make
-    for store in opened:
-        store.close()
+    return make
 
 
 @pytest.fixture

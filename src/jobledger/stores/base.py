@@ -16,8 +16,9 @@ the same suite. What every implementation promises:
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -139,6 +140,29 @@ class LeasedBatch:
             expect_owner=token,
             error=f"the queue system refused the message: {self.refused[job_id]}",
         )
+
+    def moves(self, token: str) -> Iterator[tuple[str, Transition]]:
+        """The compare-and-set moves the end of the lease makes: each marked job staged →
+        queued, each refused one staged → failed, while ``token`` still holds it."""
+        queued = Transition(
+            to=JobState.QUEUED, expect=frozenset({JobState.STAGED}), expect_owner=token
+        )
+        yield from ((job_id, queued) for job_id in self.marked)
+        yield from ((job_id, self.refusal(job_id, token)) for job_id in self.refused)
+
+
+@contextlib.contextmanager
+def holding(records: list[JobRecord], end: Callable[[LeasedBatch], None]) -> Iterator[StagedBatch]:
+    """The context of a store's :meth:`Store.staged_batch` once it leased ``records``:
+    ``end(batch)`` when it ends well, ``end`` of an unmarked batch (everything freed) when it
+    raises."""
+    batch = LeasedBatch(records)
+    try:
+        yield batch
+    except BaseException:
+        end(LeasedBatch(records))
+        raise
+    end(batch)
 
 
 @runtime_checkable

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import secrets
 import threading
@@ -46,6 +47,7 @@ from jobledger.stores.base import (
     Store,
     Transition,
     _Sentinel,
+    holding,
 )
 from jobledger.stores.rows import (
     creation_row,
@@ -237,20 +239,12 @@ class MemoryStore(Store):
             records = [record_from_row(row) for row in found]
             for row in found:
                 row.update(owner=token, updated_at=now)
-        batch = LeasedBatch(records)
-        try:
+        with holding(records, functools.partial(self._end_lease, token)) as batch:
             yield batch
-        except BaseException:
-            self._end_lease(token, LeasedBatch(records))
-            raise
-        self._end_lease(token, batch)
 
     def _end_lease(self, token: str, batch: LeasedBatch) -> None:
-        leased = Transition(to=JobState.QUEUED, expect=_STAGED, expect_owner=token)
-        for job_id in batch.marked:
-            self.transition(job_id, leased)
-        for job_id in batch.refused:
-            self.transition(job_id, batch.refusal(job_id, token))
+        for job_id, change in batch.moves(token):
+            self.transition(job_id, change)
         with self._lock:
             for record in batch.records:
                 row = self._jobs.get(record.id)
@@ -365,9 +359,6 @@ class MemoryStore(Store):
     def records(self) -> list[JobRecord]:
         """Every job, newest first: a snapshot for assertions."""
         return list(self.iter_jobs(JobQuery()))
-
-
-_STAGED = frozenset({JobState.STAGED})
 
 
 def _expected(

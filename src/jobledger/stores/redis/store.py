@@ -17,6 +17,7 @@ not used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -51,6 +52,7 @@ from jobledger.stores.base import (
     Store,
     Transition,
     _Sentinel,
+    holding,
 )
 from jobledger.stores.redis import connect
 from jobledger.stores.redis.keys import HEAD_LENGTH, Keys, order_member
@@ -96,7 +98,6 @@ _JOB_FIELDS = [
     *("attempts", "recoveries", "restarts", "generation", "recent_recoveries", "error"),
     *sorted(_TIMES - {"heartbeat_at"}),
 ]
-_STAGED = frozenset({JobState.STAGED})
 T = TypeVar("T")
 
 
@@ -409,21 +410,13 @@ class RedisStore(Store):
             args = [token, limit, repr(float(older_than)), repr(float(lease)), only, *chosen]
             rows = self._run("lease", [], args)
             records = [record_from_row(_job_row(_pairs(row))) for row in rows]
-        batch = LeasedBatch(records)
-        try:
+        with holding(records, functools.partial(self._end_lease, token)) as batch:
             yield batch
-        except BaseException:
-            self._end_lease(token, LeasedBatch(records))
-            raise
-        self._end_lease(token, batch)
 
     def _end_lease(self, token: str, batch: LeasedBatch) -> None:
         """The published jobs → queued, the refused → failed, the others free again."""
-        leased = Transition(to=JobState.QUEUED, expect=_STAGED, expect_owner=token)
-        for job_id in batch.marked:
-            self.transition(job_id, leased)
-        for job_id in batch.refused:
-            self.transition(job_id, batch.refusal(job_id, token))
+        for job_id, change in batch.moves(token):
+            self.transition(job_id, change)
         if batch.records:
             self._run("release", [], [token, *(r.id for r in batch.records)])
 
