@@ -100,12 +100,11 @@ def empty_sql_store(url: str) -> SQLStore:
 
 
 def empty_store(url: str) -> Store:
-    """A migrated, empty ledger at ``url``, SQL or Redis."""
+    """A migrated, empty ledger at ``url``, SQL or Redis (a Redis URL names a fresh prefix:
+    see :func:`redis_ledger_url`)."""
     if not url.startswith("redis"):
         return empty_sql_store(url)
     store = open_store(url)
-    assert isinstance(store, RedisStore)
-    drop_redis_ledger(store)
     store.migrate()
     return store
 

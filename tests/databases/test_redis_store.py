@@ -22,6 +22,8 @@ from jobledger.query import JobQuery
 from jobledger.stores import open_store
 from jobledger.stores.base import Transition
 from jobledger.stores.redis import RedisStore
+from jobledger.stores.redis.keys import order_head
+from jobledger.stores.redis.scripts import source
 from ledgerdb import discard_store, empty_store, redis_ledger_url
 
 CLAIM = Transition(to=JobState.STARTED, expect=frozenset({JobState.QUEUED}), owner="w:1")
@@ -127,3 +129,13 @@ def test_staging_without_a_transaction_goes_through_the_relay(store: RedisStore)
         assert [r.id for r in batch.records] == ["a"]
         batch.mark_queued(["a"])
     assert store.get("a").state is JobState.QUEUED  # type: ignore[union-attr]
+
+
+def test_the_scripts_order_heads_are_the_clients(store: RedisStore) -> None:
+    """Cursors are made in Python and members in Lua: the two must agree to the bit."""
+    common = source("lock").split("\n-- Take the lock")[0]
+    for moment in (0.0, 1.5, 1764770000.123456, -3.25, 1e-300, 2.5e9):
+        lua = store.client.eval(
+            common + "\nreturn order_head(tonumber(ARGV[2]))", 0, "x", repr(moment)
+        )
+        assert lua == order_head(moment), moment
