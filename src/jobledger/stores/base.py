@@ -16,8 +16,9 @@ the same suite. What every implementation promises:
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -154,6 +155,29 @@ class LeasedBatch:
             error=f"the queue system refused the message: {self.refused[job_id]}",
         )
 
+    def moves(self, token: str) -> Iterator[tuple[str, Transition]]:
+        """The compare-and-set moves the end of the lease makes: each marked job staged →
+        queued, each refused one staged → failed, while ``token`` still holds it."""
+        queued = Transition(
+            to=JobState.QUEUED, expect=frozenset({JobState.STAGED}), expect_owner=token
+        )
+        yield from ((job_id, queued) for job_id in self.marked)
+        yield from ((job_id, self.refusal(job_id, token)) for job_id in self.refused)
+
+
+@contextlib.contextmanager
+def holding(records: list[JobRecord], end: Callable[[LeasedBatch], None]) -> Iterator[StagedBatch]:
+    """The context of a store's :meth:`Store.staged_batch` once it leased ``records``:
+    ``end(batch)`` when it ends well, ``end`` of an unmarked batch (everything freed) when it
+    raises."""
+    batch = LeasedBatch(records)
+    try:
+        yield batch
+    except BaseException:
+        end(LeasedBatch(records))
+        raise
+    end(batch)
+
 
 @runtime_checkable
 class Store(Protocol):
@@ -170,6 +194,16 @@ class Store(Protocol):
 
     def migrate(self) -> None:
         """Create or upgrade the ledger's tables; idempotent."""
+
+    def migrate_report(self) -> str:
+        """Migrate, and say how argument search is served (what ``jobledger migrate`` prints)."""
+        self.migrate()
+        return "a scan of every job"
+
+    @property
+    def safe_url(self) -> str:
+        """Where the ledger is, any password hidden: for messages and logs."""
+        return repr(self)
 
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""
