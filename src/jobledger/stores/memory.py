@@ -54,6 +54,8 @@ from jobledger.stores.rows import (
     SEARCH_FIELDS,
     creation_row,
     duration_start,
+    history_after,
+    history_event,
     instance_beat_values,
     instance_from_row,
     record_from_row,
@@ -114,14 +116,15 @@ class MemoryStore(Store):
             ):
                 return False
             at = self.now() if change.at is None else float(change.at)
-            row.update(
-                transition_values(
-                    change,
-                    at,
-                    increment=lambda name: row[name] + 1,
-                    if_empty=lambda name: at if row[name] is None else row[name],
-                )
+            values = transition_values(
+                change,
+                at,
+                increment=lambda name: row[name] + 1,
+                if_empty=lambda name: at if row[name] is None else row[name],
             )
+            if history_event(change) is not None:
+                values["history"] = history_after(row, change, at)
+            row.update(values)
             return True
 
     def delete(

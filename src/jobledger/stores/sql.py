@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 from collections.abc import Collection, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import (
@@ -64,9 +65,12 @@ from jobledger.stores.base import (
     _Sentinel,
 )
 from jobledger.stores.rows import (
+    HISTORY_INPUTS,
     SEARCH_FIELDS,
     creation_row,
     duration_start,
+    history_after,
+    history_event,
     instance_beat_values,
     instance_from_row,
     record_from_row,
@@ -93,6 +97,10 @@ _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pym
 
 #: SQLite's busy timeout while migrating (seconds): other writers may hold the lock a while.
 _SQLITE_MIGRATE_BUSY = 30.0
+
+#: How often a move that appends history reads again when another move changed the job
+#: between its read and its write.
+_HISTORY_TRIES = 5
 
 #: Errors worth one more try: deadlocks and serialization failures (PostgreSQL, MySQL).
 _TRANSIENT_CODES = {"40P01", "40001", 1213, 1205}
@@ -395,21 +403,36 @@ class SQLStore(Store):
         return None if row is None else _to_record(row)
 
     def transition(self, job_id: str, change: Transition) -> bool:
-        won: bool = self._retrying(self._transition, job_id, change)
-        return won
+        if history_event(change) is None:  # the hot path: one UPDATE
+            won: bool = self._retrying(self._transition, job_id, change, None)
+            return won
+        # A move that appends history reads the entry's inputs first, then writes only if they
+        # are unchanged; a concurrent move in between makes it read again (or lose the CAS).
+        for _ in range(_HISTORY_TRIES):
+            with self._read() as conn:
+                before = _history_inputs(conn, job_id, change)
+            if before is None:
+                return False
+            if self._retrying(self._transition, job_id, change, before):
+                return True
+        raise StoreError(f"job {job_id} kept changing while its history was written")
 
-    def _transition(self, conn: Connection, job_id: str, change: Transition) -> bool:
-        statement = (
-            update(jobs)
-            .where(
-                jobs.c.id == job_id,
-                _state_in(change.expect),
-                *_owner_is(change.expect_owner),
-                *_generation_is(change.expect_generation),
-            )
-            .values(**_moved(change))
-        )
-        return conn.execute(statement).rowcount == 1
+    def _transition(
+        self,
+        conn: Connection,
+        job_id: str,
+        change: Transition,
+        before: Mapping[Any, Any] | None,
+    ) -> bool:
+        where = _matches(job_id, change)
+        if before is None:
+            values = _moved(change)
+        else:
+            at = before["now"] if change.at is None else change.at
+            values = _moved(replace(change, at=at))
+            values["history"] = history_after(before, change, at)
+            where += [_same(jobs.c[name], before[name]) for name in HISTORY_INPUTS]
+        return conn.execute(update(jobs).where(*where).values(**values)).rowcount == 1
 
     def delete(
         self,
@@ -687,8 +710,9 @@ class SQLStore(Store):
                 .where(jobs.c.id.in_(sorted(batch.marked)), *_leased_by(token))
                 .values(**_moved(_TO_QUEUED))
             )
-        for job_id in batch.refused:
-            self._transition(conn, job_id, batch.refusal(job_id, token))
+        for job_id in batch.refused:  # leased by us: nobody else moves them meanwhile
+            refusal = batch.refusal(job_id, token)
+            self._transition(conn, job_id, refusal, _history_inputs(conn, job_id, refusal))
         rest = sorted({r.id for r in batch.records} - set(batch.marked) - set(batch.refused))
         if rest:
             conn.execute(
@@ -843,6 +867,31 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         with contextlib.suppress(Exception):  # an in-memory database has no WAL
             cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+def _history_inputs(conn: Connection, job_id: str, change: Transition) -> Mapping[Any, Any] | None:
+    """The :data:`HISTORY_INPUTS` of the job and the database's "now", if ``change``'s compare
+    matches it."""
+    row = conn.execute(
+        select(*(jobs.c[name] for name in HISTORY_INPUTS), db_now().label("now")).where(
+            *_matches(job_id, change)
+        )
+    ).first()
+    return None if row is None else row._mapping
+
+
+def _matches(job_id: str, change: Transition) -> list[ColumnElement[bool]]:
+    """The compare of ``change``'s compare-and-set."""
+    return [
+        jobs.c.id == job_id,
+        _state_in(change.expect),
+        *_owner_is(change.expect_owner),
+        *_generation_is(change.expect_generation),
+    ]
+
+
+def _same(column: ColumnElement[Any], value: Any) -> ColumnElement[bool]:
+    return column.is_(None) if value is None else column == value
 
 
 def _state_in(states: frozenset[JobState]) -> ColumnElement[bool]:
