@@ -416,12 +416,14 @@ class DurationStats:
 
 @dataclass(frozen=True)
 class QueueStats:
-    """Counts per state for one queue, and its lag: the age of its oldest pending job."""
+    """Counts per state for one queue, and its lag: the age of its oldest pending job, as of
+    ``measured_at`` (the store's clock, epoch seconds: when the lag began is that minus it)."""
 
     queue: str
     counts: dict[JobState, int]
     oldest_queued_age: float | None
     oldest_staged_age: float | None
+    measured_at: float | None = None
 
     @property
     def total(self) -> int:

@@ -411,7 +411,7 @@ def test_query_filters_narrow_and_count_agrees(store: Store) -> None:
         started("b", "w:1", queue="q1", name="n2", system="rq"),
         job("c", state=S.SUCCEEDED, owner="w:2", queue="q2", name="n1", system="celery"),
         job("d", state=S.FAILED, owner="w:1", queue="q2", name="n2", system="dramatiq"),
-        job("e", state=S.STAGED, queue="q3", name="n3"),
+        job("e", state=S.STAGED, queue="q3", name="n3", recoveries=1),
     ]:
         assert store.create(record)
     assert found(store) == {"a", "b", "c", "d", "e"}
@@ -426,6 +426,7 @@ def test_query_filters_narrow_and_count_agrees(store: Store) -> None:
     assert found(store, queues={"q1"}, names={"n2"}) == {"b"}
     assert found(store, queues={"q3"}, states={S.QUEUED}) == set()
     assert found(store, queues={"Q1"}) == set()  # names are case-sensitive
+    assert found(store, recovered=True) == {"e"}
 
 
 def test_older_than_measures_time_in_the_current_state(store: Store) -> None:

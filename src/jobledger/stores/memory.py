@@ -171,7 +171,7 @@ class MemoryStore(Store):
             return None if found is None else max(0.0, now - found)
 
         return [
-            QueueStats(queue, by_state, lag(queue, "queued_at"), lag(queue, "staged_at"))
+            QueueStats(queue, by_state, lag(queue, "queued_at"), lag(queue, "staged_at"), now)
             for queue, by_state in sorted(counts.items())
         ]
 
@@ -417,6 +417,8 @@ def _predicate(query: JobQuery, now: float) -> Callable[[Row], bool]:
         if oldest is not None and not row["updated_at"] <= oldest:
             return False
         if newest is not None and not row["updated_at"] > newest:
+            return False
+        if query.recovered and not row["recoveries"] > 0:
             return False
         return text is None or any(text(row[name]) for name in SEARCH_FIELDS)
 

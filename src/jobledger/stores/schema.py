@@ -86,6 +86,7 @@ jobs = Table(
     Index("ix_jobledger_jobs_state_updated", "state", "updated_at"),
     Index("ix_jobledger_jobs_queue_state", "queue", "state", "queued_at"),
     Index("ix_jobledger_jobs_name_state", "name", "state"),
+    Index("ix_jobledger_jobs_recovered", "recoveries", "created_at"),
     **_MYSQL_TABLE,
 )
 

@@ -469,6 +469,8 @@ class SQLStore(Store):
             clauses.append(jobs.c.updated_at > db_now() - query.newer_than)
         if query.match is not None:
             clauses.append(self._match(query.match, query.regex))
+        if query.recovered:
+            clauses.append(jobs.c.recoveries > 0)
         return clauses
 
     def _match(self, needle: str, regex: bool) -> ColumnElement[bool]:
@@ -550,6 +552,7 @@ class SQLStore(Store):
                 entry["counts"],
                 entry["queued"],
                 None if oldest_staged.get(queue) is None else max(0.0, now - oldest_staged[queue]),
+                now,
             )
             for queue, entry in sorted(stats.items())
         ]
