@@ -57,7 +57,8 @@ def attempts(record: JobRecord) -> list[Attempt]:
                 started_at=record.started_at,
                 ended_at=record.finished_at if final else None,
                 outcome=record.state.value,
-                error=record.error if record.state is not JobState.SUCCEEDED else None,
+                # the row's error is an earlier attempt's unless this one was cancelled
+                error=record.error if record.state is JobState.CANCELLED else None,
             )
         )
     return found

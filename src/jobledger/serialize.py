@@ -29,16 +29,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def history_entry_to_dict(entry: HistoryEntry) -> dict[str, Any]:
-    """One history entry, with how long the attempt it closed ran."""
-    data = {f.name: _plain(getattr(entry, f.name)) for f in fields(entry)}
-    data["ran_for"] = entry.ran_for
-    return data
-
-
-def attempt_to_dict(attempt: Attempt) -> dict[str, Any]:
-    data = {f.name: _plain(getattr(attempt, f.name)) for f in fields(attempt)}
-    data["ran_for"] = attempt.ran_for
+def _ran(run: HistoryEntry | Attempt) -> dict[str, Any]:
+    """A history entry or an attempt, with how long the attempt ran (``ran_for``)."""
+    data = {f.name: _plain(getattr(run, f.name)) for f in fields(run)}
+    data["ran_for"] = run.ran_for
     return data
 
 
@@ -46,8 +40,8 @@ def job_to_dict(record: JobRecord) -> dict[str, Any]:
     """Every field of the record, times as ISO 8601 UTC, its two durations, and ``runs``: its
     attempts, oldest first (see :func:`jobledger.history.attempts`)."""
     data = {f.name: _plain(getattr(record, f.name)) for f in fields(record)}
-    data["history"] = [history_entry_to_dict(e) for e in record.history]
-    data["runs"] = [attempt_to_dict(a) for a in attempts(record)]
+    data["history"] = [_ran(e) for e in record.history]
+    data["runs"] = [_ran(a) for a in attempts(record)]
     data["queued_to_finished"] = record.queued_to_finished
     data["started_to_finished"] = record.started_to_finished
     return data
