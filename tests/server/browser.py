@@ -68,7 +68,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        wait_for("the supervisor to answer", self._up, 30)
+        wait_for("the supervisor to answer", self._up, 60)  # a loaded CI host is slow
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
