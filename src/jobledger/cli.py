@@ -27,6 +27,7 @@ from typer.exceptions import TyperException
 from jobledger import __version__
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError, IntegrationMissing, JobLedgerError
+from jobledger.history import attempts, first_line, timeline
 from jobledger.integrations.base import EXTRAS
 from jobledger.manager import ActionReport, Manager
 from jobledger.model import JobRecord, JobState, OutboxStats
@@ -370,7 +371,8 @@ def show(
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Show one job: its timeline, arguments, owner and last error."""
+    """Show one job: its record, arguments and last error, each attempt (who ran it, when,
+    how it ended) and its timeline (recoveries and restarts included)."""
     record = _manager(database_url).get(job_id)
     data = job_to_dict(record)
     if as_json:
@@ -380,12 +382,29 @@ def show(
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in data.items():
+        if key in ("history", "runs"):
+            continue  # told below, as the attempts and the timeline
         if key in ("args", "kwargs", "options", "tags"):
             value = json.dumps(value, ensure_ascii=False)
         elif key in ("queued_to_finished", "started_to_finished"):
             value = format_seconds(value)
         table.add_row(key, "-" if value is None else str(value))
     out.print(table)
+    runs = _table("#", "INSTANCE", "STARTED", "RAN FOR", "OUTCOME", "ERROR")
+    for run in attempts(record):
+        runs.add_row(
+            str(run.number),
+            run.owner or "-",
+            run.started_at.isoformat() if run.started_at else "-",
+            format_seconds(run.ran_for),
+            run.outcome,
+            first_line(run.error) or "-",
+        )
+    out.print("\nattempts", runs if runs.row_count else "  none yet")
+    steps = _table("AT", "WHAT", "DETAIL")
+    for step in timeline(record):
+        steps.add_row(step.at.isoformat(), step.what, step.detail)
+    out.print("\ntimeline", steps)
 
 
 @_command(name="stats")

@@ -102,9 +102,10 @@ class Settings:
     #: given up is the record of a job whose message the broker also lost in that moment.
     #: Claims, outcomes, staging and every other write stay durable. Other databases ignore it.
     synchronous_publish: bool = True
-    #: ``JOBLEDGER_INSTANCE_NAME``: the stable part of an instance id (default: the host name;
-    #: on Kubernetes set it from the pod name).
-    instance_name: str = field(default_factory=socket.gethostname)
+    #: ``JOBLEDGER_INSTANCE_NAME``: the stable part of an instance id (unset: the queue's own
+    #: worker name, Celery's ``a@vm``, else the host name; on Kubernetes the pod name is a good
+    #: choice). See :meth:`name_of_instance`.
+    instance_name: str | None = None
     #: ``JOBLEDGER_HEARTBEAT_INTERVAL``: seconds between an instance's heartbeats (10).
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     #: ``JOBLEDGER_HEARTBEAT_TTL``: silence after which an instance is dead (3 x interval).
@@ -179,13 +180,10 @@ class Settings:
             raise ConfigError(f"JOBLEDGER_ON_ORPHAN: {exc}") from None
         if not isinstance(self.database_url, str) or not self.database_url.strip():
             raise ConfigError("JOBLEDGER_DATABASE_URL must not be empty")
-        if not self.instance_name or len(self.instance_name) > 200 or ":" in self.instance_name:
-            raise ConfigError(
-                f"JOBLEDGER_INSTANCE_NAME must be 1-200 characters without ':', "
-                f"not {self.instance_name!r}"
-            )
-        if self.instance_name == "relay":  # instance ids are name:nonce; relay:… is a lease
-            raise ConfigError("JOBLEDGER_INSTANCE_NAME must not be 'relay' (reserved)")
+        if self.instance_name is not None:
+            problem = _instance_name_problem(self.instance_name)
+            if problem:
+                raise ConfigError(f"JOBLEDGER_INSTANCE_NAME {problem}")
         for name in (
             "connect_timeout",
             "statement_timeout",
@@ -267,6 +265,26 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def name_of_instance(self, worker_name: str | None = None) -> str:
+        """The stable part of this process's instance id: the setting if given, else the
+        queue's own name for the worker (so a person matches ``a@vm`` in both tools), else
+        the host name. A worker name that cannot be one (a ``:``) falls back to the host name.
+        Each boot adds a fresh nonce to it (:func:`jobledger.heartbeat.new_instance`)."""
+        if self.instance_name is not None:
+            return self.instance_name
+        if worker_name and not _instance_name_problem(worker_name):
+            return worker_name
+        return socket.gethostname()
+
+
+def _instance_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an instance name (ids are ``name:nonce``), or None."""
+    if not name or len(name) > 200 or ":" in name:
+        return f"must be 1-200 characters without ':', not {name!r}"
+    if name == "relay":  # relay:… is a staged job's lease
+        return "must not be 'relay' (reserved)"
+    return None
 
 
 def _env(name: str) -> str:

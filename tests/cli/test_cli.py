@@ -50,10 +50,10 @@ from .helpers import (
 
 JOB_FIELDS = {
     "id", "name", "system", "queue", "args", "kwargs", "options", "tags", "state", "owner",
-    "attempts", "recoveries", "restarts", "generation", "recent_recoveries", "error",
+    "attempts", "recoveries", "restarts", "generation", "recent_recoveries", "history", "error",
     "created_at", "staged_at",
     "first_queued_at", "queued_at", "started_at", "finished_at", "recovered_at", "updated_at",
-    "queued_to_finished", "started_to_finished",
+    "queued_to_finished", "started_to_finished", "runs",
 }  # fmt: skip
 
 
@@ -182,6 +182,8 @@ def test_jobs_json_lines_carry_every_field(cli: Cli, ledger: Ledger) -> None:
         "tags": {"tenant": "acme"},
         "generation": 0,
         "recent_recoveries": [],
+        "history": [],
+        "runs": [],
         "state": "queued",
         "owner": None,
         "attempts": 0,
@@ -264,11 +266,16 @@ def test_show(cli: Cli, ledger: Ledger) -> None:
     listed = cli.quick("jobs", "--name", "resize_image", "--json").json_lines()
     assert data == next(line for line in listed if line["id"] == "resize-1")
 
+    shown = cli.quick("show", "resize-1").ok().stdout
+    record, runs = shown.split("\nattempts\n")
     rows = {
         line.split()[0]: line.split(maxsplit=1)[1].strip()
-        for line in cli.quick("show", "resize-1").ok().stdout.splitlines()
+        for line in record.splitlines()
         if line.strip()
     }
+    # its one attempt, by its owner, and the timeline to its success
+    assert f"1  {LIVE_WORKER.id}" in runs and "30s      succeeded" in runs
+    assert runs.index("started ") < runs.index("succeeded", runs.index("timeline"))
     assert rows["id"] == "resize-1"
     assert rows["state"] == "succeeded"
     assert rows["kwargs"] == '{"width": 640}'
