@@ -202,6 +202,7 @@ async def jobs_page(request: Request) -> Response:
             problem=f"{exc.field}: {exc.message}",
             qs="",
             now=0.0,
+            can_restart=False,
         )
     except JobLedgerError as exc:
         status = status_of(exc)
@@ -217,6 +218,7 @@ async def jobs_page(request: Request) -> Response:
             problem=str(exc),
             qs="",
             now=0.0,
+            can_restart=False,
         )
     qs = _filter_qs(values)
     next_url = None
@@ -231,6 +233,11 @@ async def jobs_page(request: Request) -> Response:
         problem=None,
         qs=qs,
         now=now,
+        can_restart=(
+            page.ctx.manager.can_publish(values["system"])
+            if values["system"]
+            else bool(page.ctx.manager.integrations.systems())
+        ),
     )
 
 
@@ -273,6 +280,7 @@ async def _render_job(
         timeline=timeline,
         pretty=lambda v: json.dumps(v, ensure_ascii=False, indent=2, sort_keys=True),
         can_restart=record.state in RESTARTABLE_STATES,
+        can_publish=page.ctx.manager.can_publish(record.system),
         can_cancel=record.state in UNCOMPLETED_STATES,
         problem=problem,
     )
