@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from e2e.celery.services import PrivateRedis, free_port
 
+from e2e.celery.services import PrivateRedis, free_port
 from jobledger.model import JobRecord, JobState
 from jobledger.stores.sql import SQLStore
 from jobledger.testing import wait_for
@@ -103,7 +103,8 @@ class Supervisor:
             wait_for(f"{len(jids)} jobs to be {state.value}", reached, timeout)
         except TimeoutError:
             left = {j: self.job(j).state.value for j in jids if self.job(j).state is not state}
-            raise AssertionError(f"not {state.value}: {left}\n{self.log.read_text()[-3000:]}")
+            log = self.log.read_text()[-3000:]
+            raise AssertionError(f"not {state.value}: {left}\n{log}") from None
 
     def stop(self) -> None:
         self.process.terminate()
@@ -122,9 +123,13 @@ class SidekiqProcess:
     process: subprocess.Popen[bytes]
     redis: redis.Redis
     log: Path
+    _identity: str | None = None
 
     @property
     def identity(self) -> str:
+        if self._identity is not None:
+            return self._identity
+
         def found() -> str | None:
             if self.process.poll() is not None:
                 raise AssertionError(f"sidekiq exited: {self.log.read_text()[-3000:]}")
@@ -133,7 +138,12 @@ class SidekiqProcess:
                     return str(member)
             return None
 
-        return wait_for(f"sidekiq {self.process.pid} to beat", found)
+        self._identity = wait_for(f"sidekiq {self.process.pid} to beat", found)
+        return self._identity
+
+    def identity_gone(self) -> bool:
+        """True once it left ``processes`` (a clean shutdown)."""
+        return not any(f":{self.process.pid}:" in m for m in self.redis.smembers("processes"))
 
     def holding(self) -> set[str]:
         """The jids its last heartbeat reported in flight."""
@@ -199,23 +209,23 @@ class SidekiqApp:
         self.redis.close()
 
 
-@pytest.fixture
-def sidekiq_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+@pytest.fixture(name="sidekiq_redis")
+def sidekiq_redis_fixture(tmp_path: Path) -> Iterator[PrivateRedis]:
     server = PrivateRedis(tmp_path, persistent=False)
     server.start()
     yield server
     server.close()
 
 
-@pytest.fixture
-def supervisor(tmp_path: Path, sidekiq_redis: PrivateRedis) -> Iterator[Supervisor]:
+@pytest.fixture(name="supervisor")
+def supervisor_fixture(tmp_path: Path, sidekiq_redis: PrivateRedis) -> Iterator[Supervisor]:
     running = Supervisor(tmp_path, sidekiq_redis.url)
     yield running
     running.stop()
 
 
-@pytest.fixture
-def sidekiq(
+@pytest.fixture(name="sidekiq")
+def sidekiq_fixture(
     tmp_path: Path, sidekiq_redis: PrivateRedis, supervisor: Supervisor
 ) -> Iterator[SidekiqApp]:
     app = SidekiqApp(tmp_path, sidekiq_redis.url, supervisor)

@@ -9,9 +9,9 @@ from sidekiq_harness import (  # noqa: F401  (fixtures)
     SidekiqApp,
     Supervisor,
     pytestmark,
-    sidekiq,
-    sidekiq_redis,
-    supervisor,
+    sidekiq_fixture,
+    sidekiq_redis_fixture,
+    supervisor_fixture,
 )
 
 from jobledger.model import JobState
