@@ -586,7 +586,10 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         filtered = any((state, queue, name, system, match, older_than))
         query = _query(state, queue, name, match, regex, older_than, system)
         manager = _manager(database_url, app_module, broker)
-        report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
+        try:
+            report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
+        except IntegrationMissing as exc:  # nothing selected can be published from here
+            raise ConfigError(manager.explain_missing(exc)) from None
         _print_report(report, as_json)
 
     command.__doc__ = summary

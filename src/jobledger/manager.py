@@ -166,11 +166,16 @@ class Manager:
         Jobs that succeeded or were cancelled are never restarted.
         Two restarts racing on one job publish two copies of one generation: it runs once.
         A job whose queue system has no integration in this process is reported failed, with
-        why, and the others go on (also in a dry run, which says what would fail).
+        why, and the others go on (also in a dry run, which says what would fail); only when no
+        selected job has one is the whole call refused, with
+        :class:`~jobledger.errors.IntegrationMissing` (this process cannot restart anything).
         """
         report = ActionReport("restart", dry_run)
         targets = self._select(ids, query, report, frozenset(JobState) - RESTARTABLE_STATES)
         integrations = self._integrations({r.system for r in targets})
+        missing = [i for i in integrations.values() if isinstance(i, IntegrationMissing)]
+        if missing and len(missing) == len(integrations):
+            raise missing[0]
         for record in targets:
             integration = integrations[record.system]
             if isinstance(integration, IntegrationMissing):

@@ -30,7 +30,7 @@ def test_seed_lifecycle_form_encoded(client: TestClient, pg_url: str) -> None:
     job = client.get("/api/v1/jobs/seed-1").json()
     assert (job["state"], job["system"], job["name"], job["queue"]) == (
         "queued",
-        "http",
+        "sidekiq",
         "Reports::Build",
         "reports",
     )

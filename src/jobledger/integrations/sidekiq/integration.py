@@ -54,10 +54,11 @@ class SidekiqIntegration:
     def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
         """LPUSH the job onto ``queue:<name>`` and SADD its queue in one MULTI (a scheduled job
         not yet due: ZADD ``schedule``), as ``Sidekiq::Client#push`` does."""
-        now = self._now()
-        payload = to_payload(record, reason, now)
         at = due_at(record)
         try:
+            seconds, micros = self.client.time()  # stamped as a client would, on one clock
+            now = seconds + micros / 1e6
+            payload = to_payload(record, reason, now)
             with self.client.pipeline(transaction=True) as pipe:
                 if at is not None and at > now:
                     pipe.zadd(self.keys.schedule, {json.dumps(payload): at})
@@ -71,14 +72,6 @@ class SidekiqIntegration:
                 f"Sidekiq's Redis did not take job {record.id}: {exc} "
                 "(check JOBLEDGER_SIDEKIQ_REDIS_URL and that Redis is up)"
             ) from None
-
-    def _now(self) -> float:
-        """Redis's clock, as a Sidekiq client would stamp ``enqueued_at``: one host's time."""
-        try:
-            seconds, micros = self.client.time()
-        except redis.RedisError as exc:
-            raise PublishError(f"Sidekiq's Redis cannot be reached: {exc}") from None
-        return seconds + micros / 1e6
 
     def watch_loop(
         self, recovery: Recovery, *, on_moved: Callable[[int], None], on_error: Callable[[], None]
