@@ -5,6 +5,7 @@ judgement of a killed process (pushed back once) and of a clean shutdown (left a
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from jobledger.errors import PublishError
 from jobledger.integrations.base import ProcessWatch, Registry
 from jobledger.integrations.sidekiq import SidekiqIntegration, install
 from jobledger.integrations.sidekiq.payload import AT_OPTION
+from jobledger.integrations.sidekiq.watcher import ProcessWatcher
 from jobledger.lifecycle import Lifecycle
 from jobledger.model import JobRecord, JobState, Republish
 from jobledger.recovery import Recovery
 from jobledger.stores.memory import MemoryStore
-from jobledger.testing import wait_for
+from jobledger.testing import ManualClock, wait_for
 
 TTL = 0.5
 
@@ -122,3 +124,62 @@ def test_watcher_pushes_back_a_dead_processs_jobs_once(sidekiq: SidekiqIntegrati
 
     loop.task()  # the same dead process at the next look: nothing twice
     assert sidekiq.client.llen("myapp:queue:crit") == 1 and moved == [1]
+
+
+def test_a_job_started_after_the_dead_processs_last_report_is_pushed_back(
+    sidekiq: SidekiqIntegration,
+) -> None:
+    """Sidekiq writes a process's work only at its beats: a job it started after its last
+    one is in no snapshot. Once every live process has reported since that job started
+    without it, it was the dead one's."""
+    clock = ManualClock(1000.0)
+    store = MemoryStore(clock)
+    recovery = Recovery(store, ttl=30, max_recoveries=3, recovery_window=3600,
+                        publish=sidekiq.publish)  # fmt: skip
+    watcher = ProcessWatcher(sidekiq.client, sidekiq.keys, recovery, ttl=TTL)
+    store.create(_job("late-1"))
+    assert Lifecycle(store, owner="http-untracked:supervisor", ttl=30).claim("late-1").should_run
+    _beat(sidekiq.client, "host:1:dead", 1.0, {})
+    _beat(sidekiq.client, "host:2:live", 1.0, {})
+    assert watcher.look() == 0
+    clock.advance(3)
+    _beat(sidekiq.client, "host:2:live", 2.0, {})  # reported after the job started...
+    assert watcher.look() == 0  # ...but too close to its start to judge by
+    clock.advance(3)
+    watcher.look()
+    _beat(sidekiq.client, "host:2:live", 3.0, {})
+
+    def pushed_back() -> bool:
+        _beat(sidekiq.client, "host:2:live", time.monotonic(), {})  # the live one beats on
+        return watcher.look() == 1
+
+    wait_for("the dead process's unreported job to be pushed back", pushed_back, 10)
+    record = store.get("late-1")
+    assert record is not None and (record.state, record.recoveries) == (JobState.QUEUED, 1)
+    assert [json.loads(r)["jid"] for r in sidekiq.client.lrange("myapp:queue:crit", 0, -1)] == [
+        "late-1"
+    ]
+
+
+def test_a_job_a_live_process_has_not_reported_yet_is_left_alone(
+    sidekiq: SidekiqIntegration,
+) -> None:
+    clock = ManualClock(1000.0)
+    store = MemoryStore(clock)
+    recovery = Recovery(store, ttl=30, max_recoveries=3, recovery_window=3600,
+                        publish=sidekiq.publish)  # fmt: skip
+    watcher = ProcessWatcher(sidekiq.client, sidekiq.keys, recovery, ttl=TTL)
+    _beat(sidekiq.client, "host:1:dead", 1.0, {})
+    _beat(sidekiq.client, "host:2:live", 1.0, {})
+    watcher.look()
+    clock.advance(3)
+    _beat(sidekiq.client, "host:2:live", 2.0, {})
+    watcher.look()
+    store.create(_job("new-1"))  # started on the live process after its last report
+    assert Lifecycle(store, owner="http-untracked:supervisor", ttl=30).claim("new-1").should_run
+    deadline = time.monotonic() + 3 * TTL
+    while time.monotonic() < deadline:  # the dead one is judged dead meanwhile
+        _beat(sidekiq.client, "host:2:live", time.monotonic(), {})  # the live one beats on,
+        assert watcher.look() == 0  # reporting after the ledger's clock stood still
+    assert store.get("new-1").state is JobState.STARTED  # type: ignore[union-attr]
+    assert sidekiq.client.llen("myapp:queue:crit") == 0

@@ -48,6 +48,27 @@ def test_sigkilled_process_jobs_complete_in_another(
     assert all(supervisor.job(j).generation == 1 for j in jids)
 
 
+def test_sigkill_right_after_the_starts_loses_nothing(
+    sidekiq: SidekiqApp, supervisor: Supervisor
+) -> None:
+    """Killed as soon as the ledger shows the jobs started, most often before a beat wrote
+    them into the process's work: those are found through the ledger instead."""
+    sidekiq.redis.set("jl:hold", "1")
+    doomed = sidekiq.start(concurrency=4)
+    survivor = sidekiq.start(concurrency=4)  # a live process the judgement must not blame
+    jids = sidekiq.enqueue(4)
+    supervisor.wait_states(jids, JobState.STARTED)
+    on_doomed = [n["jid"] for n in sidekiq.notes("starts") if n["pid"] == doomed.process.pid]
+    doomed.signal(signal.SIGKILL)
+    sidekiq.redis.delete("jl:hold")
+    supervisor.wait_states(jids, JobState.SUCCEEDED)
+    for jid in jids:
+        assert supervisor.job(jid).recoveries == (1 if jid in on_doomed else 0)
+    assert Counter(n["jid"] for n in sidekiq.notes("completes")) == Counter(jids)
+    assert ran_after_success(sidekiq, supervisor) == []
+    assert survivor.process.poll() is None
+
+
 def test_sigtermed_process_causes_no_duplicate(sidekiq: SidekiqApp, supervisor: Supervisor) -> None:
     """Sidekiq pushes its unfinished jobs back itself on TERM and leaves ``processes``: the
     supervisor must not push them back a second time."""
@@ -76,6 +97,7 @@ def test_job_killed_four_times_ends_dead(sidekiq: SidekiqApp, supervisor: Superv
     (jid,) = sidekiq.enqueue(1)
     for kill in range(1, MAX_RECOVERIES + 2):
         process.wait_holding({jid})
+        supervisor.wait_states([jid], JobState.STARTED)  # its body runs: a kill counts
         process.signal(signal.SIGKILL)
         if kill <= MAX_RECOVERIES:
             wait_for(f"recovery {kill}", lambda k=kill: supervisor.job(jid).recoveries == k)

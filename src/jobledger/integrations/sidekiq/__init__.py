@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from jobledger.config import Settings
 from jobledger.integrations.base import Registry, registry
-from jobledger.integrations.sidekiq.integration import SYSTEM, SidekiqIntegration
+from jobledger.integrations.sidekiq.integration import SidekiqIntegration
+from jobledger.integrations.sidekiq.keys import SYSTEM
 
 __all__ = ["SYSTEM", "SidekiqIntegration", "install"]
 

@@ -13,7 +13,7 @@ import redis
 
 from jobledger.config import Settings
 from jobledger.errors import ConfigError, PublishError
-from jobledger.integrations.sidekiq.keys import Keys
+from jobledger.integrations.sidekiq.keys import SYSTEM, Keys
 from jobledger.integrations.sidekiq.payload import due_at, to_payload
 from jobledger.integrations.sidekiq.watcher import ProcessWatcher
 from jobledger.loop import Loop
@@ -23,9 +23,6 @@ if TYPE_CHECKING:
     from jobledger.recovery import Recovery
 
 log = logging.getLogger(__name__)
-
-#: The queue system name Sidekiq jobs are recorded under.
-SYSTEM = "sidekiq"
 
 
 class SidekiqIntegration:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The queue system name Sidekiq jobs are recorded under.
+SYSTEM = "sidekiq"
+
 
 @dataclass(frozen=True)
 class Keys:
