@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
 from e2e.celery.services import PrivateRedis, free_port
+from e2e.sidekiq.sidekiq_harness import sidekiq_redis_fixture  # noqa: F401  (a fixture)
 from jobledger.config import Settings
 from jobledger.errors import PublishError
 from jobledger.integrations.base import ProcessWatch, Registry
@@ -28,18 +28,10 @@ from jobledger.testing import ManualClock, wait_for
 TTL = 0.5
 
 
-@pytest.fixture(name="server")
-def server_fixture(tmp_path: Path) -> Iterator[PrivateRedis]:
-    running = PrivateRedis(tmp_path, persistent=False)
-    running.start()
-    yield running
-    running.close()
-
-
 @pytest.fixture(name="sidekiq")
-def sidekiq_fixture(server: PrivateRedis) -> Iterator[SidekiqIntegration]:
+def sidekiq_fixture(sidekiq_redis: PrivateRedis) -> Iterator[SidekiqIntegration]:
     settings = Settings(
-        sidekiq_redis_url=server.url, sidekiq_namespace="myapp", sidekiq_process_ttl=TTL
+        sidekiq_redis_url=sidekiq_redis.url, sidekiq_namespace="myapp", sidekiq_process_ttl=TTL
     )
     integration = SidekiqIntegration.from_settings(settings)
     yield integration
@@ -76,9 +68,9 @@ def test_publish_to_a_redis_that_is_down_says_so() -> None:
         integration.publish(_job("j1"))
 
 
-def test_install_registers_a_watching_publisher(server: PrivateRedis) -> None:
+def test_install_registers_a_watching_publisher(sidekiq_redis: PrivateRedis) -> None:
     into = Registry()
-    integration = install(Settings(sidekiq_redis_url=server.url), into)
+    integration = install(Settings(sidekiq_redis_url=sidekiq_redis.url), into)
     assert into.get("sidekiq") is integration and into.watchers() == [integration]
     assert isinstance(integration, ProcessWatch)
     integration.close()

@@ -5,10 +5,10 @@ The seed's clients are a Sidekiq app's middleware, so their jobs are recorded wi
 ``system="sidekiq"``, which the Sidekiq integration publishes back (with
 ``JOBLEDGER_SIDEKIQ_REDIS_URL`` set); a client of another queue system names it in ``system``
 (a restart of its jobs then needs an integration for it, else the API answers with the
-IntegrationMissing message). A client that reports
-``started`` without naming its instance gets the supervisor's own stand-in owner,
-:data:`UNTRACKED`, which the supervisor keeps alive, so such jobs are never taken for orphans;
-a client that names its instance (and beats for it) gets real orphan detection.
+IntegrationMissing message). A client that reports ``started`` without naming its instance
+gets the supervisor's own stand-in owner, :data:`UNTRACKED`, which the supervisor keeps alive,
+so such jobs are never taken for orphans by the ledger (Sidekiq's are watched through its own
+heartbeats); a client that names its instance (and beats for it) gets orphan detection.
 """
 
 from __future__ import annotations
