@@ -47,6 +47,9 @@ EventKind = Literal["queued", "started", "complete", "failed"]
 
 _QUEUED_FROM = frozenset({JobState.STAGED, JobState.RETRYING, JobState.FAILED, JobState.DEAD})
 
+#: The longest queue system name the ledger stores (the API's ``system`` filter takes as long).
+SYSTEM_MAX_LENGTH = 64
+
 Name = Field(default=None, min_length=1, max_length=NAME_MAX_LENGTH)
 
 
@@ -61,7 +64,7 @@ class JobEvent(BaseModel):
     system: str = Field(
         default=SEED_SYSTEM,
         min_length=1,
-        max_length=NAME_MAX_LENGTH,
+        max_length=SYSTEM_MAX_LENGTH,
         pattern=r"^[a-z0-9_.-]+$",
         description="The client's queue system (recorded when the job is first reported).",
     )
