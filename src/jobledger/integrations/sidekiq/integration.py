@@ -5,7 +5,6 @@ ledger's row continues. No Ruby here: redis-py writes what ``Sidekiq::Client`` w
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -21,8 +20,6 @@ from jobledger.model import JobRecord, Republish
 
 if TYPE_CHECKING:
     from jobledger.recovery import Recovery
-
-log = logging.getLogger(__name__)
 
 
 class SidekiqIntegration:
