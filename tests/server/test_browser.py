@@ -52,7 +52,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
-            "PYTHONPATH": str(TESTS),
+            # the server imports the jobledger under test (a worktree's, not the venv's own)
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
             "JOBLEDGER_TEST_PUBLISH_LOG": str(publish_log),
         }
         env.pop("JOBLEDGER_API_TOKEN", None)
