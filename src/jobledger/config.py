@@ -36,6 +36,10 @@ DEFAULT_RELAY_MAX_BACKOFF = 30.0
 DEFAULT_RELAY_LEASE = 60.0
 DEFAULT_JOURNAL_DIR = ".jobledger"
 DEFAULT_JOURNAL_LIMIT = 10_000
+DEFAULT_SIDEKIQ_PROCESS_TTL = 20.0
+#: Sidekiq lets a process's heartbeat hash expire 60 s after its last beat, and its own clean-up
+#: then drops the process from ``processes``: a death must be judged before that.
+SIDEKIQ_BEAT_EXPIRY = 60.0
 #: The shortest API token accepted: it is the only secret between the network and the ledger.
 API_TOKEN_MIN_LENGTH = 16
 ENV_PREFIX = "JOBLEDGER_"
@@ -172,6 +176,16 @@ class Settings:
     #: again), ``fail`` (failed with the reason, for a person) or ``discard`` (cancelled with
     #: the reason). Recorded with each job at publish.
     on_orphan: OrphanPolicy = OrphanPolicy.REQUEUE
+    #: ``JOBLEDGER_SIDEKIQ_REDIS_URL``: the Redis of a Sidekiq app (unset: no Sidekiq). Set,
+    #: restarts publish Sidekiq jobs there and the supervisor watches its processes' heartbeats.
+    sidekiq_redis_url: str | None = field(default=None, repr=False)
+    #: ``JOBLEDGER_SIDEKIQ_NAMESPACE``: the redis-namespace prefix of the Sidekiq app's keys
+    #: (unset: none), as in ``Redis::Namespace.new("myapp", ...)``.
+    sidekiq_namespace: str | None = None
+    #: ``JOBLEDGER_SIDEKIQ_PROCESS_TTL``: how long a Sidekiq process's ``beat`` may stay
+    #: unchanged before it counts as dead and its jobs are pushed back (20s: Sidekiq 6 beats
+    #: every 5 s, Sidekiq 7 every 10 s). Under 60 s, Sidekiq's own expiry of a silent process.
+    sidekiq_process_ttl: float = DEFAULT_SIDEKIQ_PROCESS_TTL
 
     def __post_init__(self) -> None:
         try:
@@ -211,6 +225,25 @@ class Settings:
             if value is not None and value < 0:
                 raise ConfigError(f"{_env(name)} must be zero or more seconds")
         self._check_server()
+        self._check_sidekiq()
+
+    def _check_sidekiq(self) -> None:
+        url = self.sidekiq_redis_url
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "JOBLEDGER_SIDEKIQ_REDIS_URL must be a redis://, rediss:// or unix:// URL"
+            )
+        if self.sidekiq_namespace is not None and (
+            not self.sidekiq_namespace or ":" in self.sidekiq_namespace
+        ):
+            raise ConfigError(
+                "JOBLEDGER_SIDEKIQ_NAMESPACE must be the namespace without ':' (myapp, not myapp:)"
+            )
+        if not 0 < self.sidekiq_process_ttl < SIDEKIQ_BEAT_EXPIRY:
+            raise ConfigError(
+                "JOBLEDGER_SIDEKIQ_PROCESS_TTL must be more than zero and under 60 seconds "
+                "(Sidekiq forgets a silent process after 60 s)"
+            )
 
     def _check_server(self) -> None:
         if self.api_token is not None and (

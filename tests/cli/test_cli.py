@@ -634,24 +634,43 @@ def test_restart_publish_error_leaves_that_record_and_exits_1(
     ]
 
 
-def test_restart_refuses_everything_when_one_system_has_no_integration(
+def test_restart_fails_only_the_jobs_of_a_system_without_integration(
     cli: Cli, store: Store, publish_log: Path
 ) -> None:
     restart_targets(store, store.now())
     assert store.create(
         JobRecord(id="rq-1", name="t", system="rq", state=JobState.FAILED, args=[1])
     )
-    before = snapshot(store)
     env = recording_env(cli, publish_log, RECORDING_APP_SYSTEMS="celery")
-    by_ids, by_filter = cli.many(
-        ["restart", "failed-1", "rq-1", "--app", RECORDING_APP, "--json"],
-        ["restart", "--state", "failed", "--app", RECORDING_APP, "--yes"],
-        env=env,
-    )
-    for result in (by_ids, by_filter):
-        result.error("no integration for queue system 'rq'", "pip install 'jobledger[rq]'")
+    dry = cli("restart", "--state", "failed", "--dry-run", "--app", RECORDING_APP, env=env)
+    assert dry.returncode == 1, str(dry)
+    assert "would restart: 1" in dry.stdout and "failed-1" in dry.stdout
+    assert "failed rq-1: no integration for queue system 'rq'" in " ".join(dry.stdout.split())
     assert read_log(publish_log) == []
-    assert snapshot(store) == before
+
+    report = cli(
+        "restart", "failed-1", "rq-1", "--app", RECORDING_APP, "--json", env=env
+    )  # fmt: skip
+    assert report.returncode == 1, str(report)
+    data = json.loads(report.stdout)
+    assert data["done"] == ["failed-1"] and list(data["failed"]) == ["rq-1"]
+    assert "pip install 'jobledger[rq]'" in data["failed"]["rq-1"]
+    assert [entry["id"] for entry in read_log(publish_log)] == ["failed-1"]
+    assert store.get("rq-1").state is JobState.FAILED  # type: ignore[union-attr]
+
+
+def test_restart_by_system_filter(cli: Cli, store: Store, publish_log: Path) -> None:
+    restart_targets(store, store.now())
+    assert store.create(JobRecord(id="rq-1", name="t", system="rq", state=JobState.FAILED))
+    env = recording_env(cli, publish_log, RECORDING_APP_SYSTEMS="celery")
+    only = cli(
+        "restart", "--state", "failed", "--system", "celery", "--yes", "--app", RECORDING_APP,
+        env=env,
+    )  # fmt: skip
+    assert only.returncode == 0, str(only)
+    assert [entry["id"] for entry in read_log(publish_log)] == ["failed-1"]
+    listed = cli("jobs", "--system", "rq", "--json").json_lines()
+    assert [job["id"] for job in listed] == ["rq-1"]
 
 
 # -- prune -----------------------------------------------------------------------------------

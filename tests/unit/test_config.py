@@ -78,6 +78,9 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "journal_dir": ("/var/lib/worker/journal", "/var/lib/worker/journal"),
     "journal_limit": ("500", 500),
     "on_orphan": ("Fail", OrphanPolicy.FAIL),
+    "sidekiq_redis_url": ("redis://cache:6379/3", "redis://cache:6379/3"),
+    "sidekiq_namespace": ("myapp", "myapp"),
+    "sidekiq_process_ttl": ("30s", 30.0),
 }
 
 

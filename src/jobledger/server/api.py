@@ -233,7 +233,9 @@ def _one(
     ctx: Context, action: str, raw_id: str, dry_run: bool, *, force: bool = False
 ) -> dict[str, Any]:
     jid = _path_id(raw_id)
-    ctx.manager.get(jid)  # 404 for an unknown id, rather than a report that skipped it
+    record = ctx.manager.get(jid)  # 404 for an unknown id, rather than a report that skipped it
+    if action == "restart":
+        ctx.manager.integrations.get(record.system)  # a 4xx naming what is missing, if it is
     return _act(ctx, action, Selection(ids=[jid], dry_run=dry_run, force=force))
 
 

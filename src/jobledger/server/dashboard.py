@@ -253,6 +253,7 @@ async def jobs_page(request: Request) -> Response:
             states=list(JobState),
             problem=f"{exc.field}: {exc.message}",
             qs="",
+            can_restart=False,
         )
     except JobLedgerError as exc:
         status = status_of(exc)
@@ -267,6 +268,7 @@ async def jobs_page(request: Request) -> Response:
             states=list(JobState),
             problem=str(exc),
             qs="",
+            can_restart=False,
         )
     qs = _filter_qs(values)
     next_url = None
@@ -281,6 +283,11 @@ async def jobs_page(request: Request) -> Response:
         states=list(JobState),
         problem=None,
         qs=qs,
+        can_restart=(
+            page.ctx.manager.can_publish(values["system"])
+            if values["system"]
+            else bool(page.ctx.manager.integrations.systems())
+        ),
     )
 
 
@@ -313,6 +320,7 @@ async def _render_job(
         history_kept=HISTORY_KEPT,
         pretty=_pretty,
         can_restart=record.state in RESTARTABLE_STATES,
+        can_publish=page.ctx.manager.can_publish(record.system),
         can_cancel=record.state in UNCOMPLETED_STATES,
         problem=problem,
     )

@@ -29,7 +29,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 #: Alembic's version table for the ledger's own migrations, apart from the application's.
 VERSION_TABLE = "jobledger_alembic_version"

@@ -1,5 +1,5 @@
 # mypy: disable-error-code="import-untyped"
-"""Ledger revision 0003: a job's history (attempts, recoveries, restarts)."""
+"""Ledger revision 0004: a job's history (attempts, recoveries, restarts)."""
 
 from __future__ import annotations
 
