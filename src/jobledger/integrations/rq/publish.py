@@ -1,11 +1,11 @@
 """The way back: a job record published onto its RQ queue again by function name.
 
 No task code is imported (invariant 10): RQ keeps the function as a dotted name, which a job
-made from a string is. The job's hash is written anew (status queued, the record's generation
-and the republish reason in its meta) and its id pushed, in one transaction that also takes
-the job out of the registries where an earlier run left it (started, failed, scheduled), so
-RQ's own cleanup does not later fail a job jobledger has put back, and ``rq info`` counts it
-once, as queued.
+made from a string is. First the job leaves the registries where an earlier run left it
+(started, failed, scheduled), so RQ's own cleanup does not later fail a job jobledger has put
+back and ``rq info`` counts it once, as queued; then its hash is written anew (status
+queued, the record's generation and the republish reason in its meta) and its id pushed.
+(One transaction cannot hold both: RQ's enqueue watches keys in the pipeline it is given.)
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ def publish(connection: Redis, record: JobRecord, reason: Republish | None = Non
         at = _scheduled_at(options)
         with connection.pipeline() as pipe:
             forget_runs(queue, record.id, pipe)
-            if at is not None:
-                queue.schedule_job(job, at, pipeline=pipe)
-            else:
-                queue.enqueue_job(job, pipeline=pipe, at_front=bool(options.get("at_front")))
             pipe.execute()
+        if at is not None:
+            queue.schedule_job(job, at)
+        else:
+            queue.enqueue_job(job, at_front=bool(options.get("at_front")))
     except (RedisError, OSError) as exc:
         raise PublishError(f"rq could not enqueue job {record.id} ({record.name}): {exc}") from exc
 
