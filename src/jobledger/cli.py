@@ -152,12 +152,26 @@ BrokerUrl = Annotated[
 ]
 
 
+RqRedisUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--rq-redis",
+        help="RQ's Redis URL: publish RQ jobs by function name, without importing their code.",
+        metavar="URL",
+    ),
+]
+
+
 def _register_integration(
-    app_module: str | None, broker: str | None, database_url: str | None
+    app_module: str | None,
+    broker: str | None,
+    database_url: str | None,
+    rq_redis: str | None = None,
 ) -> None:
     """Make ``publish`` work in this process: import ``--app`` (its integration registers
-    itself), or for ``--broker`` install the Celery integration on a bare app of that broker
-    (invariant 10: a record holds all a publish needs)."""
+    itself), for ``--broker`` install the Celery integration on a bare app of that broker,
+    for ``--rq-redis`` the RQ integration on that Redis (invariant 10: a record holds all a
+    publish needs)."""
     if app_module:
         if os.getcwd() not in sys.path:  # as `celery -A` finds a module beside the user
             sys.path.insert(0, os.getcwd())
@@ -173,6 +187,12 @@ def _register_integration(
                 f"--broker needs Celery ({exc}): pip install 'jobledger[celery]'"
             ) from None
         install_for_broker(broker, Settings.from_env(database_url=database_url))
+    if rq_redis:
+        try:
+            from jobledger.integrations.rq import install_for_redis
+        except ImportError as exc:
+            raise ConfigError(f"--rq-redis needs RQ ({exc}): pip install 'jobledger[rq]'") from None
+        install_for_redis(rq_redis, Settings.from_env(database_url=database_url))
 
 
 def _command(**options: Any) -> Callable[[F], F]:
@@ -206,9 +226,12 @@ def _open(database_url: str | None) -> tuple[Settings, Store]:
 
 
 def _manager(
-    database_url: str | None, app_module: str | None = None, broker: str | None = None
+    database_url: str | None,
+    app_module: str | None = None,
+    broker: str | None = None,
+    rq_redis: str | None = None,
 ) -> Manager:
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, rq_redis)
     settings, store = _open(database_url)
     return Manager(store, settings=settings)
 
@@ -524,6 +547,8 @@ def _no_integration(exc: IntegrationMissing) -> ConfigError:
     option = (
         "--app with your Celery app's module (as for celery -A) or --broker with its broker URL"
         if system == "celery"
+        else "--rq-redis with RQ's Redis URL (or --app with the module that installs it)"
+        if system == "rq"
         else "--app with the module that installs its integration"
     )
     extra = EXTRAS.get(system)
@@ -555,16 +580,17 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         force: Force = False,
         app_module: AppModule = None,
         broker: BrokerUrl = None,
+        rq_redis: RqRedisUrl = None,
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
         filtered = any((state, queue, name, match, older_than))
         query = _query(state, queue, name, match, regex, older_than)
-        manager = _manager(database_url, app_module, broker)
+        manager = _manager(database_url, app_module, broker, rq_redis)
         try:
             report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
         except IntegrationMissing as exc:
-            if app_module or broker:
+            if app_module or broker or rq_redis:
                 raise
             raise _no_integration(exc) from None
         _print_report(report, as_json)
@@ -576,7 +602,7 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         kept = [
             p
             for p in signature.parameters.values()
-            if p.name not in ("app_module", "broker", "force")
+            if p.name not in ("app_module", "broker", "rq_redis", "force")
         ]
         command.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
     _command(name=action)(command)
@@ -634,13 +660,14 @@ def prune(
 def recover(
     app_module: AppModule = None,
     broker: BrokerUrl = None,
+    rq_redis: RqRedisUrl = None,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run one recovery sweep now: publish the jobs of dead instances again (same ids)."""
     from jobledger.recovery import Outcome, Recovery
 
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, rq_redis)
     settings, store = _open(database_url)
     report = Recovery.from_settings(store, settings).sweep_once()
     if as_json:
@@ -679,6 +706,7 @@ def relay(
     ] = None,
     app_module: AppModule = None,
     broker: BrokerUrl = None,
+    rq_redis: RqRedisUrl = None,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -691,12 +719,12 @@ def relay(
     from jobledger.integrations.base import registry
     from jobledger.relay import Relay, RelayLoop
 
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, rq_redis)
     systems = registry.systems()
     if not systems:
         raise ConfigError(
-            "no queue integration to publish with: pass --app (your Celery app's module) or "
-            "--broker"
+            "no queue integration to publish with: pass --app (your Celery app's module), "
+            "--broker (Celery's broker URL) or --rq-redis (RQ's Redis URL)"
         )
     settings, store = _open(database_url)
     if grace is not None:
