@@ -11,6 +11,7 @@ it ``cancelled`` with the error, as the caller was told.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ from rq.job import Job
 from jobledger.config import Settings
 from jobledger.integrations.rq.integration import RQIntegration, integration_for
 from jobledger.integrations.rq.marks import is_tracked, stamp
+from jobledger.stores import Store
 
 
 class TrackedQueue(rq.Queue):
@@ -88,14 +90,22 @@ _tracked_classes: dict[type[rq.Queue], type[rq.Queue]] = {}
 
 
 def install(
-    queue_or_connection: rq.Queue | Redis, settings: Settings | None = None
+    queue_or_connection: rq.Queue | Redis,
+    settings: Settings | None = None,
+    *,
+    store_factory: Callable[[], Store] | None = None,
 ) -> RQIntegration:
     """Track the jobs of ``queue_or_connection`` and register the integration (restart,
     recovery, the relay). Given a queue (of any ``rq.Queue`` class), that queue is tracked
     from now on; given a connection, queues of :class:`Queue` on it are, and the integration
     publishes through it."""
+    connection = (
+        queue_or_connection.connection
+        if isinstance(queue_or_connection, rq.Queue)
+        else queue_or_connection
+    )
+    integration = integration_for(connection, settings, store_factory=store_factory)
     if isinstance(queue_or_connection, rq.Queue):
-        integration = integration_for(queue_or_connection.connection, settings)
         cls = type(queue_or_connection)
         if not issubclass(cls, TrackedQueue):
             tracked = _tracked_classes.get(cls)
@@ -104,5 +114,4 @@ def install(
                     f"Tracked{cls.__name__}", (TrackedQueue, cls), {}
                 )
             queue_or_connection.__class__ = tracked
-        return integration
-    return integration_for(queue_or_connection, settings)
+    return integration

@@ -157,14 +157,19 @@ _by_connection: weakref.WeakKeyDictionary[Redis, RQIntegration] = weakref.WeakKe
 _lock = threading.Lock()
 
 
-def integration_for(connection: Redis, settings: Settings | None = None) -> RQIntegration:
-    """The integration of ``connection`` (made and registered on first use, from the
-    ``JOBLEDGER_*`` settings)."""
+def integration_for(
+    connection: Redis,
+    settings: Settings | None = None,
+    *,
+    store_factory: Callable[[], Store] | None = None,
+) -> RQIntegration:
+    """The integration of ``connection``, made and registered on first use (from the
+    ``JOBLEDGER_*`` settings unless given; ``store_factory`` opens each process's ledger)."""
     with _lock:
         found = _by_connection.get(connection)
         if found is None:
             found = _by_connection[connection] = RQIntegration(
-                connection, settings or Settings.from_env()
+                connection, settings or Settings.from_env(), store_factory=store_factory
             )
             registry.register(found)
         return found
