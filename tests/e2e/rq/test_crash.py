@@ -109,3 +109,20 @@ def test_a_whole_worker_sigkilled_loses_no_job(
         assert h.job(job_id).recoveries == 1
         assert h.job(job_id).owner.startswith("survivor:")  # type: ignore[union-attr]
     assert_consistent(h, ids)
+
+
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+def test_sigterm_lets_the_running_job_finish_then_deregisters(
+    make_rq: Callable[..., RQHarness], worker_class: str
+) -> None:
+    """A warm shutdown: RQ finishes the job it runs, the instance beats until then (nothing
+    to recover) and leaves the ledger once it holds nothing."""
+    h = make_rq("sqlite", worker_class)
+    worker = h.start_worker("w1")
+    job_id = h.enqueue("work", 1, seconds=1.5)
+    wait_for("the body to start", lambda: any(r[0] == job_id for r in h.runs()))
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.output()
+    record = h.job(job_id)
+    assert (record.state, record.recoveries) == (JobState.SUCCEEDED, 0)
+    assert not any(i.name == "w1" for i in h.store.instances(ttl=3))
