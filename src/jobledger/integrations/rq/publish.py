@@ -1,10 +1,11 @@
 """The way back: a job record published onto its RQ queue again by function name.
 
 No task code is imported (invariant 10): RQ keeps the function as a dotted name, which a job
-made from a string is. First the job leaves the registries where an earlier run left it
-(started, failed, scheduled), so RQ's own cleanup does not later fail a job jobledger has put
-back and ``rq info`` counts it once, as queued; then its hash is written anew (status
-queued, the record's generation and the republish reason in its meta) and its id pushed.
+made from a string is. First the job leaves the lists and registries where an earlier
+message or run left it (queue, intermediate queue, started, failed, scheduled), so RQ's own
+cleanup does not later fail a job jobledger has put back and ``rq info`` counts it once, as
+queued; then its hash is written anew (status queued, the record's generation and the
+republish reason in its meta) and its id pushed.
 (One transaction cannot hold both: RQ's enqueue watches keys in the pipeline it is given.)
 """
 
@@ -53,8 +54,10 @@ def publish(connection: Redis, record: JobRecord, reason: Republish | None = Non
 
 
 def forget_runs(queue: Queue, job_id: str, pipe: Any) -> None:
-    """Take ``job_id`` out of the registries its earlier runs left it in: StartedJobRegistry
-    (entries ``<job id>:<execution id>``), FailedJobRegistry and ScheduledJobRegistry."""
+    """Take ``job_id`` out of where its earlier messages and runs left it: the queue and the
+    intermediate queue (a worker that died between taking it and starting it), so the
+    republished id is queued once; StartedJobRegistry (entries ``<job id>:<execution id>``),
+    FailedJobRegistry and ScheduledJobRegistry."""
     started = StartedJobRegistry(queue=queue)
     stale = [
         entry
@@ -65,6 +68,8 @@ def forget_runs(queue: Queue, job_id: str, pipe: Any) -> None:
         pipe.zrem(started.key, *stale)
     FailedJobRegistry(queue=queue).remove(job_id, pipeline=pipe)
     ScheduledJobRegistry(queue=queue).remove(job_id, pipeline=pipe)  # type: ignore[no-untyped-call]
+    pipe.lrem(queue.key, 0, job_id)
+    pipe.lrem(queue.intermediate_queue_key, 0, job_id)
 
 
 def _job_id_of(entry: Any) -> str:
