@@ -45,9 +45,9 @@ import uuid  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 
 import redis  # noqa: E402
+import rq  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
-import rq  # noqa: E402
 from jobledger.config import Settings  # noqa: E402
 from jobledger.integrations.base import registry  # noqa: E402
 from jobledger.integrations.rq import Queue as TrackedQueue  # noqa: E402
