@@ -96,7 +96,7 @@ class RQHarness:
         """Enqueue the job function ``rqtasks.<name>`` by name (no task code imported)."""
         return str(self.queue.enqueue(f"rqtasks.{name}", *args, **options).id)
 
-    def env(self, name: str) -> dict[str, str]:
+    def env(self, name: str, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src")]),
@@ -107,10 +107,12 @@ class RQHarness:
             JOBLEDGER_RECOVERY_INTERVAL="0.5",
             JOBLEDGER_MAX_RECOVERIES="3",
         )
+        env.update(extra)
         return env
 
-    def start_worker(self, name: str, worker_class: str | None = None) -> RQWorker:
-        """Spawn ``rq worker`` and wait until it registered its instance in the ledger."""
+    def start_worker(self, name: str, worker_class: str | None = None, **env: str) -> RQWorker:
+        """Spawn ``rq worker`` (``env`` over the harness's variables) and wait until it
+        registered its instance in the ledger."""
         cls = worker_class or self.worker_class
         cmd = [
             sys.executable, "-m", "rq.cli", "worker", "--url", REDIS,
@@ -120,8 +122,8 @@ class RQHarness:
         log = self.tmp_path / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                cmd, cwd=self.tmp_path, env=self.env(name), stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                cmd, cwd=self.tmp_path, env=self.env(name, **env), stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         worker = RQWorker(proc, name, log)
         self.workers.append(worker)

@@ -4,6 +4,9 @@ RQ has no signals, so the hooks are the worker's own methods:
 
 - ``work``: register the instance, beat, sweep and relay (:mod:`.ledger`) around RQ's loop;
   at warm shutdown RQ waits for the running job, then the heartbeat drains and deregisters.
+- ``dequeue_job_and_maintain_ttl``: a worker whose heartbeat has failed for longer than the
+  TTL takes no job (invariant 9: another instance may be handed its jobs) until a beat
+  succeeds; the jobs wait in Redis meanwhile.
 - ``execute_job`` (main process): the job dequeued is *held* until it ends, so the sweep
   puts it back if the whole worker dies before the work horse's claim lands.
 - ``perform_job`` (work horse, or the worker itself for ``SimpleWorker``): the claim guard.
@@ -24,6 +27,7 @@ sweep republishes its job within TTL + recovery interval.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import rq
@@ -61,6 +65,31 @@ class _Tracked:
             return bool(super().work(*args, **kwargs))  # type: ignore[misc]
         finally:
             self.jobledger.ledger.stop()
+
+    def dequeue_job_and_maintain_ttl(self, *args: Any, **kwargs: Any) -> Any:
+        while True:
+            self._wait_for_the_ledger()
+            result = super().dequeue_job_and_maintain_ttl(*args, **kwargs)  # type: ignore[misc]
+            if result is None or self.jobledger.ledger.health.can_claim:
+                return result
+            # the ledger went away while this worker waited for a job: give it back untouched
+            job, queue = result
+            with self.connection.pipeline() as pipe:  # type: ignore[attr-defined]
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+                pipe.execute()
+
+    def _wait_for_the_ledger(self) -> None:
+        """Invariant 9: take no job while this instance's heartbeat fails past the TTL."""
+        ledger = self.jobledger.ledger
+        if ledger.health.can_claim:
+            return
+        log.error("jobledger: the ledger is out of reach: this worker takes no jobs")
+        pause = threading.Event()
+        while not ledger.health.can_claim and not getattr(self, "_stop_requested", False):
+            self.heartbeat()  # type: ignore[attr-defined]  # RQ's own: alive to rq info
+            pause.wait(ledger.settings.heartbeat_interval)
+        log.warning("jobledger: the ledger answers again: this worker takes jobs")
 
     def _holding(self) -> list[tuple[str, int]]:
         held = self._jl_held
