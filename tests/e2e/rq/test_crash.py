@@ -126,3 +126,18 @@ def test_sigterm_lets_the_running_job_finish_then_deregisters(
     record = h.job(job_id)
     assert (record.state, record.recoveries) == (JobState.SUCCEEDED, 0)
     assert not any(i.name == "w1" for i in h.store.instances(ttl=3))
+
+
+def test_a_job_whose_id_redis_lost_is_enqueued_again(make_rq: Callable[..., RQHarness]) -> None:
+    """The queue is empty while the ledger waits on a queued job, at two sweeps in a row
+    (Redis restarted without persistence): the sweep publishes it again by name."""
+    h = make_rq("sqlite", "SimpleWorker")
+    job_id = h.enqueue("work", 1)
+    h.redis.delete(h.queue.key)  # the id is gone; the job's hash and the record are not
+    h.start_worker("w1")
+    wait_for(
+        "the lost job to be enqueued again and succeed",
+        lambda: h.all_in([job_id], JobState.SUCCEEDED),
+    )
+    record = h.job(job_id)
+    assert (record.generation, record.recoveries) == (1, 0)  # a requeue, not a recovery

@@ -53,6 +53,7 @@ class RQIntegration:
             system=SYSTEM,
             publish=self.publish,
             publish_many=self.publish_many,
+            probe=lambda system: self if system == SYSTEM else None,
             store_factory=store_factory,
         )
         self.unrecorded = 0  # enqueues the ledger did not take (invariant 7)

@@ -23,7 +23,7 @@ from jobledger.heartbeat import Health, Heartbeat, new_instance
 from jobledger.integrations.base import PublishBatch
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import JobRecord, JobState, Republish
-from jobledger.recovery import Publisher, Recovery, RecoveryLoop
+from jobledger.recovery import ProbeLookup, Publisher, Recovery, RecoveryLoop
 from jobledger.relay import Relay, RelayLoop
 from jobledger.stores import Store, store_for
 
@@ -42,12 +42,14 @@ class WorkerLedger:
         system: str,
         publish: Publisher,
         publish_many: PublishBatch,
+        probe: ProbeLookup | None = None,
         store_factory: Callable[[], Store] | None = None,
     ) -> None:
         self.settings = settings
         self.system = system
         self._publish = publish
         self._publish_many = publish_many
+        self._probe = probe
         self._factory = store_factory or (lambda: store_for(settings))
         self._stores: dict[int, Store] = {}
         self._lock = threading.Lock()
@@ -85,6 +87,7 @@ class WorkerLedger:
             publish=self._publish,
             systems={self.system},
             ledger_up_for=lambda: self.health.up_for,
+            probe=self._probe,
         )
 
     # -- the worker's main process -------------------------------------------------------
