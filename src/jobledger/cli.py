@@ -842,6 +842,7 @@ def serve(
         ),
     ] = True,
     app_module: AppModule = None,
+    rq_redis: RqRedisUrl = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the supervisor: the HTTP API, the dashboard, /metrics and the maintenance loops."""
@@ -851,6 +852,6 @@ def serve(
         raise ConfigError(
             f"the supervisor needs the server extra ({exc}): pip install 'jobledger[server]'"
         ) from None
-    _register_integration(app_module, None, database_url)
+    _register_integration(app_module, None, database_url, rq_redis)
     settings = Settings.from_env(database_url=database_url, server_host=host, server_port=port)
     run_server(settings, maintenance=maintenance)

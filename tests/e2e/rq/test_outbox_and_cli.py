@@ -105,3 +105,30 @@ def test_cli_recover_puts_back_a_dead_workers_job(make_rq: Callable[..., RQHarne
     assert job_id in h.queue.get_job_ids()
     assert job_id not in h.queue.started_job_registry.get_job_ids()
     assert Counter(r[0] for r in h.runs() if r[1] == "start")[job_id] == 1
+
+
+def test_the_supervisor_restarts_and_recovers_rq_jobs(make_rq: Callable[..., RQHarness]) -> None:
+    """``jobledger serve`` with the RQ integration: a restart through the API publishes a
+    failed job by name, and its maintenance sweep puts back a dead worker's job."""
+    from fastapi.testclient import TestClient
+
+    from jobledger.integrations.base import Registry
+    from jobledger.server.app import create_app
+
+    h = make_rq("sqlite", "SimpleWorker")
+    failed = h.enqueue("fail_once", 1)
+    stuck = h.enqueue("work", 2, seconds=30)
+    victim = h.start_worker("victim")
+    wait_for("the failure", lambda: h.all_in([failed], JobState.FAILED))
+    wait_for("the long job's body", lambda: any(r[0] == stuck for r in h.runs()))
+    victim.kill_all()
+    integrations = Registry()
+    integrations.register(h.integration)
+    settings = h.settings.replace(instance_name="supervisor")
+    with TestClient(create_app(settings, store=h.store, integrations=integrations)) as client:
+        done = client.post(f"/api/v1/jobs/{failed}/restart").json()
+        assert done["done"] == [failed]
+        wait_for("the sweep to put the stuck job back", lambda: h.job(stuck).generation == 1)
+    h.start_worker("w2")
+    wait_for("the restarted job to succeed", lambda: h.all_in([failed], JobState.SUCCEEDED))
+    assert h.job(stuck).recoveries == 1
