@@ -106,10 +106,17 @@ class Worker:
             return [int(p) for p in path.read_text().split()]
         return []
 
+    def stopped(self) -> bool:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+            return stat.rsplit(")", 1)[1].split()[0] in ("T", "t", "Z")
+        return True
+
     def kill(self) -> None:
         """SIGKILL the worker and its work horse (stopped first: it forks no new one)."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGSTOP)
+            wait_for("the worker to stop", self.stopped, 10)
             for pid in self.children():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -49,11 +49,19 @@ class RQWorker:
             return [int(p) for p in path.read_text().split()]
         return []
 
+    def stopped(self) -> bool:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+            return stat.rsplit(")", 1)[1].split()[0] in ("T", "t", "Z")
+        return True
+
     def kill_all(self) -> None:
         """SIGKILL the worker and its work horse (a horse is a process group of its own, so
-        a group kill misses it): stopped first, so it forks no horse meanwhile."""
+        a group kill misses it): stopped first (SIGSTOP lands asynchronously: waited for),
+        so it forks no horse meanwhile."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGSTOP)
+            wait_for(f"{self.name} to stop", self.stopped, timeout=10)
             for pid in self.children():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -147,6 +155,19 @@ class RQHarness:
         record = self.store.get(job_id)
         assert record is not None, f"job {job_id} is not in the ledger"
         return record
+
+    def wait(self, what: str, check: Callable[[], object], ids: list[str], timeout: float) -> None:
+        """:func:`wait_for`, failing with what the ledger, the runs table and each worker's
+        log say about ``ids`` (a failed e2e run must explain itself: the machine is shared)."""
+        try:
+            wait_for(what, check, timeout)
+        except TimeoutError as exc:
+            jobs = [self.store.get(i) for i in ids]
+            lines = [str(exc), *(repr(j) for j in jobs)]
+            lines += [repr(r) for r in self.runs() if r[0] in ids]
+            for worker in self.workers:
+                lines += [f"--- {worker.name}", worker.output()[-4000:]]
+            raise AssertionError("\n".join(lines)) from None
 
     def all_in(self, ids: list[str], state: JobState) -> bool:
         return all((r := self.store.get(i)) is not None and r.state is state for i in ids)
