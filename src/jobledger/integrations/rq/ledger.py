@@ -101,7 +101,9 @@ class WorkerLedger:
         with self._lock:
             pid = os.getpid()
             store = self._stores.get(pid) or self._factory()
-            self._stores[pid] = cast(Store, ForkGuardedStore(store))
+            if store.serialize_across_fork:  # SQLite only: no lock on the other stores' calls
+                store = cast(Store, ForkGuardedStore(store))
+            self._stores[pid] = store
         instance = new_instance(self.settings, queues)
         self.instance_id = instance.id
         self.heartbeat = Heartbeat(
@@ -133,7 +135,7 @@ class WorkerLedger:
 
     def _relay_loop(self) -> RelayLoop:
         store = self._factory()  # its own: a batch's publishes must not hold up the heartbeat
-        if getattr(store, "dialect", None) == "sqlite":
+        if store.serialize_across_fork:
             store = cast(Store, ForkGuardedStore(store))
         relay = Relay.from_settings(
             store, self.settings, publish=self._publish_many, systems={self.system}
