@@ -159,13 +159,27 @@ BrokerUrl = Annotated[
 ]
 
 
+RqRedisUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--rq-redis",
+        help="RQ's Redis URL: publish RQ jobs by function name, without importing their code.",
+        metavar="URL",
+    ),
+]
+
+
 def _register_integration(
-    app_module: str | None, broker: str | None, database_url: str | None
+    app_module: str | None,
+    broker: str | None,
+    database_url: str | None,
+    rq_redis: str | None = None,
 ) -> None:
     """Make ``publish`` work in this process: import ``--app`` (its integration registers
-    itself), or for ``--broker`` install the Celery integration on a bare app of that broker
-    (invariant 10: a record holds all a publish needs); and the Sidekiq integration where
-    ``JOBLEDGER_SIDEKIQ_REDIS_URL`` is set."""
+    itself), for ``--broker`` install the Celery integration on a bare app of that broker,
+    for ``--rq-redis`` the RQ integration on that Redis (invariant 10: a record holds all a
+    publish needs); and the Sidekiq integration where ``JOBLEDGER_SIDEKIQ_REDIS_URL`` is
+    set."""
     if app_module:
         if os.getcwd() not in sys.path:  # as `celery -A` finds a module beside the user
             sys.path.insert(0, os.getcwd())
@@ -191,6 +205,12 @@ def _register_integration(
                 "pip install 'jobledger[sidekiq]'"
             ) from None
         install(settings)
+    if rq_redis:
+        try:
+            from jobledger.integrations.rq import install_for_redis
+        except ImportError as exc:
+            raise ConfigError(f"--rq-redis needs RQ ({exc}): pip install 'jobledger[rq]'") from None
+        install_for_redis(rq_redis, settings)
 
 
 def _command(**options: Any) -> Callable[[F], F]:
@@ -224,9 +244,12 @@ def _open(database_url: str | None) -> tuple[Settings, Store]:
 
 
 def _manager(
-    database_url: str | None, app_module: str | None = None, broker: str | None = None
+    database_url: str | None,
+    app_module: str | None = None,
+    broker: str | None = None,
+    rq_redis: str | None = None,
 ) -> Manager:
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, rq_redis)
     settings, store = _open(database_url)
     if app_module or broker:
         return Manager(store, settings=settings)
@@ -566,6 +589,7 @@ def _no_integration(exc: IntegrationMissing) -> str:
         "celery": "pass --app with your Celery app's module (as for celery -A) or --broker "
         "with its broker URL",
         "sidekiq": "set JOBLEDGER_SIDEKIQ_REDIS_URL to your Sidekiq app's Redis",
+        "rq": "pass --rq-redis with RQ's Redis URL (or --app with the module that installs it)",
     }.get(system, "pass --app with the module that installs its integration")
     extra = EXTRAS.get(system)
     module = "redis" if system == "sidekiq" else system
@@ -598,12 +622,13 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         force: Force = False,
         app_module: AppModule = None,
         broker: BrokerUrl = None,
+        rq_redis: RqRedisUrl = None,
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
         filtered = any((state, queue, name, system, match, older_than))
         query = _query(state, queue, name, match, regex, older_than, system)
-        manager = _manager(database_url, app_module, broker)
+        manager = _manager(database_url, app_module, broker, rq_redis)
         try:
             report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
         except IntegrationMissing as exc:  # nothing selected can be published from here
@@ -617,7 +642,7 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         kept = [
             p
             for p in signature.parameters.values()
-            if p.name not in ("app_module", "broker", "force")
+            if p.name not in ("app_module", "broker", "rq_redis", "force")
         ]
         command.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
     _command(name=action)(command)
@@ -675,13 +700,14 @@ def prune(
 def recover(
     app_module: AppModule = None,
     broker: BrokerUrl = None,
+    rq_redis: RqRedisUrl = None,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run one recovery sweep now: publish the jobs of dead instances again (same ids)."""
     from jobledger.recovery import Outcome, Recovery
 
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, rq_redis)
     settings, store = _open(database_url)
     report = Recovery.from_settings(store, settings).sweep_once()
     if as_json:
@@ -720,6 +746,7 @@ def relay(
     ] = None,
     app_module: AppModule = None,
     broker: BrokerUrl = None,
+    rq_redis: RqRedisUrl = None,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -732,12 +759,12 @@ def relay(
     from jobledger.integrations.base import registry
     from jobledger.relay import Relay, RelayLoop
 
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, rq_redis)
     systems = registry.systems()
     if not systems:
         raise ConfigError(
-            "no queue integration to publish with: pass --app (your Celery app's module) or "
-            "--broker"
+            "no queue integration to publish with: pass --app (your Celery app's module), "
+            "--broker (Celery's broker URL) or --rq-redis (RQ's Redis URL)"
         )
     settings, store = _open(database_url)
     if grace is not None:
@@ -855,6 +882,7 @@ def serve(
         ),
     ] = True,
     app_module: AppModule = None,
+    rq_redis: RqRedisUrl = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the supervisor: the HTTP API, the dashboard, /metrics and the maintenance loops."""
@@ -864,6 +892,6 @@ def serve(
         raise ConfigError(
             f"the supervisor needs the server extra ({exc}): pip install 'jobledger[server]'"
         ) from None
-    _register_integration(app_module, None, database_url)
+    _register_integration(app_module, None, database_url, rq_redis)
     settings = Settings.from_env(database_url=database_url, server_host=host, server_port=port)
     run_server(settings, maintenance=maintenance)

@@ -78,6 +78,8 @@ from jobledger.errors import (
     SchemaMissing,
     StagingError,
 )
+from jobledger.forkguard import ForkGuardedStore as _ForkGuardedStore
+from jobledger.forkguard import install_fork_hooks as _install_fork_hooks
 from jobledger.heartbeat import Health, Heartbeat, new_instance
 from jobledger.integrations.base import Published, registry
 from jobledger.integrations.celery_staging import (
@@ -96,7 +98,7 @@ from jobledger.query import JobQuery
 from jobledger.recovery import Recovery, RecoveryLoop
 from jobledger.relay import Relay, RelayLoop
 from jobledger.stores import Store, store_for
-from jobledger.stores.base import ANY, KEEP, StagedBatch, Transition
+from jobledger.stores.base import ANY, KEEP, Transition
 from jobledger.tracebacks import task_traceback
 
 log = logging.getLogger(__name__)
@@ -1341,71 +1343,6 @@ def _round_trip(producer: Any) -> None:
         producer.channel.exchange_declare("amq.direct", "direct", passive=True)
     except IrrecoverableChannelError as exc:
         raise _ChannelClosed() from exc
-
-
-class _ForkGuardedStore:
-    """The worker main process's store, never in use while the process forks a pool child.
-
-    SQLite keeps its file locks' bookkeeping per process: a child forked while another thread
-    of the parent holds a lock (a heartbeat, a sweep) inherits the bookkeeping but not the
-    thread, and its own writes then wait for a lock nobody will release. Each call holds
-    :data:`_FORK_LOCK`, which ``os.register_at_fork`` takes around every fork.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    @contextlib.contextmanager
-    def staged_batch(self, **options: Any) -> Iterator[StagedBatch]:
-        """The lease and its end (the batch's two transactions) hold the lock; the publishes
-        between them do not, so a slow broker never holds up the heartbeat."""
-        context = self._store.staged_batch(**options)
-        with _FORK_LOCK:
-            batch = context.__enter__()
-        try:
-            yield batch
-        except BaseException:
-            with _FORK_LOCK:
-                if not context.__exit__(*sys.exc_info()):
-                    raise
-        else:
-            with _FORK_LOCK:
-                context.__exit__(None, None, None)
-
-    def __getattr__(self, name: str) -> Any:
-        target = getattr(self._store, name)
-        if not callable(target):
-            return target
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            with _FORK_LOCK:
-                return target(*args, **kwargs)
-
-        return guarded
-
-
-_FORK_LOCK = threading.RLock()
-_fork_hooks_installed = False
-
-
-def _install_fork_hooks() -> None:
-    global _fork_hooks_installed
-    if _fork_hooks_installed:
-        return
-    _fork_hooks_installed = True
-    os.register_at_fork(
-        before=_FORK_LOCK.acquire,
-        after_in_parent=_FORK_LOCK.release,
-        after_in_child=_release_in_child,
-    )
-
-
-def _release_in_child() -> None:
-    global _FORK_LOCK
-    try:
-        _FORK_LOCK.release()
-    except RuntimeError:  # not held by this thread after all: start the child with a fresh one
-        _FORK_LOCK = threading.RLock()
 
 
 #: The integration installed on each app, for the methods every task gets (below).

@@ -1,0 +1,176 @@
+"""The RQ integration as the core sees it: publish, count a queue, record at enqueue, stage.
+
+One per Redis connection (:func:`integration_for`), registered as the process's ``rq``
+integration so that restart, recovery and the relay publish RQ jobs through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.job import Job
+from rq.registry import DeferredJobRegistry, ScheduledJobRegistry
+
+from jobledger.config import Settings
+from jobledger.errors import JobLedgerError, StagingError
+from jobledger.integrations.base import Published, publish_one_by_one, registry
+from jobledger.integrations.rq import publish as _publish
+from jobledger.integrations.rq.ledger import WorkerLedger
+from jobledger.integrations.rq.marks import JOB_OPTIONS, SYSTEM, record_of
+from jobledger.model import JobRecord, JobState, Republish
+from jobledger.outbox import Outbox
+from jobledger.stores import Store
+from jobledger.stores.base import Transition
+
+log = logging.getLogger(__name__)
+
+
+class RQIntegration:
+    """The ledger's side of RQ on one Redis connection. Build it with :func:`install`."""
+
+    system = SYSTEM
+
+    def __init__(
+        self,
+        connection: Redis,
+        settings: Settings,
+        *,
+        store_factory: Callable[[], Store] | None = None,
+    ) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.ledger = WorkerLedger(
+            settings,
+            system=SYSTEM,
+            publish=self.publish,
+            publish_many=self.publish_many,
+            probe=lambda system: self if system == SYSTEM else None,
+            store_factory=store_factory,
+        )
+        self.unrecorded = 0  # enqueues the ledger did not take (invariant 7)
+        self._outbox: Outbox | None = None
+
+    # -- the way back ---------------------------------------------------------------------
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
+        _publish.publish(self.connection, record, reason)
+
+    def publish_many(self, records: Sequence[JobRecord]) -> Published:
+        return publish_one_by_one(self.publish, records)
+
+    # -- QueueProbe ---------------------------------------------------------------------
+    def broker_queue(self, record: JobRecord) -> str | None:
+        return record.queue
+
+    def ready_messages(self, queue: str) -> int | None:
+        """Jobs Redis holds for ``queue`` that no worker took yet: queued ids, and the
+        scheduled (a retry's interval, ``enqueue_at``) and deferred ones, which a sweep must
+        not judge lost either. None if Redis cannot be reached."""
+        q = Queue(queue, connection=self.connection)
+        try:
+            scheduled = ScheduledJobRegistry(queue=q)  # type: ignore[no-untyped-call]
+            return q.count + scheduled.count + DeferredJobRegistry(queue=q).count
+        except RedisError as exc:
+            log.debug("cannot count the jobs in RQ queue %s: %s", queue, exc)
+            return None
+
+    # -- the way in: at enqueue ---------------------------------------------------------
+    def record(self, job: Job, scheduled_at: Any = None) -> None:
+        """Write ``job``'s queued record; a ledger that is down costs a warning, never the
+        enqueue (invariant 7): the worker creates the record at its claim."""
+        record = record_of(job, scheduled_at)
+        if record is None:
+            return
+        try:
+            self.ledger.store.create(record)  # False: it exists (a retry, a republish)
+        except JobLedgerError as exc:
+            self.unrecorded += 1
+            log.warning("job %s (%s) enqueued but not recorded: %s", job.id, record.name, exc)
+
+    def unpublished(self, job_id: str, exc: BaseException) -> None:
+        """The enqueue raised after the record was written: the caller was told the job was
+        not queued, so the record says so too (cancelled, with the error)."""
+        change = Transition(
+            to=JobState.CANCELLED,
+            expect=frozenset({JobState.QUEUED}),
+            expect_owner=None,
+            expect_generation=0,
+            error=f"not queued: its enqueue failed and the caller was told ({exc!r})",
+        )
+        try:
+            self.ledger.store.transition(job_id, change)
+        except JobLedgerError as err:
+            log.warning("job %s: its failed enqueue could not be recorded: %s", job_id, err)
+
+    # -- staging (the outbox) -------------------------------------------------------------
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            self._outbox = Outbox(self.ledger.store, publish=self.publish_many)
+        return self._outbox
+
+    def stage(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str = "default",
+        job_id: str | None = None,
+        using: object | None = None,
+        **options: Any,
+    ) -> str:
+        """Stage a call of ``func`` in the transaction of ``using`` (a SQLAlchemy Session or
+        Connection, a Django alias; default: the bound or open one, else the ledger's own
+        connection, committed at once) and return its job id. It is enqueued on ``queue``
+        right after the commit, or by the relay. ``options`` are ``create_job``'s
+        (``timeout``, ``result_ttl``, ``ttl``, ``failure_ttl``, ``description``);
+        :class:`StagingError` for any other."""
+        unknown = sorted(set(options) - set(JOB_OPTIONS))
+        if unknown:
+            raise StagingError(
+                f"option(s) {', '.join(unknown)} cannot be staged; a staged RQ job takes "
+                f"{', '.join(JOB_OPTIONS)}"
+            )
+        name = func if isinstance(func, str) else f"{func.__module__}.{func.__qualname__}"
+        if "<locals>" in name or "." not in name:
+            raise StagingError(f"{name!r} is no importable function name")
+        job = Job.create(
+            name, args=list(args or ()), kwargs=dict(kwargs or {}), connection=self.connection,
+            id=job_id or str(uuid.uuid4()), origin=queue, **options,
+        )  # fmt: skip
+        record = record_of(job)
+        if record is None:
+            raise StagingError(f"{name}: its arguments cannot be kept as JSON")
+        self.outbox.stage(replace(record, state=JobState.STAGED), using)
+        return record.id
+
+
+_by_connection: weakref.WeakKeyDictionary[Redis, RQIntegration] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def integration_for(
+    connection: Redis,
+    settings: Settings | None = None,
+    *,
+    store_factory: Callable[[], Store] | None = None,
+) -> RQIntegration:
+    """The integration of ``connection``, made and registered on first use (from the
+    ``JOBLEDGER_*`` settings unless given; ``store_factory`` opens each process's ledger)."""
+    with _lock:
+        found = _by_connection.get(connection)
+        if found is None:
+            found = _by_connection[connection] = RQIntegration(
+                connection, settings or Settings.from_env(), store_factory=store_factory
+            )
+            registry.register(found)
+        return found

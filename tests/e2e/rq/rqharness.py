@@ -1,0 +1,207 @@
+"""Real ``rq worker`` processes on a queue of the test's own, a real ledger, and deadlines
+instead of sleeps. (Named apart from the Celery harness: both directories go on sys.path.)"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+sys.path.insert(0, str(HERE))
+
+from rqtasks import RUNS_SCHEMA  # noqa: E402
+
+from jobledger.config import Settings  # noqa: E402
+from jobledger.integrations.base import registry  # noqa: E402
+from jobledger.integrations.rq import Queue, RQIntegration, install  # noqa: E402
+from jobledger.model import JobRecord, JobState  # noqa: E402
+from jobledger.stores.sql import SQLStore  # noqa: E402
+from jobledger.testing import wait_for  # noqa: E402 - the tests import it from here
+from ledgerdb import database_url, empty_sql_store  # noqa: E402
+
+REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+WORKER_CLASSES = ["Worker", "SimpleWorker"]
+
+
+class RQWorker:
+    """One ``rq worker`` process (and the work horse it forks for each job)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+        self.proc = proc
+        self.name = name
+        self.log = log
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        with contextlib.suppress(OSError):
+            return [int(p) for p in path.read_text().split()]
+        return []
+
+    def stopped(self) -> bool:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+            return stat.rsplit(")", 1)[1].split()[0] in ("T", "t", "Z")
+        return True
+
+    def kill_all(self) -> None:
+        """SIGKILL the worker and its work horse (a horse is a process group of its own, so
+        a group kill misses it): stopped first (SIGSTOP lands asynchronously: waited for),
+        so it forks no horse meanwhile."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGSTOP)
+            wait_for(f"{self.name} to stop", self.stopped, timeout=10)
+            for pid in self.children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class RQHarness:
+    """A queue of the test's own on the test Redis, a ledger on ``ledger`` (``sqlite`` or
+    ``postgresql``), the test's runs table, and the workers it started."""
+
+    def __init__(self, tmp_path: Path, ledger: str = "sqlite", worker_class: str = "Worker"):
+        self.tmp_path = tmp_path
+        self.worker_class = worker_class
+        self.queue_name = f"jl-e2e-{uuid.uuid4().hex[:10]}"
+        self.url = database_url(ledger, tmp_path)
+        self.store: SQLStore = empty_sql_store(self.url)
+        self.runs_db = str(tmp_path / "runs.db")
+        with sqlite3.connect(self.runs_db) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(RUNS_SCHEMA)
+        os.environ["E2E_RUNS_DB"] = self.runs_db
+        self.redis = Redis.from_url(REDIS)
+        self.settings = Settings(
+            database_url=self.url,
+            instance_name="client",
+            heartbeat_interval=1.0,
+            recovery_interval=0.5,
+        )
+        self.integration: RQIntegration = install(self.redis, self.settings)
+        self.queue = Queue(self.queue_name, connection=self.redis)
+        self.workers: list[RQWorker] = []
+
+    def enqueue(self, name: str, *args: Any, **options: Any) -> str:
+        """Enqueue the job function ``rqtasks.<name>`` by name (no task code imported)."""
+        return str(self.queue.enqueue(f"rqtasks.{name}", *args, **options).id)
+
+    def env(self, name: str, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src")]),
+            E2E_RUNS_DB=self.runs_db,
+            JOBLEDGER_DATABASE_URL=self.url,
+            JOBLEDGER_INSTANCE_NAME=name,
+            JOBLEDGER_HEARTBEAT_INTERVAL="1",
+            JOBLEDGER_RECOVERY_INTERVAL="0.5",
+            JOBLEDGER_MAX_RECOVERIES="3",
+        )
+        env.update(extra)
+        return env
+
+    def start_worker(self, name: str, worker_class: str | None = None, **env: str) -> RQWorker:
+        """Spawn ``rq worker`` (``env`` over the harness's variables) and wait until it
+        registered its instance in the ledger."""
+        cls = worker_class or self.worker_class
+        cmd = [
+            sys.executable, "-m", "rq.cli", "worker", "--url", REDIS,
+            "--worker-class", f"jobledger.integrations.rq.{cls}",
+            "--name", f"{name}-{self.queue_name}", self.queue_name,
+        ]  # fmt: skip
+        log = self.tmp_path / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=self.tmp_path, env=self.env(name, **env), stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        worker = RQWorker(proc, name, log)
+        self.workers.append(worker)
+        wait_for(
+            f"worker {name} to register",
+            lambda: (
+                (proc.poll() is None and any(i.name == name for i in self.store.instances(ttl=10)))
+                or _died(worker)
+            ),
+        )
+        return worker
+
+    def worker(self, name: str) -> RQWorker:
+        return next(w for w in self.workers if w.name == name)
+
+    def runs(self) -> list[tuple[str, str, str, float, int]]:
+        with contextlib.closing(sqlite3.connect(self.runs_db, timeout=60)) as conn:
+            return list(conn.execute("SELECT job_id, phase, worker, at, pid FROM runs"))
+
+    def job(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        assert record is not None, f"job {job_id} is not in the ledger"
+        return record
+
+    def wait(self, what: str, check: Callable[[], object], ids: list[str], timeout: float) -> None:
+        """:func:`wait_for`, failing with what the ledger, the runs table and each worker's
+        log say about ``ids`` (a failed e2e run must explain itself: the machine is shared)."""
+        try:
+            wait_for(what, check, timeout)
+        except TimeoutError as exc:
+            jobs = [self.store.get(i) for i in ids]
+            lines = [str(exc), *(repr(j) for j in jobs)]
+            lines += [repr(r) for r in self.runs() if r[0] in ids]
+            for worker in self.workers:
+                lines += [f"--- {worker.name}", worker.output()[-4000:]]
+            raise AssertionError("\n".join(lines)) from None
+
+    def all_in(self, ids: list[str], state: JobState) -> bool:
+        return all((r := self.store.get(i)) is not None and r.state is state for i in ids)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.kill_all()
+        for worker in self.workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(10)
+        registry.unregister("rq", self.integration)
+        with contextlib.suppress(Exception):
+            keys = list(self.redis.scan_iter(f"*{self.queue_name}*"))
+            if keys:
+                self.redis.delete(*keys)
+        self.redis.close()
+        self.store.close()
+
+
+def _died(worker: RQWorker) -> Any:
+    if worker.proc.poll() is not None:
+        pytest.fail(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.output()}")
+    return False
+
+
+@pytest.fixture(name="make_rq")
+def make_rq_fixture(tmp_path: Path) -> Iterator[Callable[..., RQHarness]]:
+    """Build harnesses: ``make_rq(ledger="sqlite", worker_class="Worker")``."""
+    made: list[RQHarness] = []
+
+    def make(ledger: str = "sqlite", worker_class: str = "Worker") -> RQHarness:
+        made.append(RQHarness(tmp_path, ledger, worker_class))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.close()

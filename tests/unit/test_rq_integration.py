@@ -1,0 +1,176 @@
+"""The RQ integration's own logic: what a job carries, the record it makes, publishing by
+name, recording at enqueue. Against a real Redis (RQ needs one), a ledger in memory."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from redis import Redis
+from rq import Queue as PlainQueue
+from rq import Retry
+from rq.job import Job
+
+from jobledger.config import Settings
+from jobledger.errors import StagingError
+from jobledger.integrations.base import registry
+from jobledger.integrations.rq import Queue, RQIntegration, install
+from jobledger.integrations.rq.marks import (
+    GENERATION,
+    REPUBLISH,
+    TRACKED,
+    generation_of,
+    record_of,
+    republish_of,
+)
+from jobledger.integrations.rq.publish import forget_runs
+from jobledger.model import JobRecord, JobState, Republish
+from jobledger.testing import MemoryStore
+
+REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def job_named(name: str = "reports.build", **options: object) -> Job:
+    return Job.create(name, connection=Redis.from_url(REDIS), **options)  # type: ignore[arg-type]
+
+
+def test_a_job_records_what_publishes_it_again_without_its_code() -> None:
+    job = job_named(
+        args=[2026], kwargs={"model_id": 4242}, id="given-1", origin="reports", timeout=60,
+        result_ttl=10, description="build", meta={"tenant": "a"},
+    )  # fmt: skip
+    job.retries_left, job.retry_intervals = 2, [1, 5]
+    at = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    record = record_of(job, at)
+    assert record is not None
+    assert (record.id, record.name, record.system, record.queue) == (
+        "given-1", "reports.build", "rq", "reports"
+    )  # fmt: skip
+    assert (record.args, record.kwargs) == ([2026], {"model_id": 4242})
+    assert record.options == {
+        "timeout": 60, "result_ttl": 10, "description": "build",
+        "retry": {"max": 2, "intervals": [1, 5]}, "scheduled_at": at.isoformat(),
+        "meta": {"tenant": "a"},
+    }  # fmt: skip
+
+
+def test_a_job_json_cannot_hold_is_not_tracked() -> None:
+    assert record_of(job_named(args=[object()])) is None
+
+
+def test_generation_and_reason_are_read_from_the_meta_and_malformed_ones_ignored() -> None:
+    job = job_named(meta={GENERATION: 3, REPUBLISH: "recovery"})
+    assert (generation_of(job), republish_of(job)) == (3, Republish.RECOVERY)
+    bad = job_named(meta={GENERATION: "x", REPUBLISH: "nonsense"})
+    assert (generation_of(bad), republish_of(bad)) == (None, None)
+    assert generation_of(job_named()) is None
+
+
+@pytest.fixture
+def rq_env() -> Iterator[tuple[RQIntegration, MemoryStore, Redis, str]]:
+    store = MemoryStore()
+    redis = Redis.from_url(REDIS)
+    integration = install(redis, Settings(instance_name="client"), store_factory=lambda: store)
+    name = f"jl-unit-{uuid.uuid4().hex[:10]}"
+    yield integration, store, redis, name
+    registry.unregister("rq")  # this one, or the one a test installed on another connection
+    keys = list(redis.scan_iter(f"*{name}*"))
+    if keys:
+        redis.delete(*keys)
+    redis.close()
+
+
+def test_tracked_queues_record_every_enqueue_path(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    _, store, redis, name = rq_env
+    queue = Queue(name, connection=redis)
+    plain = queue.enqueue("reports.build", 1, job_id="by-caller", retry=Retry(max=3))
+    later = queue.enqueue_in(timedelta(hours=1), "reports.build", 2)
+    many = queue.enqueue_many([PlainQueue.prepare_data("reports.build", [3])])
+    made = Job.create("reports.build", args=[4], connection=redis)
+    queue.enqueue_job(made)
+    for job in (plain, later, *many, made):
+        record = store.get(job.id)
+        assert record is not None and record.state is JobState.QUEUED, job.id
+        assert Job.fetch(job.id, connection=redis).meta[TRACKED] is True
+    assert store.get("by-caller").options["retry"] == {"max": 3, "intervals": [0]}  # type: ignore[union-attr]
+    assert "scheduled_at" in store.get(later.id).options  # type: ignore[union-attr]
+
+
+def test_install_on_a_queue_tracks_that_queue_of_any_class(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    integration, store, redis, name = rq_env
+
+    class Custom(PlainQueue):
+        pass
+
+    queue = Custom(name, connection=redis)
+    assert install(queue) is integration
+    assert isinstance(queue, Custom)
+    job = queue.enqueue("reports.build", 1)
+    assert store.get(job.id) is not None
+    assert store.get(PlainQueue(name, connection=redis).enqueue("reports.build", 2).id) is None
+
+
+def test_an_enqueue_that_raises_leaves_the_record_cancelled(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    integration, store, _, name = rq_env
+    down = Redis(port=1)  # nothing listens there
+    install(down, integration.settings, store_factory=lambda: store)
+    with pytest.raises(Exception):  # noqa: B017 - redis's own error, whatever it is
+        Queue(name, connection=down).enqueue("reports.build", 1, job_id="unsent")
+    record = store.get("unsent")
+    assert record is not None and record.state is JobState.CANCELLED
+    assert "its enqueue failed" in (record.error or "")
+
+
+def test_publish_puts_the_job_back_by_name_and_out_of_rqs_registries(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    integration, _, redis, name = rq_env
+    queue = PlainQueue(name, connection=redis)
+    queue.failed_job_registry.add(job_named(id="again"), ttl=60)
+    redis.zadd(queue.started_job_registry.key, {"again:exec1": 1, "other:exec2": 1})
+    queue.push_job_id("again")  # a stray earlier copy: the republish leaves one
+    record = JobRecord(
+        id="again", name="no.such.module.fn", system="rq", queue=name, args=[1],
+        kwargs={"a": 2}, generation=2, options={"timeout": 30, "meta": {"tenant": "a"}},
+    )  # fmt: skip
+    integration.publish(record, reason=Republish.RESTART)
+    job = Job.fetch("again", connection=redis)
+    assert (job.func_name, job.args, job.kwargs, job.timeout) == (
+        "no.such.module.fn", [1], {"a": 2}, 30
+    )  # fmt: skip
+    assert job.meta == {"tenant": "a", TRACKED: True, GENERATION: 2, REPUBLISH: "restart"}
+    assert queue.get_job_ids() == ["again"]
+    assert "again" not in queue.failed_job_registry.get_job_ids()
+    assert redis.zrange(queue.started_job_registry.key, 0, -1) == [b"other:exec2"]
+    assert integration.ready_messages(name) == 1
+
+
+def test_forget_runs_leaves_other_jobs_alone(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    _, _, redis, name = rq_env
+    queue = PlainQueue(name, connection=redis)
+    redis.zadd(queue.started_job_registry.key, {"a:1": 1, "ab:2": 1})
+    with redis.pipeline() as pipe:
+        forget_runs(queue, "a", pipe)
+        pipe.execute()
+    assert redis.zrange(queue.started_job_registry.key, 0, -1) == [b"ab:2"]
+
+
+def test_staging_refuses_what_it_could_not_enqueue_the_same_way_later(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    integration = rq_env[0]
+    with pytest.raises(StagingError, match="cannot be staged"):
+        integration.stage("reports.build", [1], depends_on="other")
+    with pytest.raises(StagingError, match="no importable function name"):
+        integration.stage(lambda: None)
