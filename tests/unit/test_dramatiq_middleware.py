@@ -131,6 +131,14 @@ def _declare(env: Env) -> None:
         ran()
         time.sleep(2)
 
+    @dramatiq.actor(
+        broker=broker, queue_name=QUEUE, actor_name="interruptible", tracked=True,
+        max_retries=0, notify_shutdown=True,
+    )  # fmt: skip
+    def interruptible() -> None:
+        ran()
+        time.sleep(10)
+
 
 def test_a_tracked_message_is_recorded_claimed_and_finished(make_env: Callable[..., Env]) -> None:
     env = make_env()
@@ -233,6 +241,18 @@ def test_the_time_limit_fails_the_job_and_says_so(make_env: Callable[..., Env]) 
         worker.stop()
     record = env.store.get(job_id)
     assert record is not None and (record.error or "").startswith("time limit exceeded")
+
+
+def test_a_shutdown_notification_fails_the_job_and_says_so(make_env: Callable[..., Env]) -> None:
+    env = make_env()
+    job_id = env.broker.get_actor("interruptible").send().message_id
+    worker = env.worker()
+    wait_for("the job to run", lambda: env.state(job_id) is S.STARTED)
+    worker.stop()  # ShutdownNotifications interrupts it; the drain waits for its end
+    record = env.store.get(job_id)
+    assert record is not None and record.state is S.FAILED
+    assert (record.error or "").startswith("interrupted by its worker's shutdown")
+    assert env.store.instances(ttl=60) == []  # drained, then deregistered
 
 
 def test_a_restart_publishes_by_actor_name_and_runs_again(make_env: Callable[..., Env]) -> None:
