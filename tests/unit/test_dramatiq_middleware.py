@@ -316,3 +316,18 @@ def test_a_middleware_after_retries_stops_the_worker(make_env: Callable[..., Env
     env.broker.middleware.insert(index + 1, env.middleware)
     with pytest.raises(SystemExit):
         env.worker()
+
+
+def test_the_heartbeat_lists_what_waits_in_the_work_queue(make_env: Callable[..., Env]) -> None:
+    env = make_env()
+    worker = env.worker(threads=1)
+    try:
+        running = env.broker.get_actor("work").send(1.0).message_id
+        waiting = env.broker.get_actor("work").send().message_id
+        wait_for("one job to run", lambda: env.state(running) is S.STARTED)
+        # Dramatiq 2 prefetches the other into the work queue; 1.17 keeps it in its consumer
+        expected = {running, waiting} if dramatiq.__version__ >= "2" else {running}
+        wait_for("both to be held", lambda: expected <= dict(env.middleware._holding()).keys())
+        env.settle(worker)
+    finally:
+        worker.stop()

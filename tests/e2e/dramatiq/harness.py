@@ -99,7 +99,14 @@ class Harness:
     def env(self, name: str, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src"), str(ROOT / "tests")]),
+            PYTHONPATH=os.pathsep.join(  # and the caller's (another Dramatiq, say)
+                [
+                    str(HERE),
+                    str(ROOT / "src"),
+                    str(ROOT / "tests"),
+                    os.environ.get("PYTHONPATH", ""),
+                ]
+            ),
             E2E_WORKER="1",
             E2E_BROKER=self.broker_url,
             E2E_QUEUE=self.queue,

@@ -263,8 +263,8 @@ class LedgerMiddleware(Middleware):
         items = list(worker.work_queue.queue)
         for consumer in list(worker.consumers.values()):
             items.extend(consumer.delay_queue.queue)
-        for item in items:
-            message = item.message
+        for item in items:  # (priority, message) up to Dramatiq 1.17, _WorkQueueItem after
+            message = getattr(item, "message", None) or item[1]
             if message.options.get(TRACKED_OPTION):
                 held.setdefault(message.message_id, generation_of(message.options) or 0)
         return list(held.items())
