@@ -260,7 +260,7 @@ class LedgerMiddleware(Middleware):
         worker = self.worker
         if worker is None:
             return list(held.items())
-        items = list(worker.work_queue.queue)
+        items: list[Any] = list(worker.work_queue.queue)
         for consumer in list(worker.consumers.values()):
             items.extend(consumer.delay_queue.queue)
         for item in items:  # (priority, message) up to Dramatiq 1.17, _WorkQueueItem after
