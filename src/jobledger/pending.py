@@ -97,6 +97,29 @@ class TransitionWrite:
         return "deletion on success" if self.delete else f"move to {self.change.to.value}"
 
 
+@dataclass(frozen=True)
+class CreateWrite:
+    """The record of a job published while the ledger was down, written once it is back.
+
+    Without it such a job exists only as its message, and a message the broker loses (a
+    restart without persistence, a prefetching worker SIGKILLed) takes the job with it, with
+    nothing left to recover it from. Once the record exists the lost-message sweep covers it.
+    A record already there (a claim recreated it first) is fine: create never overwrites."""
+
+    record: JobRecord
+
+    @property
+    def job_id(self) -> str:
+        return self.record.id
+
+    def apply(self, store: Store, *, retried: bool = False) -> bool:
+        store.create(self.record)
+        return True
+
+    def describe(self) -> str:
+        return "record at publish"
+
+
 class Entry(NamedTuple):
     """A kept write and its key in its log (its sequence number: the order of replay)."""
 

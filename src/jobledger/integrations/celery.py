@@ -92,7 +92,7 @@ from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.loop import Loop
 from jobledger.model import ORPHAN_OPTION, JobRecord, JobState, OrphanPolicy, Republish
 from jobledger.outbox import Outbox
-from jobledger.pending import PendingWrites, TransitionWrite
+from jobledger.pending import CreateWrite, PendingWrites, TransitionWrite
 from jobledger.query import JobQuery
 from jobledger.recovery import Recovery, RecoveryLoop
 from jobledger.relay import Relay, RelayLoop
@@ -112,6 +112,9 @@ RESTART_HEADER = "jobledger_restart"
 GENERATION_HEADER = "jobledger_generation"
 #: Message header saying why jobledger published the job again (a :class:`Republish` value).
 REPUBLISH_HEADER = "jobledger_republish"
+#: Set on a message whose record the ledger could not take at publish (it was down): the
+#: worker that receives it writes the record.
+UNRECORDED_HEADER = "jobledger_unrecorded"
 #: The publish options a record keeps, all that :meth:`CeleryIntegration.publish` passes on
 #: (``send_task`` keywords; ``link``/``link_error``/``chain``/``chord`` are the message's embed).
 REPUBLISH_OPTIONS = (
@@ -561,13 +564,34 @@ class CeleryIntegration:
                 kwargs=dict(kwargs),
                 options=options,
             )
+        except JobLedgerError as exc:
+            self._unrecorded(job_id, name, headers, exc, None)
+            return
+        try:
             if self.store.create(record):  # False: it exists (a retry, a recovery, a restart)
                 recorded = getattr(self._recorded, "ids", None)
                 if recorded is not None:
                     recorded.append(job_id)
         except JobLedgerError as exc:
-            self._count("publish_unrecorded")
-            log.warning("job %s (%s) published but not recorded: %s", job_id, name, exc)
+            self._unrecorded(job_id, name, headers, exc, record)
+
+    def _unrecorded(
+        self,
+        job_id: str,
+        name: str,
+        headers: dict[str, Any],
+        exc: JobLedgerError,
+        record: JobRecord | None,
+    ) -> None:
+        """The ledger could not take the record at publish: the message says so, so the
+        worker that receives it writes the record, and this process writes it too once the
+        ledger is back. Either keeps a job the broker then loses recoverable, where before it
+        existed only as its message."""
+        headers[UNRECORDED_HEADER] = True
+        self._count("publish_unrecorded")
+        log.warning("job %s (%s) published but not recorded yet: %s", job_id, name, exc)
+        if record is not None:
+            self.pending.add(CreateWrite(record))
 
     @contextlib.contextmanager
     def publishing(self) -> Iterator[None]:
@@ -880,6 +904,10 @@ class CeleryIntegration:
                 properties,
             ),
         )
+        if headers.get(UNRECORDED_HEADER):
+            # Journaled, not written here: this is the worker's event loop. The claim replays
+            # it first, so it can never land after the job's own later writes.
+            self.pending.add(CreateWrite(self._received[str(request.id)]))
         if self.heartbeat is not None:
             self.heartbeat.wake()
 
