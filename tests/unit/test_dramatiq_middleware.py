@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import dramatiq
 import pytest
@@ -22,6 +23,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Retries
 
 from jobledger.config import Settings
+from jobledger.errors import StoreUnavailable
 from jobledger.integrations.base import registry
 from jobledger.integrations.dramatiq import LedgerMiddleware, install
 from jobledger.manager import Manager
@@ -331,3 +333,24 @@ def test_the_heartbeat_lists_what_waits_in_the_work_queue(make_env: Callable[...
         env.settle(worker)
     finally:
         worker.stop()
+
+
+def test_a_send_while_the_ledger_is_down_is_recorded_once_it_is_back(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    create = env.store.create
+    calls: list[str] = []
+
+    def down_once(record: Any) -> bool:
+        calls.append(record.id)
+        if len(calls) == 1:
+            raise StoreUnavailable("the ledger is down")
+        return create(record)
+
+    with mock.patch.object(env.store, "create", side_effect=down_once):
+        job_id = env.broker.get_actor("work").send().message_id  # the send goes through
+        assert env.broker.queues[QUEUE].qsize() == 1
+        wait_for("the record to be written", lambda: env.store.get(job_id) is not None)
+    assert env.state(job_id) is S.QUEUED
+    assert env.middleware.ledger.counters.snapshot()["publish_unrecorded"] == 1

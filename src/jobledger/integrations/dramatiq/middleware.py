@@ -7,6 +7,7 @@ it), and the finish sees what ``Retries`` decided (a retry enqueued, or the mess
 
 - ``before_enqueue`` (client, and ``Retries`` in a worker): a ``queued`` record, the job id
   being the message id; the markers (tracked, generation) go into ``message.options``. A
+  ledger that is down costs a warning, and the record is written once it is back. A
   message that carries a generation already was published by jobledger or recorded before
   (a republish, a relay's publish, a delayed message moved to its queue): nothing written.
   The running job's own retry moves it to ``retrying`` first (invariant 8).
@@ -49,6 +50,7 @@ from jobledger.integrations.dramatiq.publish import DramatiqPublisher
 from jobledger.integrations.dramatiq.staging import staged_message, staged_record
 from jobledger.integrations.dramatiq.worker import Delivery, End, ProcessLedger, Run, Skipped
 from jobledger.model import ORPHAN_OPTION, OrphanPolicy
+from jobledger.pending import CreateWrite
 from jobledger.stores import Store
 
 log = logging.getLogger(__name__)
@@ -127,12 +129,15 @@ class LedgerMiddleware(Middleware):
         if GENERATION_OPTION in options:
             return  # jobledger published it, or recorded it at its first enqueue
         options[GENERATION_OPTION] = 0
+        record = record_of(message, self.orphan_options(message.actor_name), stamped=False)
         try:
-            record = record_of(message, self.orphan_options(message.actor_name), stamped=False)
             self.ledger.store.create(record)  # False: it exists (the caller reused an id)
         except JobLedgerError as exc:
+            # written once the ledger is back (the worker's claim creates it too), so a message
+            # the broker then loses leaves a record the lost-message sweep can recover from
+            self.ledger.pending.add(CreateWrite(record))
             self.ledger.count("publish_unrecorded")
-            log.warning("job %s (%s) enqueued but not recorded: %s", message.message_id,
+            log.warning("job %s (%s) enqueued, recorded later: %s", message.message_id,
                         message.actor_name, exc)  # fmt: skip
 
     def after_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
