@@ -133,6 +133,10 @@ def _declare(env: Env) -> None:
         ran()
         time.sleep(2)
 
+    @dramatiq.actor(broker=broker, queue_name=QUEUE, actor_name="stale", tracked=True, max_age=1)
+    def stale() -> None:
+        ran()
+
     @dramatiq.actor(
         broker=broker, queue_name=QUEUE, actor_name="interruptible", tracked=True,
         max_retries=0, notify_shutdown=True,
@@ -354,3 +358,37 @@ def test_a_send_while_the_ledger_is_down_is_recorded_once_it_is_back(
         wait_for("the record to be written", lambda: env.store.get(job_id) is not None)
     assert env.state(job_id) is S.QUEUED
     assert env.middleware.ledger.counters.snapshot()["publish_unrecorded"] == 1
+
+
+def test_a_message_age_limit_skips_after_the_claim_is_failed(make_env: Callable[..., Env]) -> None:
+    env = make_env()
+    job_id = env.broker.get_actor("stale").send().message_id
+    time.sleep(0.01)  # older than its max_age of 1 ms: AgeLimit fails and skips it
+    worker = env.worker()
+    try:
+        wait_for("the job to fail", lambda: env.state(job_id) is S.FAILED)
+    finally:
+        worker.stop()
+    assert env.runs == []
+    record = env.store.get(job_id)
+    assert record is not None and "AgeLimit" in (record.error or "")
+
+
+def test_a_worker_that_cannot_beat_stops_fetching(make_env: Callable[..., Env]) -> None:
+    env = make_env()
+    worker = env.worker()
+    try:
+        heartbeat = env.middleware.ledger.heartbeat
+        assert heartbeat is not None
+        heartbeat.halt()  # the test says what the beats say
+        env.middleware._on_beat(False)  # as after failing past the TTL
+        consumers = list(worker.consumers.values())
+        wait_for("the consumers to pause", lambda: all(c.paused_event.is_set() for c in consumers))
+        job_id = env.broker.get_actor("work").send().message_id
+        assert env.broker.queues[QUEUE].qsize() == 1 and env.runs == []  # waits in the broker
+        env.middleware._on_beat(True)
+        wait_for("the job to succeed", lambda: env.state(job_id) is S.SUCCEEDED)
+    finally:
+        worker.stop()
+    counts = env.middleware.ledger.counters.snapshot()
+    assert counts["consuming_stopped"] == counts["consuming_resumed"] == 1
