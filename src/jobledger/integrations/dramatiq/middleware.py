@@ -113,7 +113,9 @@ class LedgerMiddleware(Middleware):
         return {} if policy is OrphanPolicy.REQUEUE else {ORPHAN_OPTION: policy.value}
 
     def after_declare_actor(self, broker: Broker, actor: Actor[Any, Any]) -> None:
-        self.orphan_options(actor.actor_name)  # a misspelt policy fails at import, not at a crash
+        """A misspelt ``on_orphan`` is logged at once (Dramatiq logs a hook's error and goes
+        on), and stops the worker at boot; not left for a crash to find."""
+        self.orphan_options(actor.actor_name)
 
     # -- publishing ---------------------------------------------------------------------------
     def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
