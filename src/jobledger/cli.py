@@ -39,7 +39,7 @@ from jobledger.serialize import (
     report_to_dict,
     stats_to_dict,
 )
-from jobledger.stores import Store, store_for
+from jobledger.stores import Store, open_store, store_for
 
 #: Plain help (no Rich markup): Rich read ``[default: …]`` in a help text as a markup tag and
 #: dropped it, and printed ``<bool>`` beside every flag.
@@ -331,11 +331,10 @@ def _confirm_bulk(action: str, count: int, yes: bool) -> None:
 
 @_command(name="migrate")
 def migrate(database_url: DatabaseUrl = None) -> None:
-    """Create or upgrade the ledger tables (safe to run again)."""
+    """Create or upgrade the ledger: SQL tables; on Redis, check the server and write the
+    ledger id. Safe to run again."""
     settings = Settings.from_env(database_url=database_url)
-    from jobledger.stores.sql import SQLStore
-
-    store = SQLStore(settings.database_url, connect_timeout=settings.connect_timeout)
+    store = open_store(settings.database_url, connect_timeout=settings.connect_timeout)
     report = store.migrate_report()
     out.print(f"ledger schema is up to date in {store.safe_url}")
     out.print(f"argument search: {report}")

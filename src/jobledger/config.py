@@ -93,6 +93,15 @@ class Settings:
     #: lock included, before the ledger counts as down (5s): a host that accepts the connection
     #: and then hangs cannot hold up an enqueue or a worker. Migrations run without it.
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+    #: ``JOBLEDGER_SYNCHRONOUS_PUBLISH``: whether the ``queued`` record written when a job is
+    #: published waits for PostgreSQL to flush it to disk before the publish goes on (default
+    #: on). Off, that one write commits with ``synchronous_commit = off``: about a WAL flush
+    #: less per publish, and a PostgreSQL crash may forget the records of the last moments'
+    #: publishes (at most 3 x ``wal_writer_delay``, 0.6 s by default; the database stays
+    #: consistent). Such a job is still run, and its claim writes the record again; what is
+    #: given up is the record of a job whose message the broker also lost in that moment.
+    #: Claims, outcomes, staging and every other write stay durable. Other databases ignore it.
+    synchronous_publish: bool = True
     #: ``JOBLEDGER_INSTANCE_NAME``: the stable part of an instance id (default: the host name;
     #: on Kubernetes set it from the pod name).
     instance_name: str = field(default_factory=socket.gethostname)

@@ -16,6 +16,10 @@ class ConfigError(JobLedgerError, ValueError):
     """A setting or argument is malformed (a URL, a duration, a state name, an id)."""
 
 
+class UnknownStoreScheme(ConfigError):
+    """A ledger URL whose scheme names no store jobledger has (the message lists those)."""
+
+
 class InvalidTransition(JobLedgerError, ValueError):
     """A transition that the state machine does not allow was asked for (a programming error)."""
 

@@ -29,7 +29,7 @@ from typing import NamedTuple, Protocol
 from jobledger.config import DEFAULT_JOURNAL_LIMIT
 from jobledger.errors import StoreError
 from jobledger.model import JobRecord
-from jobledger.stores.base import ANY, Store, Transition
+from jobledger.stores.base import Store, Transition
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ class TransitionWrite:
         return False
 
     def _landed(self, current: JobRecord | None) -> bool:
-        if self.delete:
-            return current is None
-        if current is None or current.state is not self.change.to:
-            return False
-        owner = self.change.expect_owner
-        return owner is ANY or current.owner == owner
+        return current is None if self.delete else self.change.landed(current)
 
     def describe(self) -> str:
         return "deletion on success" if self.delete else f"move to {self.change.to.value}"

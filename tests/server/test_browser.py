@@ -52,7 +52,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
-            "PYTHONPATH": str(TESTS),
+            # the tests first, then whatever made this jobledger importable (a worktree's src)
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
             "JOBLEDGER_TEST_PUBLISH_LOG": str(publish_log),
         }
         env.pop("JOBLEDGER_API_TOKEN", None)
@@ -102,8 +103,8 @@ def publish_log(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def server(pg_url: str, store: SQLStore, publish_log: Path) -> Iterator[Server]:
-    running = Server(pg_url, publish_log)
+def server(store_url: str, store: SQLStore, publish_log: Path) -> Iterator[Server]:
+    running = Server(store_url, publish_log)
     yield running
     running.stop()
 
@@ -219,10 +220,10 @@ def test_dashboard_refreshes_itself(server: Server, store: SQLStore, page: Page)
 
 
 def test_token_dashboard_asks_for_login(
-    pg_url: str, store: SQLStore, page: Page, publish_log: Path
+    store_url: str, store: SQLStore, page: Page, publish_log: Path
 ) -> None:
     _seed(store)
-    guarded = Server(pg_url, publish_log, token=TOKEN)
+    guarded = Server(store_url, publish_log, token=TOKEN)
     try:
         page.goto(guarded.url + "/jobs/mail-failed-1")
         expect(page.locator("h1")).to_have_text("Log in")

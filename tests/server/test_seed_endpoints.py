@@ -24,7 +24,7 @@ def _cli_show(url: str, job_id: str) -> dict[str, object]:
     return json.loads(result.output)
 
 
-def test_seed_lifecycle_form_encoded(client: TestClient, pg_url: str) -> None:
+def test_seed_lifecycle_form_encoded(client: TestClient, store_url: str) -> None:
     r = client.post("/api/v1/jobs", data={"job_id": "seed-1", **SEED_FORM})
     assert r.status_code == 201, r.text
     job = client.get("/api/v1/jobs/seed-1").json()
@@ -35,18 +35,18 @@ def test_seed_lifecycle_form_encoded(client: TestClient, pg_url: str) -> None:
         "reports",
     )
     assert job["args"] == [42, "report"]
-    assert _cli_show(pg_url, "seed-1")["state"] == "queued"
+    assert _cli_show(store_url, "seed-1")["state"] == "queued"
 
     r = client.post("/api/v1/jobs/seed-1/started", data=SEED_FORM)
     assert r.status_code == 200 and r.json()["state"] == "started"
     assert client.get("/api/v1/jobs/seed-1").json()["state"] == "started"
-    assert _cli_show(pg_url, "seed-1")["state"] == "started"
+    assert _cli_show(store_url, "seed-1")["state"] == "started"
 
     r = client.post("/api/v1/jobs/seed-1/complete", data=SEED_FORM)
     assert r.status_code == 200 and r.json()["applied"] is True
     done = client.get("/api/v1/jobs/seed-1").json()
     assert done["state"] == "succeeded" and done["started_to_finished"] is not None
-    shown = _cli_show(pg_url, "seed-1")
+    shown = _cli_show(store_url, "seed-1")
     assert shown["state"] == "succeeded" and shown["attempts"] == 1
 
     # the middleware may report twice: nothing changes, the answer still says so

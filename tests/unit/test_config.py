@@ -51,6 +51,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "auto_migrate": ("yes", True),
     "connect_timeout": ("3s", 3.0),
     "statement_timeout": ("1500ms", 1.5),
+    "synchronous_publish": ("false", False),
     "instance_name": ("worker-7", "worker-7"),
     "heartbeat_interval": ("5s", 5.0),
     "heartbeat_ttl": ("1m", 60.0),

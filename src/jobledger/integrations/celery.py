@@ -987,7 +987,9 @@ class CeleryIntegration:
         with self._stores_lock:
             pid = os.getpid()
             store = self._stores.get(pid) or self._factory()
-            self._stores[pid] = cast(Store, _ForkGuardedStore(store))
+            if store.serialize_across_fork:  # SQLite only: no lock on the other stores' calls
+                store = cast(Store, _ForkGuardedStore(store))
+            self._stores[pid] = store
             self._pending.pop(pid, None)  # from now on, this process's writes are journaled
         try:
             self.journal = Journal.for_instance(

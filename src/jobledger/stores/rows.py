@@ -10,18 +10,22 @@ and ``+ 1`` in memory, a SQL expression in the database.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from jobledger.errors import ConfigError
 from jobledger.model import (
+    DurationStats,
     Instance,
     InstanceState,
     JobRecord,
     JobState,
+    nearest_rank,
     to_datetime,
     to_epoch,
 )
+from jobledger.query import JobQuery, match_needles
 from jobledger.stores.base import KEEP, DurationKind, Transition
 
 V = TypeVar("V")
@@ -204,3 +208,56 @@ def duration_start(kind: DurationKind) -> str:
     if kind not in ("queued", "started"):
         raise ConfigError(f"duration kind must be 'queued' or 'started', not {kind!r}")
     return "queued_at" if kind == "queued" else "started_at"
+
+
+def row_test(query: JobQuery, now: float) -> Callable[[Mapping[str, Any]], bool]:
+    """``query`` as a test of one row (``now``: the store's clock), with the meaning
+    :meth:`SQLStore._where` gives it: the memory store's selection, and the Redis store's for
+    id lists and regular expressions."""
+    fields: list[tuple[str, frozenset[str]]] = [
+        ("state", frozenset(s.value for s in query.states)),
+        ("queue", query.queues),
+        ("name", query.names),
+        ("system", query.systems),
+        ("id", query.ids),
+        ("owner", query.owners),
+    ]
+    wanted = [(name, values) for name, values in fields if values]
+    oldest = None if query.older_than is None else now - query.older_than
+    newest = None if query.newer_than is None else now - query.newer_than
+    text = text_test(query.match, query.regex)
+
+    def test(row: Mapping[str, Any]) -> bool:
+        if any(row[name] not in values for name, values in wanted):
+            return False
+        if oldest is not None and not row["updated_at"] <= oldest:
+            return False
+        if newest is not None and not row["updated_at"] > newest:
+            return False
+        return text is None or any(text(row[name]) for name in SEARCH_FIELDS)
+
+    return test
+
+
+def text_test(needle: str | None, regex: bool) -> Callable[[str], bool] | None:
+    """The argument search of :meth:`SQLStore._match`: a Python ``re.search`` (what SQLite
+    uses too), or a literal, case-sensitive substring test of every needle."""
+    if needle is None:
+        return None
+    if regex:
+        pattern = re.compile(needle)
+        return lambda stored: pattern.search(stored) is not None
+    needles = match_needles(needle)
+    return lambda stored: any(n in stored for n in needles)
+
+
+def stats_by_name(by_name: Mapping[str, list[float]]) -> list[DurationStats]:
+    """p50/p95/max (nearest rank) of each task name's durations, by name, for the stores
+    that gather the durations themselves (the SQL store asks the database)."""
+    result: list[DurationStats] = []
+    for name, seconds in sorted(by_name.items()):
+        seconds.sort()
+        count = len(seconds)
+        p50, p95 = (seconds[nearest_rank(p, count)] for p in (0.5, 0.95))
+        result.append(DurationStats(name, count, p50, p95, seconds[-1]))
+    return result
