@@ -54,6 +54,14 @@ class Env:
         self.broker.join(QUEUE, timeout=20_000)
         worker.join()
 
+    def run_all(self, threads: int = 4) -> None:
+        """Start a worker, let it work the queue empty, stop it."""
+        worker = self.worker(threads)
+        try:
+            self.settle(worker)
+        finally:
+            worker.stop()
+
     def state(self, job_id: str) -> JobState:
         record = self.store.get(job_id)
         assert record is not None
@@ -170,11 +178,7 @@ def test_two_threads_given_the_same_message_run_it_once(make_env: Callable[..., 
     message = env.broker.get_actor("work").message(0.5)
     env.broker.enqueue(message)
     env.broker.enqueue(message)  # a duplicate delivery, as a broker's redelivery
-    worker = env.worker(threads=4)
-    try:
-        env.settle(worker)
-    finally:
-        worker.stop()
+    env.run_all(threads=4)
     assert env.runs == [message.message_id]
     assert env.state(message.message_id) is S.SUCCEEDED
     assert env.middleware.ledger.counters.snapshot()["duplicates_skipped"] == 1
@@ -199,11 +203,7 @@ def test_a_stale_generation_is_skipped(make_env: Callable[..., Env]) -> None:
     env.store.transition(
         message.message_id, Transition(to=S.QUEUED, expect=frozenset({S.QUEUED}), generation=2)
     )  # republished since: the message sent carries generation 0
-    worker = env.worker()
-    try:
-        env.settle(worker)
-    finally:
-        worker.stop()
+    env.run_all()
     assert env.runs == []
     assert env.state(message.message_id) is S.QUEUED
     assert env.middleware.ledger.counters.snapshot()["stale_deliveries_skipped"] == 1
@@ -289,11 +289,7 @@ def test_a_staged_message_is_published_after_the_commit(make_env: Callable[..., 
         assert env.broker.queues[QUEUE].qsize() == 0  # not before the commit
     record = env.store.get(message.message_id)
     assert record is not None and record.state is S.QUEUED
-    worker = env.worker()
-    try:
-        env.settle(worker)
-    finally:
-        worker.stop()
+    env.run_all()
     assert env.runs == [message.message_id]
     assert env.state(message.message_id) is S.SUCCEEDED
 
