@@ -27,6 +27,7 @@ from typer.exceptions import TyperException
 from jobledger import __version__
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError, IntegrationMissing, JobLedgerError
+from jobledger.history import attempts, first_line, timeline
 from jobledger.integrations.base import EXTRAS
 from jobledger.manager import ActionReport, Manager
 from jobledger.model import JobRecord, JobState, OutboxStats
@@ -118,6 +119,12 @@ Names = Annotated[
     list[str] | None,
     typer.Option("--name", "-n", help="Task name (repeatable).", metavar="NAME"),
 ]
+Systems = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--system", help="Queue system (repeatable): celery, sidekiq, ...", metavar="SYSTEM"
+    ),
+]
 Match = Annotated[
     str | None,
     typer.Option("--match", "-m", help="Literal text the job's arguments contain.", metavar="TEXT"),
@@ -157,7 +164,8 @@ def _register_integration(
 ) -> None:
     """Make ``publish`` work in this process: import ``--app`` (its integration registers
     itself), or for ``--broker`` install the Celery integration on a bare app of that broker
-    (invariant 10: a record holds all a publish needs)."""
+    (invariant 10: a record holds all a publish needs); and the Sidekiq integration where
+    ``JOBLEDGER_SIDEKIQ_REDIS_URL`` is set."""
     if app_module:
         if os.getcwd() not in sys.path:  # as `celery -A` finds a module beside the user
             sys.path.insert(0, os.getcwd())
@@ -173,6 +181,16 @@ def _register_integration(
                 f"--broker needs Celery ({exc}): pip install 'jobledger[celery]'"
             ) from None
         install_for_broker(broker, Settings.from_env(database_url=database_url))
+    settings = Settings.from_env(database_url=database_url)
+    if settings.sidekiq_redis_url is not None:
+        try:
+            from jobledger.integrations.sidekiq import install
+        except ImportError as exc:
+            raise ConfigError(
+                f"JOBLEDGER_SIDEKIQ_REDIS_URL needs redis-py ({exc}): "
+                "pip install 'jobledger[sidekiq]'"
+            ) from None
+        install(settings)
 
 
 def _command(**options: Any) -> Callable[[F], F]:
@@ -210,7 +228,9 @@ def _manager(
 ) -> Manager:
     _register_integration(app_module, broker, database_url)
     settings, store = _open(database_url)
-    return Manager(store, settings=settings)
+    if app_module or broker:
+        return Manager(store, settings=settings)
+    return Manager(store, settings=settings, explain_missing=_no_integration)
 
 
 def _query(
@@ -220,11 +240,13 @@ def _query(
     match: str | None = None,
     regex: bool = False,
     older_than: str | None = None,
+    system: list[str] | None = None,
 ) -> JobQuery:
     return JobQuery(
         states=frozenset(JobState.parse(s) for s in state or ()),
         queues=frozenset(queue or ()),
         names=frozenset(name or ()),
+        systems=frozenset(system or ()),
         match=match,
         regex=regex,
         older_than=parse_duration(older_than) if older_than is not None else None,
@@ -345,6 +367,7 @@ def jobs_command(
     state: States = None,
     queue: Queues = None,
     name: Names = None,
+    system: Systems = None,
     match: Match = None,
     regex: Regex = False,
     older_than: OlderThan = None,
@@ -355,7 +378,7 @@ def jobs_command(
     database_url: DatabaseUrl = None,
 ) -> None:
     """List jobs, newest first (JSON Lines with --json)."""
-    query = _query(state, queue, name, match, regex, older_than)
+    query = _query(state, queue, name, match, regex, older_than, system)
     _, store = _open(database_url)
     now = store.now()
     page_size = min(limit, 500) if limit else 500
@@ -370,7 +393,8 @@ def show(
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Show one job: its timeline, arguments, owner and last error."""
+    """Show one job: its record, arguments and last error, each attempt (who ran it, when,
+    how it ended) and its timeline (recoveries and restarts included)."""
     record = _manager(database_url).get(job_id)
     data = job_to_dict(record)
     if as_json:
@@ -380,12 +404,29 @@ def show(
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in data.items():
+        if key in ("history", "runs"):
+            continue  # told below, as the attempts and the timeline
         if key in ("args", "kwargs", "options", "tags"):
             value = json.dumps(value, ensure_ascii=False)
         elif key in ("queued_to_finished", "started_to_finished"):
             value = format_seconds(value)
         table.add_row(key, "-" if value is None else str(value))
     out.print(table)
+    runs = _table("#", "INSTANCE", "STARTED", "RAN FOR", "OUTCOME", "ERROR")
+    for run in attempts(record):
+        runs.add_row(
+            str(run.number),
+            run.owner or "-",
+            run.started_at.isoformat() if run.started_at else "-",
+            format_seconds(run.ran_for),
+            run.outcome,
+            first_line(run.error) or "-",
+        )
+    out.print("\nattempts", runs if runs.row_count else "  none yet")
+    steps = _table("AT", "WHAT", "DETAIL")
+    for step in timeline(record):
+        steps.add_row(step.at.isoformat(), step.what, step.detail)
+    out.print("\ntimeline", steps)
 
 
 @_command(name="stats")
@@ -424,6 +465,7 @@ def durations(
     state: States = None,
     queue: Queues = None,
     name: Names = None,
+    system: Systems = None,
     match: Match = None,
     regex: Regex = False,
     older_than: OlderThan = None,
@@ -436,7 +478,7 @@ def durations(
     """Durations of finished jobs: p50/p95/max per task name, or per job."""
     if kind not in ("queued", "started"):
         raise ConfigError(f"--kind must be 'queued' or 'started', not {kind!r}")
-    query = _query(state, queue, name, match, regex, older_than)
+    query = _query(state, queue, name, match, regex, older_than, system)
     manager = _manager(database_url)
     if per_job:
         rows = _limited(manager.durations(query, kind), limit)  # type: ignore[arg-type]
@@ -516,22 +558,23 @@ Force = Annotated[
 ]
 
 
-def _no_integration(exc: IntegrationMissing) -> ConfigError:
-    """What a command given neither ``--app`` nor ``--broker`` lacks to publish: the option
-    to pass, and the extra to install only if its queue system is not installed."""
+def _no_integration(exc: IntegrationMissing) -> str:
+    """Why a job was not restarted by a command given neither ``--app`` nor ``--broker``: what
+    to pass or set, and the extra to install only if its queue system is not installed."""
     system = exc.system or "?"
-    option = (
-        "--app with your Celery app's module (as for celery -A) or --broker with its broker URL"
-        if system == "celery"
-        else "--app with the module that installs its integration"
-    )
+    option = {
+        "celery": "pass --app with your Celery app's module (as for celery -A) or --broker "
+        "with its broker URL",
+        "sidekiq": "set JOBLEDGER_SIDEKIQ_REDIS_URL to your Sidekiq app's Redis",
+    }.get(system, "pass --app with the module that installs its integration")
     extra = EXTRAS.get(system)
+    module = "redis" if system == "sidekiq" else system
     install = (
         f"pip install 'jobledger[{extra}]', then "
-        if extra is not None and importlib.util.find_spec(system) is None
+        if extra is not None and importlib.util.find_spec(module) is None
         else ""
     )
-    return ConfigError(f"no integration for queue system {system!r}: {install}pass {option}")
+    return f"no integration for queue system {system!r}: {install}{option}"
 
 
 def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
@@ -546,6 +589,7 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         state: States = None,
         queue: Queues = None,
         name: Names = None,
+        system: Systems = None,
         match: Match = None,
         regex: Regex = False,
         older_than: OlderThan = None,
@@ -557,15 +601,13 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
-        filtered = any((state, queue, name, match, older_than))
-        query = _query(state, queue, name, match, regex, older_than)
+        filtered = any((state, queue, name, system, match, older_than))
+        query = _query(state, queue, name, match, regex, older_than, system)
         manager = _manager(database_url, app_module, broker)
         try:
             report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
-        except IntegrationMissing as exc:
-            if app_module or broker:
-                raise
-            raise _no_integration(exc) from None
+        except IntegrationMissing as exc:  # nothing selected can be published from here
+            raise ConfigError(manager.explain_missing(exc)) from None
         _print_report(report, as_json)
 
     command.__doc__ = summary

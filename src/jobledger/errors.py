@@ -53,6 +53,11 @@ class PublishError(JobLedgerError):
     """The queue system refused or failed to take a job; the ledger was left unchanged."""
 
 
+class BrokerUnavailable(JobLedgerError):
+    """A queue system's broker could not be read (its processes, its queues); the next look
+    tries again."""
+
+
 class MessageRefused(PublishError):
     """The queue system refused this job's message itself (no such queue, a message it cannot
     encode), not for an outage: trying again later would not help."""

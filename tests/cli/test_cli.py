@@ -50,10 +50,10 @@ from .helpers import (
 
 JOB_FIELDS = {
     "id", "name", "system", "queue", "args", "kwargs", "options", "tags", "state", "owner",
-    "attempts", "recoveries", "restarts", "generation", "recent_recoveries", "error",
+    "attempts", "recoveries", "restarts", "generation", "recent_recoveries", "history", "error",
     "created_at", "staged_at",
     "first_queued_at", "queued_at", "started_at", "finished_at", "recovered_at", "updated_at",
-    "queued_to_finished", "started_to_finished",
+    "queued_to_finished", "started_to_finished", "runs",
 }  # fmt: skip
 
 
@@ -182,6 +182,8 @@ def test_jobs_json_lines_carry_every_field(cli: Cli, ledger: Ledger) -> None:
         "tags": {"tenant": "acme"},
         "generation": 0,
         "recent_recoveries": [],
+        "history": [],
+        "runs": [],
         "state": "queued",
         "owner": None,
         "attempts": 0,
@@ -264,11 +266,16 @@ def test_show(cli: Cli, ledger: Ledger) -> None:
     listed = cli.quick("jobs", "--name", "resize_image", "--json").json_lines()
     assert data == next(line for line in listed if line["id"] == "resize-1")
 
+    shown = cli.quick("show", "resize-1").ok().stdout
+    record, runs = shown.split("\nattempts\n")
     rows = {
         line.split()[0]: line.split(maxsplit=1)[1].strip()
-        for line in cli.quick("show", "resize-1").ok().stdout.splitlines()
+        for line in record.splitlines()
         if line.strip()
     }
+    # its one attempt, by its owner, and the timeline to its success
+    assert f"1  {LIVE_WORKER.id}" in runs and "30s      succeeded" in runs
+    assert runs.index("started ") < runs.index("succeeded", runs.index("timeline"))
     assert rows["id"] == "resize-1"
     assert rows["state"] == "succeeded"
     assert rows["kwargs"] == '{"width": 640}'
@@ -627,24 +634,43 @@ def test_restart_publish_error_leaves_that_record_and_exits_1(
     ]
 
 
-def test_restart_refuses_everything_when_one_system_has_no_integration(
+def test_restart_fails_only_the_jobs_of_a_system_without_integration(
     cli: Cli, store: Store, publish_log: Path
 ) -> None:
     restart_targets(store, store.now())
     assert store.create(
         JobRecord(id="rq-1", name="t", system="rq", state=JobState.FAILED, args=[1])
     )
-    before = snapshot(store)
     env = recording_env(cli, publish_log, RECORDING_APP_SYSTEMS="celery")
-    by_ids, by_filter = cli.many(
-        ["restart", "failed-1", "rq-1", "--app", RECORDING_APP, "--json"],
-        ["restart", "--state", "failed", "--app", RECORDING_APP, "--yes"],
-        env=env,
-    )
-    for result in (by_ids, by_filter):
-        result.error("no integration for queue system 'rq'", "pip install 'jobledger[rq]'")
+    dry = cli("restart", "--state", "failed", "--dry-run", "--app", RECORDING_APP, env=env)
+    assert dry.returncode == 1, str(dry)
+    assert "would restart: 1" in dry.stdout and "failed-1" in dry.stdout
+    assert "failed rq-1: no integration for queue system 'rq'" in " ".join(dry.stdout.split())
     assert read_log(publish_log) == []
-    assert snapshot(store) == before
+
+    report = cli(
+        "restart", "failed-1", "rq-1", "--app", RECORDING_APP, "--json", env=env
+    )  # fmt: skip
+    assert report.returncode == 1, str(report)
+    data = json.loads(report.stdout)
+    assert data["done"] == ["failed-1"] and list(data["failed"]) == ["rq-1"]
+    assert "pip install 'jobledger[rq]'" in data["failed"]["rq-1"]
+    assert [entry["id"] for entry in read_log(publish_log)] == ["failed-1"]
+    assert store.get("rq-1").state is JobState.FAILED  # type: ignore[union-attr]
+
+
+def test_restart_by_system_filter(cli: Cli, store: Store, publish_log: Path) -> None:
+    restart_targets(store, store.now())
+    assert store.create(JobRecord(id="rq-1", name="t", system="rq", state=JobState.FAILED))
+    env = recording_env(cli, publish_log, RECORDING_APP_SYSTEMS="celery")
+    only = cli(
+        "restart", "--state", "failed", "--system", "celery", "--yes", "--app", RECORDING_APP,
+        env=env,
+    )  # fmt: skip
+    assert only.returncode == 0, str(only)
+    assert [entry["id"] for entry in read_log(publish_log)] == ["failed-1"]
+    listed = cli("jobs", "--system", "rq", "--json").json_lines()
+    assert [job["id"] for job in listed] == ["rq-1"]
 
 
 # -- prune -----------------------------------------------------------------------------------

@@ -12,10 +12,14 @@ import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from jobledger.errors import IntegrationMissing, MessageRefused, PublishError
 from jobledger.model import JobRecord, Republish
+
+if TYPE_CHECKING:
+    from jobledger.loop import Loop
+    from jobledger.recovery import Recovery
 
 #: The extra that brings each known queue system's integration.
 EXTRAS = {"celery": "celery", "rq": "rq", "dramatiq": "dramatiq", "sidekiq": "sidekiq"}
@@ -83,6 +87,19 @@ class QueueProbe(Protocol):
         the broker cannot tell or cannot be reached."""
 
 
+@runtime_checkable
+class ProcessWatch(Protocol):
+    """An integration that tells a dead worker process from its queue system's own heartbeats
+    (Sidekiq's), for workers that report to the ledger without beating into it. Optional: the
+    supervisor runs its loop beside the recovery sweep."""
+
+    def watch_loop(
+        self, recovery: Recovery, *, on_moved: Callable[[int], None], on_error: Callable[[], None]
+    ) -> Loop:
+        """A loop that pushes back, through ``recovery``, the jobs of processes that died;
+        ``on_moved`` gets how many jobs a look moved, ``on_error`` is called when one fails."""
+
+
 #: Publishes a batch of jobs; what the relay and the outbox's fast path call.
 PublishBatch = Callable[[Sequence[JobRecord]], Published]
 
@@ -146,6 +163,12 @@ class Registry:
         with self._lock:
             found = self._by_system.get(system)
         return found if isinstance(found, QueueProbe) else None
+
+    def watchers(self) -> list[ProcessWatch]:
+        """The integrations that watch their own processes' heartbeats."""
+        with self._lock:
+            found = list(self._by_system.values())
+        return [i for i in found if isinstance(i, ProcessWatch)]
 
     def systems(self) -> list[str]:
         with self._lock:

@@ -47,7 +47,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -98,6 +97,7 @@ from jobledger.recovery import Recovery, RecoveryLoop
 from jobledger.relay import Relay, RelayLoop
 from jobledger.stores import Store, store_for
 from jobledger.stores.base import ANY, KEEP, StagedBatch, Transition
+from jobledger.tracebacks import task_traceback
 
 log = logging.getLogger(__name__)
 
@@ -691,8 +691,8 @@ class CeleryIntegration:
                 why = f"rejected: {rejection!r}"
                 self._finish(lambda: lifecycle.fail(job_id, why, will_retry=False, generation=g))
             raise
-        except Exception:
-            error = traceback.format_exc()
+        except Exception as exc:
+            error = task_traceback(exc, wrappers=("celery",))
             if job_id in self._retrying:  # moved to retrying, then the retry's publish failed
                 self._finish(lambda: lifecycle.fail_unsent_retry(job_id, error, generation=g))
             else:
@@ -982,6 +982,7 @@ class CeleryIntegration:
         the ledger answers (:class:`_Consumption`)."""
         from celery.worker import state as worker_state
 
+        name = self.settings.name_of_instance(getattr(sender, "hostname", None))  # a@vm
         self.wrap_tasks()
         _install_fork_hooks()
         with self._stores_lock:
@@ -994,7 +995,7 @@ class CeleryIntegration:
         try:
             self.journal = Journal.for_instance(
                 self.settings.journal_dir,
-                self.settings.instance_name,
+                name,
                 limit=self.settings.journal_limit,
             )
         except ConfigError as exc:
@@ -1002,7 +1003,7 @@ class CeleryIntegration:
         queues: list[str] = []
         with contextlib.suppress(Exception):  # varies by version and options; only informative
             queues = sorted(self.app.amqp.queues.consume_from or self.app.amqp.queues)
-        instance = new_instance(self.settings, queues)
+        instance = new_instance(self.settings, queues, name=name)
         self.instance_id = instance.id
         self.consumption = _Consumption(self)
         self.heartbeat = Heartbeat(
@@ -1102,11 +1103,10 @@ class CeleryIntegration:
                 log.exception("replaying the journal at shutdown failed")
             if self.pending.holds():
                 log.warning(
-                    "%d ledger writes stay in the journal %s: the next start of %s, or any "
-                    "worker using that directory, replays them",
+                    "%d ledger writes stay in the journal %s: the next worker of that name, "
+                    "or any worker using that directory, replays them",
                     len(self.journal),
                     self.journal.path,
-                    self.settings.instance_name,
                 )
         if self.heartbeat is not None:
             self.heartbeat.drain(timeout=self.settings.ttl)

@@ -91,8 +91,13 @@ def maintenance_loops(
                 on_error=errors,
             )
         )
+    watchers = [
+        watch.watch_loop(recovery, on_moved=metrics.count_recoveries, on_error=errors)
+        for watch in integrations.watchers()
+    ]
     return [
         *relays,
+        *watchers,
         Loop(
             "recovery",
             settings.recovery_interval,

@@ -52,6 +52,8 @@ from jobledger.stores.base import (
 from jobledger.stores.rows import (
     creation_row,
     duration_start,
+    history_after,
+    history_event,
     instance_beat_values,
     instance_from_row,
     record_from_row,
@@ -114,14 +116,15 @@ class MemoryStore(Store):
             ):
                 return False
             at = self.now() if change.at is None else float(change.at)
-            row.update(
-                transition_values(
-                    change,
-                    at,
-                    increment=lambda name: row[name] + 1,
-                    if_empty=lambda name: at if row[name] is None else row[name],
-                )
+            values = transition_values(
+                change,
+                at,
+                increment=lambda name: row[name] + 1,
+                if_empty=lambda name: at if row[name] is None else row[name],
             )
+            if history_event(change) is not None:
+                values["history"] = history_after(row, change, at)
+            row.update(values)
             return True
 
     def delete(
@@ -168,7 +171,7 @@ class MemoryStore(Store):
             return None if found is None else max(0.0, now - found)
 
         return [
-            QueueStats(queue, by_state, lag(queue, "queued_at"), lag(queue, "staged_at"))
+            QueueStats(queue, by_state, lag(queue, "queued_at"), lag(queue, "staged_at"), now)
             for queue, by_state in sorted(counts.items())
         ]
 

@@ -29,7 +29,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0005"
 
 #: Alembic's version table for the ledger's own migrations, apart from the application's.
 VERSION_TABLE = "jobledger_alembic_version"
@@ -71,6 +71,7 @@ jobs = Table(
     Column("restarts", Integer, nullable=False),
     Column("generation", Integer, nullable=False, server_default="0"),
     Column("recent_recoveries", Text),
+    Column("history", LongText),
     Column("error", Text),
     _stamp("created_at", nullable=False),
     _stamp("staged_at"),
@@ -85,6 +86,7 @@ jobs = Table(
     Index("ix_jobledger_jobs_state_updated", "state", "updated_at"),
     Index("ix_jobledger_jobs_queue_state", "queue", "state", "queued_at"),
     Index("ix_jobledger_jobs_name_state", "name", "state"),
+    Index("ix_jobledger_jobs_recovered", "recoveries", "created_at"),
     **_MYSQL_TABLE,
 )
 

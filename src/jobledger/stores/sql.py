@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
@@ -67,9 +68,12 @@ from jobledger.stores.base import (
     _Sentinel,
 )
 from jobledger.stores.rows import (
+    HISTORY_INPUTS,
     SEARCH_FIELDS,
     creation_row,
     duration_start,
+    history_after,
+    history_event,
     instance_beat_values,
     instance_from_row,
     record_from_row,
@@ -99,6 +103,10 @@ _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pym
 
 #: SQLite's busy timeout while migrating (seconds): other writers may hold the lock a while.
 _SQLITE_MIGRATE_BUSY = 30.0
+
+#: How often a move that appends history reads again when another move changed the job
+#: between its read and its write.
+_HISTORY_TRIES = 5
 
 #: Errors worth one more try: deadlocks and serialization failures (PostgreSQL, MySQL).
 _TRANSIENT_CODES = {"40P01", "40001", 1213, 1205}
@@ -487,9 +495,35 @@ class SQLStore(Store):
         return None if row is None else _to_record(row)
 
     def transition(self, job_id: str, change: Transition) -> bool:
-        """One autocommit compare-and-set ``UPDATE``."""
-        won, uncertain = self._on_hot(lambda conn: self._transition(conn, job_id, change))
-        return won or (uncertain and change.landed(self.get(job_id)))
+        """One autocommit compare-and-set ``UPDATE``; a move that appends history (a failure,
+        a recovery, a restart: never a success) reads the entry's inputs first and writes only
+        if they are unchanged, reading again when a concurrent move came in between."""
+        if history_event(change) is None:  # the hot path
+            won, uncertain = self._on_hot(lambda conn: self._transition(conn, job_id, change))
+            return won or (uncertain and change.landed(self.get(job_id)))
+        for _ in range(_HISTORY_TRIES):
+            with self._read() as conn:
+                before = _history_inputs(conn, job_id, change)
+            if before is None:
+                return False
+            if self._retrying(self._with_history, job_id, change, before):
+                return True
+        raise StoreError(f"job {job_id} kept changing while its history was written")
+
+    def _with_history(
+        self, conn: Connection, job_id: str, change: Transition, before: Mapping[Any, Any] | None
+    ) -> bool:
+        """``change`` with its history entry, if the job still has the inputs ``before`` read."""
+        if before is None:
+            return self._transition(conn, job_id, change)
+        at = before["now"] if change.at is None else change.at
+        values = _moved(replace(change, at=at))
+        values["history"] = history_after(before, change, at)
+        where = _compare(change.expect, change.expect_owner, change.expect_generation, job_id)
+        where += [_same(jobs.c[name], before[name]) for name in HISTORY_INPUTS]
+        params = _compare_params(job_id, change.expect_owner, change.expect_generation)
+        del params["id"]
+        return conn.execute(update(jobs).where(*where).values(**values), params).rowcount == 1
 
     def _transition(self, conn: Connection, job_id: str, change: Transition) -> bool:
         marks: object = _NOW  # the moment, to be rendered by the prebuilt statement
@@ -544,6 +578,8 @@ class SQLStore(Store):
             clauses.append(jobs.c.updated_at > db_now() - query.newer_than)
         if query.match is not None:
             clauses.append(self._match(query.match, query.regex))
+        if query.recovered:
+            clauses.append(jobs.c.recoveries > 0)
         return clauses
 
     def _match(self, needle: str, regex: bool) -> ColumnElement[bool]:
@@ -631,6 +667,7 @@ class SQLStore(Store):
                 entry["counts"],
                 entry["queued"],
                 None if oldest_staged.get(queue) is None else max(0.0, now - oldest_staged[queue]),
+                now,
             )
             for queue, entry in sorted(stats.items())
         ]
@@ -791,8 +828,9 @@ class SQLStore(Store):
                 .where(jobs.c.id.in_(sorted(batch.marked)), *_leased_by(token))
                 .values(**_moved(_TO_QUEUED))
             )
-        for job_id in batch.refused:
-            self._transition(conn, job_id, batch.refusal(job_id, token))
+        for job_id in batch.refused:  # leased by us: nobody else moves them meanwhile
+            refusal = batch.refusal(job_id, token)
+            self._with_history(conn, job_id, refusal, _history_inputs(conn, job_id, refusal))
         rest = sorted({r.id for r in batch.records} - set(batch.marked) - set(batch.refused))
         if rest:
             conn.execute(
@@ -975,13 +1013,18 @@ def _update_statement(change: Transition, values: Mapping[str, Any]) -> Update:
 
 
 def _compare(
-    expect: frozenset[JobState], owner: str | _Sentinel | None, generation: int | None
+    expect: frozenset[JobState],
+    owner: str | _Sentinel | None,
+    generation: int | None,
+    job_id: str | None = None,
 ) -> list[ColumnElement[bool]]:
-    """The compare of a compare-and-set, with the id, owner and generation as parameters."""
+    """The compare of a compare-and-set, with the id (unless given: an UPDATE built per call
+    cannot bind a parameter named like its column), owner and generation as parameters."""
     states: list[ColumnElement[str]] = [
         bindparam(f"expect_{i}", s.value) for i, s in enumerate(sorted(expect))
     ]
-    clauses = [jobs.c.id == bindparam("id"), jobs.c.state.in_(states)]
+    id_is = jobs.c.id == (bindparam("id") if job_id is None else job_id)
+    clauses = [id_is, jobs.c.state.in_(states)]
     if owner is None:
         clauses.append(jobs.c.owner.is_(None))
     elif owner is not ANY:
@@ -1066,6 +1109,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         with contextlib.suppress(Exception):  # an in-memory database has no WAL
             cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+def _history_inputs(conn: Connection, job_id: str, change: Transition) -> Mapping[Any, Any] | None:
+    """The :data:`HISTORY_INPUTS` of the job and the database's "now", if ``change``'s compare
+    matches it."""
+    columns = (jobs.c[name] for name in HISTORY_INPUTS)
+    compare = _compare(change.expect, change.expect_owner, change.expect_generation)
+    params = _compare_params(job_id, change.expect_owner, change.expect_generation)
+    row = conn.execute(select(*columns, db_now().label("now")).where(*compare), params).first()
+    return None if row is None else row._mapping
+
+
+def _same(column: ColumnElement[Any], value: Any) -> ColumnElement[bool]:
+    return column.is_(None) if value is None else column == value
 
 
 def _state_in(states: frozenset[JobState]) -> ColumnElement[bool]:

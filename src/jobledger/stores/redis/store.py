@@ -17,6 +17,7 @@ not used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -58,8 +59,11 @@ from jobledger.stores.redis import connect
 from jobledger.stores.redis.keys import HEAD_LENGTH, Keys, order_member
 from jobledger.stores.redis.scripts import Scripts
 from jobledger.stores.rows import (
+    HISTORY_INPUTS,
     creation_row,
     duration_start,
+    history_after,
+    history_event,
     instance_beat_values,
     instance_from_row,
     record_from_row,
@@ -74,6 +78,8 @@ SCAN_BATCH = 500
 #: Seconds an instance's key outlives its last heartbeat: a silent instance stays listed (and
 #: dead) this long, far past any heartbeat TTL, then its key expires.
 DEFAULT_INSTANCE_EXPIRY = 7 * 24 * 3600.0
+#: How often a move that appends history reads its inputs again after another move changed them.
+_HISTORY_TRIES = 5
 #: The layout the scripts of this version read and write (``P:meta`` ``schema``).
 SCHEMA = "1"
 #: The oldest server the scripts run on (``ZRANGE … BYLEX REV``, ``SET … NX PX`` in scripts).
@@ -96,6 +102,7 @@ _INTEGERS = frozenset({"attempts", "recoveries", "restarts", "generation", "pid"
 _JOB_FIELDS = [
     *("id", "system", "name", "queue", "args", "kwargs", "tags", "options", "state", "owner"),
     *("attempts", "recoveries", "restarts", "generation", "recent_recoveries", "error"),
+    "history",
     *sorted(_TIMES - {"heartbeat_at"}),
 ]
 T = TypeVar("T")
@@ -270,11 +277,35 @@ class RedisStore(Store):
         return record_from_row(_job_row(found)) if found else None
 
     def transition(self, job_id: str, change: Transition) -> bool:
+        if history_event(change) is None:  # the hot path: one script call
+            return self._transition(job_id, change, []) == 1
+        # A move that appends history: read its inputs, write the entry guarded by them, and
+        # read again if another move changed them meanwhile.
+        for _ in range(_HISTORY_TRIES):
+            self._ready()
+            with self._translate():
+                found: list[str | None] = self.client.hmget(  # type: ignore[assignment]
+                    self.keys.job(job_id), HISTORY_INPUTS
+                )
+            if found[0] is None:
+                return False
+            read = dict(zip(HISTORY_INPUTS, found, strict=True))
+            at = self.now() if change.at is None else float(change.at)
+            moved = dataclasses.replace(change, at=at)
+            entry = history_after(_typed(_present(read), HISTORY_INPUTS), moved, at)
+            guards = [part for n in HISTORY_INPUTS for part in (n, "g", read[n] or "")]
+            won = self._transition(job_id, moved, [*guards, "history", "s", entry])
+            if won != 2:
+                return won == 1
+        raise StoreError(f"job {job_id} kept changing while its history was written")
+
+    def _transition(self, job_id: str, change: Transition, extra: list[str]) -> int:
+        """The transition script: 1 won, 0 lost, 2 a guard in ``extra`` did not hold."""
         at: object = _NOW
         values = transition_values(
             change, at, increment=lambda _: _Op("i"), if_empty=lambda _: _Op("e")
         )
-        ops: list[str] = []
+        ops: list[str] = [*extra]
         for name, value in values.items():
             if value is _NOW:
                 ops += [name, "n", ""]
@@ -286,8 +317,8 @@ class RedisStore(Store):
                 ops += [name, "s", _text(value)]
         moment = "" if change.at is None else repr(float(change.at))
         compare = _compare(change.expect, change.expect_owner, change.expect_generation)
-        won = self._run("transition", [self.keys.job(job_id)], [job_id, *compare, moment, *ops])
-        return bool(won)
+        args = [job_id, *compare, moment, *ops]
+        return int(self._run("transition", [self.keys.job(job_id)], args))
 
     def delete(
         self,
@@ -305,7 +336,10 @@ class RedisStore(Store):
 
     def count(self, query: JobQuery) -> int:
         states = sorted(s.value for s in (query.states or JobState))
-        others = (query.queues, query.names, query.systems, query.ids, query.owners, query.match)
+        others = (
+            *(query.queues, query.names, query.systems, query.ids, query.owners, query.match),
+            query.recovered,
+        )
         if any(others):
             return sum(1 for _ in self._members(query, None))
         self._ready()
@@ -572,6 +606,8 @@ def _filter_spec(query: JobQuery, has: tuple[str, ...]) -> str:
         spec["older"] = query.older_than
     if query.newer_than is not None:
         spec["newer"] = query.newer_than
+    if query.recovered:
+        spec["recovered"] = True
     if has:
         spec["has"] = list(has)
     return json.dumps(spec)
@@ -596,6 +632,10 @@ def _typed(found: Mapping[str, str], names: Iterable[str]) -> dict[str, Any]:
         else:
             row[name] = value
     return row
+
+
+def _present(found: Mapping[str, str | None]) -> dict[str, str]:
+    return {name: value for name, value in found.items() if value is not None}
 
 
 def _job_row(found: Mapping[str, str]) -> dict[str, Any]:

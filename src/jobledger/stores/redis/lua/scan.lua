@@ -1,7 +1,8 @@
 -- One bounded step of a walk down a lexicographic ``order`` index, newest first, testing each
 -- job on the server so only the matches travel. KEYS[1]: the index; ARGV[2]: where to start
 -- ("+" or "(" .. member); ARGV[3]: how many members to examine at most; ARGV[4]: the filter,
--- JSON {queues, names, systems, owners: [..], older, newer: seconds, has: [fields]};
+-- JSON {queues, names, systems, owners: [..], older, newer: seconds, recovered: bool,
+-- has: [fields]};
 -- ARGV[5..]: literal needles, any of which in args, kwargs or tags matches.
 -- Returns {last member examined, or "" when the index ended; the matching members...}.
 local limit = tonumber(ARGV[3])
@@ -24,7 +25,7 @@ local wanted = {queue = set_of(filter.queues), name = set_of(filter.names),
   system = set_of(filter.systems), owner = set_of(filter.owners)}
 local oldest = filter.older and (t - filter.older) or nil
 local newest = filter.newer and (t - filter.newer) or nil
-local fields = {'queue', 'name', 'system', 'owner', 'updated_at'}
+local fields = {'queue', 'name', 'system', 'owner', 'updated_at', 'recoveries'}
 for _, name in ipairs(filter.has or {}) do
   fields[#fields + 1] = name
 end
@@ -48,7 +49,10 @@ local function passes(id)
   if newest and not (updated > newest) then
     return false
   end
-  for i = 6, #fields do
+  if filter.recovered and not (tonumber(v[6] or '0') > 0) then
+    return false
+  end
+  for i = 7, #fields do
     if not v[i] then
       return false
     end
