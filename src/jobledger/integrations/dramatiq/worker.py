@@ -216,12 +216,13 @@ class ProcessLedger:
         :class:`SchemaMissing` for an unmigrated ledger; an unreachable ledger is an outage
         (``on_beat`` hears it cannot claim)."""
         settings = self.settings
+        name = settings.name_of_instance()
         self.journal = Journal.for_instance(
-            settings.journal_dir, settings.instance_name, limit=settings.journal_limit
+            settings.journal_dir, name, limit=settings.journal_limit
         )
         with self._lock:
             self._pending = None  # from now on, this process's writes are journaled
-        instance = new_instance(settings, queues)
+        instance = new_instance(settings, queues, name=name)
         self.instance_id = instance.id
         self.heartbeat = Heartbeat(
             self.store,
