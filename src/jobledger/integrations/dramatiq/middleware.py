@@ -1,0 +1,349 @@
+"""The Dramatiq middleware: its hooks turned into ledger transitions.
+
+``install(broker)`` puts :class:`LedgerMiddleware` *first* in the broker's list. Dramatiq runs
+``before_*`` hooks in list order and ``after_*`` hooks in reverse, so the claim happens before
+any other middleware starts a time limit or a shutdown notification (neither can interrupt
+it), and the finish sees what ``Retries`` decided (a retry enqueued, or the message failed).
+
+- ``before_enqueue`` (client, and ``Retries`` in a worker): a ``queued`` record, the job id
+  being the message id; the markers (tracked, generation) go into ``message.options``. A
+  ledger that is down costs a warning, and the record is written once it is back. A
+  message that carries a generation already was published by jobledger or recorded before
+  (a republish, a relay's publish, a delayed message moved to its queue): nothing written.
+  The running job's own retry moves it to ``retrying`` first (invariant 8).
+- ``before_process_message``: the claim (invariant 2); a duplicate, stale or stray delivery
+  raises ``SkipMessage`` (acknowledged, not run).
+- ``after_process_message``: succeeded; failed when the message failed (retries exhausted, an
+  exception in ``throws``: Dramatiq dead-letters it) or without a retry; a retried run is
+  finished by its retry's delivery. ``TimeLimitExceeded`` and ``Shutdown`` are named in the
+  error. ``after_skip_message``: a claimed message another middleware skipped (``AgeLimit``)
+  is failed or cancelled.
+- ``before_worker_boot`` registers the worker process as an instance (see
+  :mod:`.worker`); ``after_worker_boot`` starts the recovery and relay loops;
+  ``before_worker_shutdown`` says draining; ``after_worker_shutdown`` drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from dramatiq import Actor, Broker, Message, Middleware, Worker
+from dramatiq.middleware import Retries, Shutdown, SkipMessage, TimeLimitExceeded
+
+from jobledger.config import Settings
+from jobledger.errors import ConfigError, JobLedgerError, StagingError
+from jobledger.integrations.base import registry
+from jobledger.integrations.dramatiq.messages import (
+    GENERATION_OPTION,
+    SYSTEM,
+    TRACKED_OPTION,
+    generation_of,
+    record_of,
+    republish_of,
+)
+from jobledger.integrations.dramatiq.publish import DramatiqPublisher
+from jobledger.integrations.dramatiq.staging import staged_message, staged_record
+from jobledger.integrations.dramatiq.worker import Delivery, End, ProcessLedger, Run, Skipped
+from jobledger.model import ORPHAN_OPTION, OrphanPolicy
+from jobledger.pending import CreateWrite
+from jobledger.stores import Store
+
+log = logging.getLogger(__name__)
+
+#: The actor options this middleware adds (``@dramatiq.actor(tracked=True, on_orphan="fail")``).
+ACTOR_OPTIONS = frozenset({"tracked", "on_orphan"})
+
+
+class LedgerMiddleware(Middleware):
+    """The ledger's side of one Dramatiq broker. Build it with :func:`install`."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        store_factory: Callable[[], Store] | None = None,
+        track_all: bool = False,
+    ) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.track_all = track_all
+        self.publisher = DramatiqPublisher(broker)
+        self.ledger = ProcessLedger(
+            SYSTEM,
+            settings,
+            publish=self.publisher.publish,
+            publish_many=self.publisher.publish_many,
+            probe=self.publisher,
+            store=store,
+            store_factory=store_factory,
+        )
+        self.worker: Worker | None = None
+        self._runs: dict[int, Run] = {}  # by worker thread: each runs one message at a time
+        self._consuming = True
+
+    @property
+    def actor_options(self) -> set[str]:
+        return set(ACTOR_OPTIONS)
+
+    # -- which actors -------------------------------------------------------------------------
+    def is_tracked(self, actor_name: str, options: Mapping[str, Any]) -> bool:
+        """The actor's own ``tracked`` option wins; else the publisher's say, or ``track_all``."""
+        actor = self.broker.actors.get(actor_name)
+        declared = actor.options.get("tracked") if actor is not None else None
+        if declared is not None:
+            return bool(declared)
+        return bool(options.get(TRACKED_OPTION)) or self.track_all
+
+    def orphan_options(self, actor_name: str) -> dict[str, Any]:
+        """The actor's orphan policy as a record option (none for the default), so any
+        recoverer applies it without the actor's code. :class:`ConfigError` if misspelt."""
+        actor = self.broker.actors.get(actor_name)
+        declared = actor.options.get("on_orphan") if actor is not None else None
+        try:
+            policy = self.settings.on_orphan if declared is None else OrphanPolicy.parse(declared)
+        except ConfigError as exc:
+            raise ConfigError(f"actor {actor_name}: {exc}") from None
+        return {} if policy is OrphanPolicy.REQUEUE else {ORPHAN_OPTION: policy.value}
+
+    def after_declare_actor(self, broker: Broker, actor: Actor[Any, Any]) -> None:
+        """A misspelt ``on_orphan`` is logged at once (Dramatiq logs a hook's error and goes
+        on), and stops the worker at boot; not left for a crash to find."""
+        self.orphan_options(actor.actor_name)
+
+    # -- publishing ---------------------------------------------------------------------------
+    def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
+        if not self.is_tracked(message.actor_name, message.options):
+            return
+        options = message.options
+        options[TRACKED_OPTION] = True
+        run = self._runs.get(threading.get_ident())
+        if run is not None and run.job_id == message.message_id:  # Retries enqueues its retry
+            options[GENERATION_OPTION] = run.delivery.generation or 0
+            self.ledger.retrying(run, _retry_reason(options))
+            return
+        if GENERATION_OPTION in options:
+            return  # jobledger published it, or recorded it at its first enqueue
+        options[GENERATION_OPTION] = 0
+        record = record_of(message, self.orphan_options(message.actor_name), stamped=False)
+        try:
+            self.ledger.store.create(record)  # False: it exists (the caller reused an id)
+        except JobLedgerError as exc:
+            # written once the ledger is back (the worker's claim creates it too), so a message
+            # the broker then loses leaves a record the lost-message sweep can recover from
+            self.ledger.pending.add(CreateWrite(record))
+            self.ledger.count("publish_unrecorded")
+            log.warning("job %s (%s) enqueued, recorded later: %s", message.message_id,
+                        message.actor_name, exc)  # fmt: skip
+
+    def after_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
+        run = self._runs.get(threading.get_ident())
+        if run is not None and run.job_id == message.message_id:
+            run.retry_sent = True
+
+    def stage(
+        self,
+        actor: Actor[Any, Any] | str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        delay: int | None = None,
+        using: object | None = None,
+        **options: Any,
+    ) -> Message[Any]:
+        """Stage a message in the transaction of ``using`` (a SQLAlchemy Session or
+        Connection, a Django alias; default: the one bound with
+        :func:`jobledger.outbox.staging_in` or the open Django atomic block, else the
+        ledger's own connection, committed at once), as ``send_with_options`` would send it.
+        It is enqueued right after the commit, or by the relay. :class:`StagingError` for an
+        untracked actor, bad arguments or no usable transaction; nothing is written then."""
+        message = staged_message(self.broker, actor, args, kwargs, options)
+        if not self.is_tracked(message.actor_name, {}):
+            raise StagingError(
+                f"actor {message.actor_name} is not tracked, so no worker would claim or finish "
+                "its staged job: declare it @dramatiq.actor(tracked=True) (or install with "
+                "track_all=True)"
+            )
+        record = staged_record(message, delay, self.orphan_options(message.actor_name))
+        self.ledger.outbox.stage(record, using)
+        return message
+
+    # -- running ------------------------------------------------------------------------------
+    def before_process_message(self, broker: Broker, message: Any) -> None:
+        if not self.is_tracked(message.actor_name, message.options):
+            return
+        delivery = Delivery(
+            record_of(message, self.orphan_options(message.actor_name)),
+            generation_of(message.options),
+            republish_of(message.options),
+        )
+        try:
+            run = self.ledger.begin(delivery)
+        except Skipped as skipped:
+            raise SkipMessage(f"job {message.message_id}: {skipped.claim.value}") from None
+        if run is not None:
+            self._runs[threading.get_ident()] = run
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        run = self._ended(message)
+        if run is None:
+            return
+        if exception is None:
+            self.ledger.end(run, End.SUCCEEDED)
+        else:  # a retried run (Retries enqueued it) is finished by its retry's delivery
+            self.ledger.end(run, End.FAILED, _failure(exception))
+
+    def after_skip_message(self, broker: Broker, message: Any) -> None:
+        """A message skipped after our claim, by a middleware after ours (AgeLimit): it never
+        runs, so the job fails (a message the middleware failed) or is cancelled."""
+        run = self._ended(message)
+        if run is not None:
+            end = End.FAILED if message.failed else End.CANCELLED
+            self.ledger.end(run, end, "skipped by a middleware (AgeLimit: older than max_age?)")
+
+    def _ended(self, message: Any) -> Run | None:
+        ident = threading.get_ident()
+        run = self._runs.get(ident)
+        if run is None or run.job_id != message.message_id:
+            return None
+        del self._runs[ident]
+        return run
+
+    # -- the worker process -------------------------------------------------------------------
+    def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        """Register this worker process before it consumes; a worker that cannot work at all
+        (unmigrated ledger, unusable journal directory, misplaced middleware) ends here."""
+        self.worker = worker
+        try:
+            self._check_order()
+            for name in broker.get_declared_actors():
+                self.orphan_options(name)
+            self.ledger.register(
+                queues=sorted(worker.consumer_whitelist or broker.get_declared_queues()),
+                in_flight=lambda: len(self._runs),
+                holding=self._holding,
+                on_beat=self._on_beat,
+            )
+        except JobLedgerError as exc:
+            _exit_at_start(str(exc))
+
+    def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self._on_beat(self.ledger.health.can_claim)
+        self.ledger.start()
+
+    def before_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        self.ledger.mark_draining()
+
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        self.ledger.drain()
+
+    def _check_order(self) -> None:
+        middleware = self.broker.middleware
+        retries = [i for i, m in enumerate(middleware) if isinstance(m, Retries)]
+        if retries and retries[0] < middleware.index(self):
+            raise ConfigError(
+                "LedgerMiddleware must come before Retries in the broker's middleware (it "
+                "reads Retries' decision after it): add it with jobledger's install(broker)"
+            )
+
+    def _holding(self) -> list[tuple[str, int]]:
+        """The tracked jobs this process holds: running, waiting in its work queue, or
+        delayed in its consumers' memory, with each message's generation (the sweep puts
+        them back at once if this process dies, not after the broker's own timeout)."""
+        held = {run.job_id: run.delivery.generation or 0 for run in list(self._runs.values())}
+        worker = self.worker
+        if worker is None:
+            return list(held.items())
+        items: list[Any] = list(worker.work_queue.queue)
+        for consumer in list(worker.consumers.values()):
+            items.extend(consumer.delay_queue.queue)
+        for item in items:  # (priority, message) up to Dramatiq 1.17, _WorkQueueItem after
+            message = getattr(item, "message", None) or item[1]
+            if message.options.get(TRACKED_OPTION):
+                held.setdefault(message.message_id, generation_of(message.options) or 0)
+        return list(held.items())
+
+    def _on_beat(self, can_claim: bool) -> None:
+        """Invariant 9: stop fetching messages while the heartbeat has failed past the TTL
+        (they wait in the broker), fetch again after a beat succeeds."""
+        worker = self.worker
+        if worker is None or can_claim == self._consuming:
+            return
+        self._consuming = can_claim
+        for consumer in list(worker.consumers.values()):
+            consumer.resume() if can_claim else consumer.pause()
+        if can_claim:
+            self.ledger.count("consuming_resumed")
+            log.warning("instance %s reaches the ledger again: consuming", self.ledger.instance_id)
+        else:
+            self.ledger.count("consuming_stopped")
+            log.error(
+                "instance %s cannot reach the ledger (no beat for over its TTL): it stops "
+                "consuming until it does; messages wait in the broker",
+                self.ledger.instance_id,
+            )
+
+    def close(self) -> None:
+        """Leave the registry and close this process's ledger resources (tests)."""
+        registry.unregister(SYSTEM, self.publisher)
+        self.ledger.close()
+
+
+def _retry_reason(options: Mapping[str, Any]) -> str:
+    lines = str(options.get("traceback") or "").strip().splitlines()
+    retries = options.get("retries")
+    return f"retry {retries}: {lines[-1] if lines else 'requested'}"
+
+
+def _failure(exception: BaseException) -> str:
+    text = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+    if isinstance(exception, TimeLimitExceeded):
+        return f"time limit exceeded (Dramatiq's TimeLimit interrupted it)\n{text}"
+    if isinstance(exception, Shutdown):
+        return f"interrupted by its worker's shutdown (ShutdownNotifications)\n{text}"
+    return text
+
+
+def _exit_at_start(line: str) -> NoReturn:
+    """End a worker process that cannot work at all with one line (Dramatiq logs and ignores
+    a hook's exception, and the worker would start anyway)."""
+    print(f"jobledger: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def install(
+    broker: Broker,
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    store_factory: Callable[[], Store] | None = None,
+    track_all: bool = False,
+) -> LedgerMiddleware:
+    """Track ``broker``'s actors in the ledger and register the integration for restarts and
+    recovery. Call it before the actors are declared (their ``tracked`` and ``on_orphan``
+    options exist only then). ``store`` serves this process; a forked process opens its own
+    through ``store_factory`` (default: the settings' database URL)."""
+    middleware = LedgerMiddleware(
+        broker,
+        settings or Settings.from_env(),
+        store=store,
+        store_factory=store_factory,
+        track_all=track_all,
+    )
+    first = broker.middleware[0] if broker.middleware else None
+    broker.add_middleware(middleware, before=type(first) if first is not None else None)
+    registry.register(middleware.publisher)
+    return middleware

@@ -1,0 +1,198 @@
+"""Real ``dramatiq`` workers as subprocesses (N processes of T threads each), a SQLite or
+PostgreSQL ledger, a runs table of the test's own, and deadlines instead of sleeps.
+
+The fixtures live here, not in a conftest.py, so that the root conftest keeps its module name;
+test modules import them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+sys.path.insert(0, str(HERE))
+
+from e2eapp import RUNS_SCHEMA, make_app  # noqa: E402
+
+from jobledger.config import Settings  # noqa: E402
+from jobledger.stores.sql import SQLStore  # noqa: E402
+from jobledger.testing import wait_for  # noqa: E402 - the e2e tests import it from here
+from ledgerdb import database_url, empty_sql_store  # noqa: E402
+
+REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ = os.environ.get("JOBLEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+BROKERS = {"redis": REDIS, "rabbitmq": RABBITMQ}
+
+
+class Worker:
+    """One ``dramatiq`` process tree (its main process and worker processes)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+        self.proc = proc
+        self.name = name
+        self.log = log
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """``sig`` to the whole process group: the main process and every worker process."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def children(self) -> list[int]:
+        """The worker processes' ids (the main process's children)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        with contextlib.suppress(OSError):
+            return [int(pid) for pid in path.read_text().split()]
+        return []
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Harness:
+    """A queue of the test's own on ``broker`` (a URL), a ledger on ``ledger`` (``sqlite`` or
+    ``postgresql``), a runs table, the client's broker with jobledger installed, and the
+    workers started."""
+
+    def __init__(
+        self, tmp_path: Path, broker: str, ledger: str = "sqlite", heartbeat_interval: float = 1.0
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.broker_url = broker
+        self.ledger = ledger
+        self.queue = f"jl-e2e-{uuid.uuid4().hex[:10]}"
+        self.url = database_url(ledger, tmp_path)
+        self.store: SQLStore = empty_sql_store(self.url)
+        self.heartbeat_interval = heartbeat_interval
+        self.runs_db = str(tmp_path / "runs.db")
+        with sqlite3.connect(self.runs_db) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(RUNS_SCHEMA)
+        os.environ["E2E_RUNS_DB"] = self.runs_db
+        self.settings = Settings(
+            database_url=self.url,
+            instance_name="client",
+            heartbeat_interval=heartbeat_interval,
+            recovery_interval=0.5,
+        )
+        self.broker, self.middleware = make_app(broker, self.queue, self.settings)
+        self.workers: list[Worker] = []
+
+    def send(self, actor: str, *args: Any, **kwargs: Any) -> str:
+        """Send a message to ``actor`` (by name) as the application would; its id."""
+        return str(self.broker.get_actor(actor).send(*args, **kwargs).message_id)
+
+    def env(self, name: str, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PYTHONPATH=os.pathsep.join(  # and the caller's (another Dramatiq, say)
+                [
+                    str(HERE),
+                    str(ROOT / "src"),
+                    str(ROOT / "tests"),
+                    os.environ.get("PYTHONPATH", ""),
+                ]
+            ),
+            E2E_WORKER="1",
+            E2E_BROKER=self.broker_url,
+            E2E_QUEUE=self.queue,
+            E2E_RUNS_DB=self.runs_db,
+            JOBLEDGER_DATABASE_URL=self.url,
+            JOBLEDGER_INSTANCE_NAME=name,
+            JOBLEDGER_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
+            JOBLEDGER_RECOVERY_INTERVAL="0.5",
+            JOBLEDGER_MAX_RECOVERIES="3",
+        )
+        env.update(extra)
+        return env
+
+    def spawn_worker(self, name: str, processes: int = 2, threads: int = 4, **extra: str) -> Worker:
+        """``dramatiq e2eapp`` in a process group of its own (in the test's directory, so
+        workers share a journal directory); returns at once."""
+        log = self.tmp_path / f"{name}.log"
+        cmd = [
+            sys.executable, "-m", "dramatiq", "e2eapp:BROKER", "--processes", str(processes),
+            "--threads", str(threads), "--queues", self.queue, "--worker-shutdown-timeout", "30000",
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.tmp_path,
+                env=self.env(name, **extra),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = Worker(proc, name, log)
+        self.workers.append(worker)
+        return worker
+
+    def start_worker(self, name: str, processes: int = 2, threads: int = 4, **extra: str) -> Worker:
+        """Spawn a worker and wait until each of its processes registered in the ledger."""
+        worker = self.spawn_worker(name, processes, threads, **extra)
+        wait_for(
+            f"worker {name} to register its {processes} processes",
+            lambda: self.instances(name) >= processes or _died(worker),
+        )
+        return worker
+
+    def instances(self, name: str) -> int:
+        return sum(1 for i in self.store.instances(ttl=10) if i.name == name and i.alive)
+
+    def runs(self) -> list[tuple[str, str, str, float, int]]:
+        with contextlib.closing(sqlite3.connect(self.runs_db, timeout=60)) as conn:
+            return list(conn.execute("SELECT job_id, phase, worker, at, pid FROM runs"))
+
+    def pids(self, job_id: str) -> list[int]:
+        """The worker processes that started ``job_id``, in order."""
+        return [
+            r[4]
+            for r in sorted(self.runs(), key=lambda r: r[3])
+            if r[0] == job_id and r[1] == "start"
+        ]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.kill(signal.SIGKILL)
+        for worker in self.workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(10)
+        with contextlib.suppress(Exception):  # best effort: the queue is the test's own
+            self.broker.flush_all()
+        self.middleware.close()
+        self.broker.close()
+        self.store.close()
+
+
+def _died(worker: Worker) -> Any:
+    if worker.proc.poll() is not None:
+        pytest.fail(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.output()}")
+    return False
+
+
+@pytest.fixture(name="make_harness")
+def make_harness_fixture(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """Build harnesses: ``make_harness("redis" | "rabbitmq", ledger, ...)``."""
+    made: list[Harness] = []
+
+    def make(broker: str = "redis", ledger: str = "sqlite", **options: Any) -> Harness:
+        made.append(Harness(tmp_path, BROKERS[broker], ledger, **options))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.close()

@@ -1,0 +1,139 @@
+"""Crashes: the jobs of a SIGKILLed Dramatiq worker process, or of a whole SIGKILLed worker,
+are recovered by another worker and run to success once, on both brokers and both ledgers.
+
+A Dramatiq worker process is one jobledger instance. When one is killed, ``dramatiq``'s main
+process stops its siblings (gracefully: they finish what they run and deregister), so the
+killed process's jobs wait for another worker's sweep: within TTL + sweep interval.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from harness import Harness, Worker, make_harness_fixture, wait_for  # noqa: F401
+
+from jobledger.model import JobState
+from jobledger.query import JobQuery
+
+SUCCEEDED = frozenset({JobState.SUCCEEDED})
+STARTED = frozenset({JobState.STARTED})
+
+
+def started_by(h: Harness, instances: set[str]) -> set[str]:
+    return {j.id for j in h.store.iter_jobs(JobQuery(states=STARTED)) if j.owner in instances}
+
+
+def instances_of(h: Harness, name: str, pid: int | None = None) -> set[str]:
+    return {
+        i.id
+        for i in h.store.instances(ttl=3600)
+        if i.name == name and (pid is None or i.pid == pid)
+    }
+
+
+def kill_mid_run(h: Harness, victim: Worker, whole: bool) -> tuple[set[str], set[str], float]:
+    """Wait until the victim has finished some jobs and one of its processes runs at least
+    two, SIGKILL that process (or the whole worker), and return the killed instances, the
+    jobs they held started (read after the kill: none can finish there) and the kill's time."""
+    busy: dict[str, int] = {}
+
+    def mid_run() -> bool:
+        done = sum(1 for r in h.runs() if r[2] == victim.name and r[1] == "done")
+        held = Counter(j.owner for j in h.store.iter_jobs(JobQuery(states=STARTED)) if j.owner)
+        for pid in victim.children():
+            for instance in instances_of(h, victim.name, pid):
+                if held[instance] >= 2 and done >= 4:
+                    busy["pid"] = pid
+                    return True
+        return False
+
+    wait_for(f"{victim.name} to be mid-run", mid_run, timeout=30)
+    pid = busy["pid"]
+    if whole:
+        victim.kill(signal.SIGKILL)
+        killed = instances_of(h, victim.name)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        killed = instances_of(h, victim.name, pid)
+    at = time.time()
+    orphaned = started_by(h, killed)
+    assert orphaned
+    return killed, orphaned, at
+
+
+@pytest.mark.parametrize(
+    ("broker", "ledger", "whole"),
+    [
+        ("redis", "sqlite", False),
+        ("redis", "postgresql", True),
+        ("rabbitmq", "sqlite", True),
+        ("rabbitmq", "postgresql", False),
+    ],
+    ids=[
+        "redis-sqlite-process",
+        "redis-pg-worker",
+        "rabbitmq-sqlite-worker",
+        "rabbitmq-pg-process",
+    ],
+)
+def test_a_sigkill_loses_no_job_and_runs_none_after_its_success(
+    make_harness: Callable[..., Harness], broker: str, ledger: str, whole: bool
+) -> None:
+    h = make_harness(broker, ledger)
+    victim = h.start_worker("victim", processes=2, threads=4)
+    h.start_worker("survivor", processes=1, threads=4)
+    ids = [h.send("e2e.work", i, 0.3) for i in range(60)]
+    killed, orphaned, killed_at = kill_mid_run(h, victim, whole)
+
+    wait_for(
+        "every job to succeed",
+        lambda: h.store.count(JobQuery(states=SUCCEEDED, ids=frozenset(ids))) == len(ids),
+        timeout=60,
+    )
+    jobs = {j.id: j for j in h.store.iter_jobs(JobQuery(ids=frozenset(ids)))}
+    runs = h.runs()
+    done = Counter(r[0] for r in runs if r[1] == "done")
+    assert all(done[i] >= 1 for i in ids), "a job never ran to completion"
+    for job_id, job in jobs.items():  # no run started after the job's success was recorded
+        assert job.finished_at is not None
+        succeeded_at = job.finished_at.timestamp()
+        late = [r for r in runs if r[0] == job_id and r[1] == "start" and r[3] > succeeded_at]
+        assert not late, f"job {job_id} ran again after it succeeded: {late}"
+    bound = h.settings.ttl + h.settings.recovery_interval + 2.0  # + slack for one sweep
+    for job_id in orphaned:  # recovered within TTL + sweep interval + slack, and run elsewhere
+        job = jobs[job_id]
+        assert job.recoveries >= 1 and job.recovered_at is not None
+        assert job.recovered_at.timestamp() - killed_at < bound
+        assert job.owner and job.owner.startswith("survivor:")
+    victim.wait(30)
+    # a killed process's sibling was stopped by dramatiq, gracefully: drained, deregistered
+    assert instances_of(h, "victim") == killed
+
+
+def test_a_job_whose_process_was_killed_runs_again_once(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """The killed process's job (its body hangs the first time) is republished by the sweep
+    with the next generation and succeeds; Dramatiq's own later redelivery of the first
+    message, if any, is skipped as stale."""
+    h = make_harness("redis", "sqlite")
+    victim = h.start_worker("victim", processes=1, threads=2)
+    job_id = h.send("e2e.hangs_first_time", 7)
+    pid = wait_for("the job to start", lambda: h.pids(job_id))[0]
+    h.start_worker("survivor", processes=1, threads=2)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        "the job to succeed",
+        lambda: (j := h.store.get(job_id)) is not None and j.state is JobState.SUCCEEDED,
+        timeout=30,
+    )
+    job = h.store.get(job_id)
+    assert job is not None and job.recoveries == 1 and job.generation == 1
+    phases = sorted(r[1] for r in h.runs() if r[0] == job_id)
+    assert phases == ["done", "published", "start", "start"]
+    victim.wait(30)
