@@ -801,7 +801,8 @@ def test_unreachable_and_malformed_database_urls(tmp_path: Path) -> None:
         (["jobs", "--database-url", "notaurl"], {}, ("unknown ledger URL scheme 'notaurl'",)),
         (["cancel", "--state", "queued", "--yes"], {"JOBLEDGER_DATABASE_URL": "::::"},
          ("unknown ledger URL scheme '::::'",)),
-        (["prune"], {"JOBLEDGER_DATABASE_URL": "bogus://x"}, ("unknown ledger URL scheme 'bogus'",)),
+        (["prune"], {"JOBLEDGER_DATABASE_URL": "bogus://x"},
+         ("unknown ledger URL scheme 'bogus'",)),
     ]  # fmt: skip
     outcomes = parallel(lambda case: run_jobledger(case[0], env=case[1], cwd=tmp_path), cases)
     for (_, _, fragments), result in zip(cases, outcomes, strict=True):
