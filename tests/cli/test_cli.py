@@ -798,10 +798,11 @@ def test_unreachable_and_malformed_database_urls(tmp_path: Path) -> None:
         (["stats", "--database-url", "mysql://root@127.0.0.1:1/db"], {}, ("is unavailable",)),
         (["restart", "some-id", "--yes"], {"JOBLEDGER_DATABASE_URL": "postgresql://x@127.0.0.1:1/db"},
          ("is unavailable",)),
-        (["jobs", "--database-url", "notaurl"], {}, ("malformed database URL 'notaurl'",)),
+        (["jobs", "--database-url", "notaurl"], {}, ("unknown ledger URL scheme 'notaurl'",)),
         (["cancel", "--state", "queued", "--yes"], {"JOBLEDGER_DATABASE_URL": "::::"},
-         ("malformed database URL '::::'",)),
-        (["prune"], {"JOBLEDGER_DATABASE_URL": "bogus://x"}, ("no driver for database URL",)),
+         ("unknown ledger URL scheme '::::'",)),
+        (["prune"], {"JOBLEDGER_DATABASE_URL": "bogus://x"},
+         ("unknown ledger URL scheme 'bogus'",)),
     ]  # fmt: skip
     outcomes = parallel(lambda case: run_jobledger(case[0], env=case[1], cwd=tmp_path), cases)
     for (_, _, fragments), result in zip(cases, outcomes, strict=True):

@@ -24,6 +24,8 @@ def open_store(url: str, **options: object) -> Store:
     if scheme in REDIS_SCHEMES:
         from jobledger.stores.redis import RedisStore
 
+        # PostgreSQL's per-write durability: a Redis ledger's is the server's appendfsync
+        options.pop("synchronous_publish", None)
         return RedisStore(url, **options)  # type: ignore[arg-type]
     if scheme.partition("+")[0] in SQL_SCHEMES:
         from jobledger.stores.sql import SQLStore

@@ -372,7 +372,7 @@ class RedisStore(Store):
                 oldest[state] = None if first == "" else max(0.0, now - float(first))
             if counts:
                 staged, queued = JobState.STAGED.value, JobState.QUEUED.value
-                stats.append(QueueStats(queue, counts, oldest[queued], oldest[staged]))
+                stats.append(QueueStats(queue, counts, oldest[queued], oldest[staged], now))
         return sorted(stats, key=lambda s: s.queue)
 
     def durations(
