@@ -184,14 +184,8 @@ class ProcessLedger:
         )
 
     def recovery(self) -> Recovery:
-        """Recovery of this system's jobs only (another system's job published here is lost).
-
-        Its lock lasts a heartbeat TTL, not the core's 30 s floor: every worker *process*
-        sweeps here, so a SIGKILLed one often dies holding the lock, and the others would wait
-        out its lock before recovering its jobs (measured: 30 s instead of 3 s with a 3 s TTL).
-        The lock is renewed before each job and each move is its own compare-and-set, so a
-        lock that expires mid-sweep is harmless (invariant 6)."""
-        recovery = Recovery.from_settings(
+        """Recovery of this system's jobs only (another system's job published here is lost)."""
+        return Recovery.from_settings(
             self.store,
             self.settings,
             publish=self.publish,
@@ -199,8 +193,6 @@ class ProcessLedger:
             ledger_up_for=lambda: self.health.up_for,
             probe=lambda system: self.probe if system == self.system else None,
         )
-        recovery.lock_ttl = max(self.settings.ttl, 2 * self.settings.recovery_interval)
-        return recovery
 
     # -- the worker process's life ----------------------------------------------------------
     def register(
