@@ -162,9 +162,8 @@ class Manager:
         """
         report = ActionReport("restart", dry_run)
         targets = self._select(ids, query, report, frozenset(JobState) - RESTARTABLE_STATES)
-        integrations = {
-            system: self.integrations.get(system) for system in {r.system for r in targets}
-        }
+        for system in {r.system for r in targets}:
+            self.integrations.get(system)  # IntegrationMissing before anything is published
         for record in targets:
             refusal = None if force else self._not_restartable(record)
             if refusal is not None:
@@ -175,7 +174,7 @@ class Manager:
                 continue
             after = replace(record, generation=record.generation + 1)
             try:
-                integrations[record.system].publish(after, reason=Republish.RESTART)
+                self.integrations.publish(after, reason=Republish.RESTART)
             except PublishError as exc:
                 report.failed[record.id] = str(exc)
                 continue

@@ -22,7 +22,6 @@ from typing import Protocol
 from jobledger.config import Settings
 from jobledger.errors import JobLedgerError
 from jobledger.integrations.base import QueueProbe, registry
-from jobledger.loop import Loop
 from jobledger.model import (
     ORPHAN_OPTION,
     RECENT_RECOVERIES_KEPT,
@@ -56,11 +55,6 @@ class Publisher(Protocol):
 
 #: The :class:`~jobledger.integrations.base.QueueProbe` of a queue system, or None.
 ProbeLookup = Callable[[str], QueueProbe | None]
-
-
-def publish_through_registry(record: JobRecord, *, reason: Republish) -> None:
-    """Publish ``record`` with the integration registered for its queue system."""
-    registry.get(record.system).publish(record, reason=reason)
 
 
 class Outcome(str, enum.Enum):
@@ -165,7 +159,7 @@ class Recovery:
         max_recoveries: int,
         recovery_window: float,
         lock_ttl: float = 30.0,
-        publish: Publisher = publish_through_registry,
+        publish: Publisher = registry.publish,
         batch: int = 500,
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
@@ -193,7 +187,7 @@ class Recovery:
         store: Store,
         settings: Settings,
         *,
-        publish: Publisher = publish_through_registry,
+        publish: Publisher = registry.publish,
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
         probe: ProbeLookup | None = None,
@@ -469,34 +463,3 @@ class Recovery:
             current.owner if current else None,
         )
         return Outcome.RACE_LOST
-
-
-class RecoveryLoop(Loop):
-    """Runs :meth:`Recovery.sweep_once` shortly after start, then every ``interval`` seconds.
-
-    ``enabled`` (e.g. the heartbeat's ``can_claim``) is asked before each sweep: an instance
-    that cannot reach the ledger does not sweep.
-    """
-
-    def __init__(
-        self,
-        recovery: Recovery,
-        *,
-        interval: float,
-        first_delay: float | None = None,
-        enabled: Callable[[], bool] = lambda: True,
-    ) -> None:
-        super().__init__(
-            "recovery",
-            interval,
-            self._sweep,
-            first_delay=min(interval, 1.0) if first_delay is None else first_delay,
-        )
-        self.recovery = recovery
-        self.enabled = enabled
-        self.sweeps = 0
-
-    def _sweep(self) -> None:
-        if self.enabled():
-            self.recovery.sweep_once()
-            self.sweeps += 1

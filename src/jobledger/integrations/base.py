@@ -151,6 +151,11 @@ class Registry:
         with self._lock:
             return sorted(self._by_system)
 
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
+        """Publish ``record`` with the integration of its queue system (the one way every
+        recoverer and restart goes through the registry)."""
+        self.get(record.system).publish(record, reason=reason)
+
     def publish_many(self, records: Sequence[JobRecord]) -> Published:
         """Publish ``records`` in order, each run of one queue system through its integration
         (batched where it is a :class:`BatchPublisher`); stop at the first refusal."""
