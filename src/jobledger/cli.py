@@ -27,7 +27,7 @@ from typer.exceptions import TyperException
 from jobledger import __version__
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError, IntegrationMissing, JobLedgerError
-from jobledger.integrations.base import EXTRAS
+from jobledger.integrations.base import KNOWN, install_for_broker
 from jobledger.manager import ActionReport, Manager
 from jobledger.model import JobRecord, JobState, OutboxStats
 from jobledger.query import JobQuery
@@ -146,18 +146,31 @@ BrokerUrl = Annotated[
     str | None,
     typer.Option(
         "--broker",
-        help="Celery broker URL: publish jobs by task name, without importing their code.",
+        help="Broker URL of --queue-system: publish jobs by name, without importing their code.",
         metavar="URL",
     ),
 ]
+QueueSystem = Annotated[
+    str,
+    typer.Option(
+        "--queue-system",
+        help=f"Whose broker --broker is: {', '.join(sorted(KNOWN))}.",
+        metavar="NAME",
+    ),
+]
+#: The queue system ``--broker`` means unless ``--queue-system`` says otherwise.
+DEFAULT_QUEUE_SYSTEM = "celery"
 
 
 def _register_integration(
-    app_module: str | None, broker: str | None, database_url: str | None
+    app_module: str | None,
+    broker: str | None,
+    database_url: str | None,
+    system: str = DEFAULT_QUEUE_SYSTEM,
 ) -> None:
     """Make ``publish`` work in this process: import ``--app`` (its integration registers
-    itself), or for ``--broker`` install the Celery integration on a bare app of that broker
-    (invariant 10: a record holds all a publish needs)."""
+    itself), or for ``--broker`` install ``system``'s integration on a bare client of that
+    broker (invariant 10: a record holds all a publish needs)."""
     if app_module:
         if os.getcwd() not in sys.path:  # as `celery -A` finds a module beside the user
             sys.path.insert(0, os.getcwd())
@@ -166,13 +179,7 @@ def _register_integration(
         except Exception as exc:
             raise ConfigError(f"cannot import --app {app_module!r}: {exc}") from None
     if broker:
-        try:
-            from jobledger.integrations.celery import install_for_broker
-        except ImportError as exc:
-            raise ConfigError(
-                f"--broker needs Celery ({exc}): pip install 'jobledger[celery]'"
-            ) from None
-        install_for_broker(broker, Settings.from_env(database_url=database_url))
+        install_for_broker(system, broker, Settings.from_env(database_url=database_url))
 
 
 def _command(**options: Any) -> Callable[[F], F]:
@@ -206,9 +213,12 @@ def _open(database_url: str | None) -> tuple[Settings, Store]:
 
 
 def _manager(
-    database_url: str | None, app_module: str | None = None, broker: str | None = None
+    database_url: str | None,
+    app_module: str | None = None,
+    broker: str | None = None,
+    system: str = DEFAULT_QUEUE_SYSTEM,
 ) -> Manager:
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, system)
     settings, store = _open(database_url)
     return Manager(store, settings=settings)
 
@@ -521,15 +531,16 @@ def _no_integration(exc: IntegrationMissing) -> ConfigError:
     """What a command given neither ``--app`` nor ``--broker`` lacks to publish: the option
     to pass, and the extra to install only if its queue system is not installed."""
     system = exc.system or "?"
-    option = (
-        "--app with your Celery app's module (as for celery -A) or --broker with its broker URL"
-        if system == "celery"
-        else "--app with the module that installs its integration"
-    )
-    extra = EXTRAS.get(system)
+    known = KNOWN.get(system)
+    if known is None:
+        option = "--app with the module that installs its integration"
+    else:
+        option = f"--app with {known.app} or --broker with its broker URL"
+        if system != DEFAULT_QUEUE_SYSTEM:
+            option += f" and --queue-system {system}"
     install = (
-        f"pip install 'jobledger[{extra}]', then "
-        if extra is not None and importlib.util.find_spec(system) is None
+        f"pip install 'jobledger[{known.extra}]', then "
+        if known is not None and importlib.util.find_spec(system) is None
         else ""
     )
     return ConfigError(f"no integration for queue system {system!r}: {install}pass {option}")
@@ -555,12 +566,13 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         force: Force = False,
         app_module: AppModule = None,
         broker: BrokerUrl = None,
+        queue_system: QueueSystem = DEFAULT_QUEUE_SYSTEM,
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
         filtered = any((state, queue, name, match, older_than))
         query = _query(state, queue, name, match, regex, older_than)
-        manager = _manager(database_url, app_module, broker)
+        manager = _manager(database_url, app_module, broker, queue_system)
         try:
             report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
         except IntegrationMissing as exc:
@@ -576,7 +588,7 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         kept = [
             p
             for p in signature.parameters.values()
-            if p.name not in ("app_module", "broker", "force")
+            if p.name not in ("app_module", "broker", "queue_system", "force")
         ]
         command.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
     _command(name=action)(command)
@@ -634,13 +646,14 @@ def prune(
 def recover(
     app_module: AppModule = None,
     broker: BrokerUrl = None,
+    queue_system: QueueSystem = DEFAULT_QUEUE_SYSTEM,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run one recovery sweep now: publish the jobs of dead instances again (same ids)."""
     from jobledger.recovery import Outcome, Recovery
 
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, queue_system)
     settings, store = _open(database_url)
     report = Recovery.from_settings(store, settings).sweep_once()
     if as_json:
@@ -679,6 +692,7 @@ def relay(
     ] = None,
     app_module: AppModule = None,
     broker: BrokerUrl = None,
+    queue_system: QueueSystem = DEFAULT_QUEUE_SYSTEM,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -691,12 +705,12 @@ def relay(
     from jobledger.integrations.base import registry
     from jobledger.relay import Relay, RelayLoop
 
-    _register_integration(app_module, broker, database_url)
+    _register_integration(app_module, broker, database_url, queue_system)
     systems = registry.systems()
     if not systems:
         raise ConfigError(
-            "no queue integration to publish with: pass --app (your Celery app's module) or "
-            "--broker"
+            "no queue integration to publish with: pass --app (the module that installs it) "
+            "or --broker"
         )
     settings, store = _open(database_url)
     if grace is not None:

@@ -163,7 +163,7 @@ class CeleryIntegration:
     ) -> AsyncResult:
         """Stage ``task`` (a task of this app, or its name) in the transaction of ``using``
         (a SQLAlchemy Session or Connection, a Django alias; default: the one bound with
-        :func:`jobledger.outbox.staging_in` or the open Django atomic block, else the ledger's
+        :func:`jobledger.staging_in` or the open Django atomic block, else the ledger's
         own connection, committed at once). Returns the job's result handle at once; the job
         is published right after the commit (or by the relay), with its countdown or eta kept.
         ``options`` are ``apply_async``'s. :class:`~jobledger.errors.StagingError` for an
