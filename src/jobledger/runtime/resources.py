@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 from jobledger.integrations.base import PublishBatch
 from jobledger.journal import Journal
@@ -19,6 +20,8 @@ from jobledger.outbox import Outbox
 from jobledger.pending import PendingWrites
 from jobledger.runtime import forksafe
 from jobledger.stores.base import Store
+
+T = TypeVar("T")
 
 
 class ProcessResources:
@@ -38,42 +41,37 @@ class ProcessResources:
         self._stores: dict[int, Store] = {} if store is None else {os.getpid(): store}
         self._pending: dict[int, PendingWrites] = {}
         self._outboxes: dict[int, Outbox] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a resource made under it may need the store
 
     @property
     def store(self) -> Store:
-        pid = os.getpid()
-        with self._lock:
-            found = self._stores.get(pid)
-            if found is None:
-                found = self._stores[pid] = self.factory()
-            return found
+        return self._own(self._stores, self.factory)
 
     @property
     def pending(self) -> PendingWrites:
         """This process's ledger writes waiting for the ledger (invariant 7): in a worker, in
         the journal all its processes share, replayed by the main process; in any other
         process, in memory, replayed by a thread of its own."""
-        pid = os.getpid()
-        with self._lock:
-            found = self._pending.get(pid)
-            if found is None:
-                found = self._pending[pid] = PendingWrites(
-                    lambda: self.store, log=self.journal, replay_on_add=self.journal is None
-                )
-            return found
+        return self._own(
+            self._pending,
+            lambda: PendingWrites(
+                lambda: self.store, log=self.journal, replay_on_add=self.journal is None
+            ),
+        )
 
     @property
     def outbox(self) -> Outbox:
         """This process's outbox: stages jobs and publishes them right after the commit."""
+        return self._own(self._outboxes, lambda: Outbox(self.store, publish=self.publish_many))
+
+    def _own(self, made: dict[int, T], make: Callable[[], T]) -> T:
+        """This process's entry of ``made``, made on first use (once, under the lock)."""
         pid = os.getpid()
         with self._lock:
-            found = self._outboxes.get(pid)
-        if found is None:
-            found = Outbox(self.store, publish=self.publish_many)
-            with self._lock:
-                found = self._outboxes.setdefault(pid, found)
-        return found
+            found = made.get(pid)
+            if found is None:
+                found = made[pid] = make()
+            return found
 
     def become_worker(self, journal: Journal) -> None:
         """This process is a worker's main process from now on: its store is never used while

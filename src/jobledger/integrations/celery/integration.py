@@ -16,6 +16,7 @@ from celery.canvas import Signature
 from celery.result import AsyncResult
 
 from jobledger.config import Settings
+from jobledger.counters import SharedCounters
 from jobledger.errors import ConfigError, StagingError
 from jobledger.integrations.base import Published, registry
 from jobledger.integrations.celery import tasks
@@ -59,6 +60,16 @@ class CeleryIntegration:
         self.recorder = PublishRecorder(self)
         self.hooks = WorkerHooks(self)
         self._receivers: list[tuple[Any, Callable[..., Any]]] = []
+
+    @property
+    def store(self) -> Store:
+        """This process's ledger store."""
+        return self.runtime.store
+
+    @property
+    def counters(self) -> SharedCounters:
+        """What this worker counted, all its processes together (``WORKER_EVENTS``)."""
+        return self.runtime.counters
 
     @property
     def outbox(self) -> Outbox:
