@@ -1,12 +1,19 @@
-"""Benchmark of issue 3: what tracking costs a Celery deployment, and how fast a crash heals.
+"""Benchmarks of issues 3 and 12: what tracking costs a Celery deployment, and how fast a crash
+heals.
 
-Part 1, throughput. The same no-op task (it bumps a Redis counter so the bench sees it done),
-the same worker (prefork, ``--concurrency``, default prefetch, Redis broker), three ways:
-plain Celery, Celery with jobledger on a SQLite ledger, and on a PostgreSQL ledger. Each round
-publishes ``--jobs`` tasks while the worker consumes; it reports publish jobs/s (the client's
-side: tracked publishing writes a ``queued`` record) and end-to-end jobs/s (first publish to
-last task done), and the ratio of each to plain Celery. Modes alternate over ``--rounds`` and
-the best round of each counts (the machine is shared; the best is the least disturbed).
+Part 1, throughput, in paired rounds. For each configuration (``--configs``: the task body's
+length and the worker's pool, by default 0 ms, 5 ms and 50 ms bodies on prefork ``-c 2`` and
+5 ms on ``-P threads -c 8``) one worker per mode is started and kept (Redis broker, default
+prefetch): plain Celery; Celery with jobledger on a SQLite ledger and on a PostgreSQL ledger;
+and the peer users pick instead, plain Celery with its own database result backend on
+PostgreSQL (``result_backend="db+postgresql+psycopg://…"``, ``task_track_started=True``: a row
+written when a task starts and again when it ends). A round publishes ``--jobs`` tasks (fewer for
+long bodies: about ``--round-seconds`` of work) while its worker consumes, and measures publish
+jobs/s (the client's side: tracked publishing writes a ``queued`` record) and end-to-end jobs/s
+(first publish to last body done). The modes take turns, one round each per pair, in an order
+rotated every pair; each mode's ratio to the plain round *of the same pair* is printed as the
+median and min-max over ``--pairs`` (the machine is shared: ratios within a pair are what
+count, absolute rates move with the load).
 
 Part 2, crash-to-requeue latency, PostgreSQL ledger, short settings (heartbeat ``--interval``,
 TTL 3x, sweep every ``--interval``): a victim worker holds two long jobs, is SIGKILLed (main
@@ -14,12 +21,14 @@ process and pool), and a second live worker's sweep re-enqueues them; the latenc
 is from the SIGKILL to the jobs' ``recovered_at``. The bound it checks is TTL + recovery
 interval + one sweep.
 
-    python bench/celery.py                       # everything (about two minutes)
-    python bench/celery.py --jobs 500 --kills 2  # a quick look
+    python bench/celery.py                                  # everything (about 15 minutes)
+    python bench/celery.py --configs 0:prefork:2 --pairs 3 --kills 0   # a quick look
 
-PostgreSQL gets a database of the bench's own (``--database``, dropped and recreated); the
-SQLite ledger lives in a temporary directory. The file is named after what it measures, so it
-takes its own directory off ``sys.path`` before importing Celery.
+``JOBLEDGER_*`` variables reach the workers (``JOBLEDGER_SYNCHRONOUS_PUBLISH=false`` measures
+the relaxed publish record). PostgreSQL gets databases of the bench's own (``--database`` and
+``<--database>_rb``, dropped and recreated); the SQLite ledger lives in a temporary directory.
+The file is named after what it measures, so it takes its own directory off ``sys.path``
+before importing Celery.
 """
 
 from __future__ import annotations
@@ -60,7 +69,19 @@ POSTGRES_SERVER = os.environ.get(
 
 
 # -- the app, in the bench process and in its worker processes ------------------------------
-def make_app(queue: str, counter: str, tracked: bool, settings: Settings | None) -> Celery:
+MODES = ("plain", "sqlite", "postgresql", "result-backend")
+LABELS = {
+    "plain": "plain Celery",
+    "sqlite": "tracked, SQLite",
+    "postgresql": "tracked, PostgreSQL",
+    "result-backend": "Celery + db result backend",
+}
+
+
+def make_app(
+    queue: str, counter: str, mode: str, settings: Settings | None, result_backend: str = ""
+) -> tuple[Celery, Any]:
+    """The bench's app in ``mode``, and its jobledger integration (None when untracked)."""
     app = Celery("jlbench", broker=REDIS_URL, set_as_current=False)
     app.conf.update(
         task_default_queue=queue,
@@ -69,10 +90,17 @@ def make_app(queue: str, counter: str, tracked: bool, settings: Settings | None)
         worker_hijack_root_logger=False,
         worker_lost_wait=1.0,
     )
+    if mode == "result-backend":
+        app.conf.update(
+            result_backend=result_backend, task_ignore_result=False, task_track_started=True
+        )
+    tracked = mode in ("sqlite", "postgresql")
     client: list[redis.Redis] = []
 
-    @app.task(name="bench.noop", tracked=tracked, shared=False)
-    def noop() -> None:
+    @app.task(name="bench.work", tracked=tracked, shared=False)
+    def work(seconds: float) -> None:
+        if seconds:
+            time.sleep(seconds)
         if not client:
             client.append(redis.Redis.from_url(REDIS_URL))
         client[0].incr(counter)
@@ -81,29 +109,30 @@ def make_app(queue: str, counter: str, tracked: bool, settings: Settings | None)
     def hold(seconds: float) -> None:
         time.sleep(seconds)
 
+    integration = None
     if tracked:
         from jobledger.integrations.celery import install
 
-        install(app, settings=settings or Settings.from_env())
-    return app
+        integration = install(app, settings=settings or Settings.from_env())
+    return app, integration
 
 
 def worker_main() -> None:
     """``bench/celery.py --worker``: one worker, configured by BENCH_* variables."""
-    queue, counter, tracked = (
+    queue, counter, mode = (
         os.environ["BENCH_QUEUE"],
         os.environ["BENCH_COUNTER"],
-        os.environ["BENCH_TRACKED"] == "1",
+        os.environ["BENCH_MODE"],
     )
-    app = make_app(queue, counter, tracked, None)
+    app, _ = make_app(queue, counter, mode, None, os.environ.get("BENCH_RESULT_BACKEND", ""))
     ready_key = os.environ["BENCH_READY_KEY"]
 
     def on_ready(**_: Any) -> None:
-        redis.Redis.from_url(REDIS_URL).set(ready_key, "1", ex=600)
+        redis.Redis.from_url(REDIS_URL).set(ready_key, "1", ex=3600)
 
     signals.worker_ready.connect(on_ready, weak=False)
-    argv = ["worker", "-P", "prefork", "-c", os.environ["BENCH_CONCURRENCY"]]
-    argv += ["-Q", queue, "--loglevel=WARNING"]
+    argv = ["worker", "-P", os.environ.get("BENCH_POOL", "prefork")]
+    argv += ["-c", os.environ["BENCH_CONCURRENCY"], "-Q", queue, "--loglevel=WARNING"]
     argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     app.worker_main(argv)
 
@@ -173,63 +202,164 @@ def ledger_url(mode: str, workdir: Path, database: str) -> str:
 
 
 # -- part 1 ----------------------------------------------------------------------------------
-def throughput_round(
-    mode: str, args: argparse.Namespace, workdir: Path, r: redis.Redis
-) -> tuple[float, float]:
-    """One round of ``mode``: (publish jobs/s, end-to-end jobs/s)."""
-    queue = f"jlbench-{uuid.uuid4().hex[:8]}"
-    counter = f"{queue}-done"
-    tracked = mode != "plain"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBLEDGER_")}
-    env.update(
-        BENCH_QUEUE=queue,
-        BENCH_COUNTER=counter,
-        BENCH_TRACKED="1" if tracked else "0",
-        BENCH_CONCURRENCY=str(args.concurrency),
-    )
-    settings = None
-    if tracked:
-        url = ledger_url(mode, workdir, args.database)
-        env["JOBLEDGER_DATABASE_URL"] = url
-        settings = Settings(database_url=url, instance_name="bench-client")
-    app = make_app(queue, counter, tracked, settings)
-    worker = Worker(env, workdir / f"{queue}.log")
-    try:
-        worker.wait_ready(r)
-        for _ in range(50):  # warm up: connections, pool processes, caches
-            app.send_task("bench.noop")
-        wait_for("the warm-up", lambda: int(r.get(counter) or 0) >= 50)
-        started = time.perf_counter()
-        for _ in range(args.jobs):
-            app.send_task("bench.noop")
-        published = time.perf_counter() - started
-        wait_for("the round", lambda: int(r.get(counter) or 0) >= 50 + args.jobs)
-        finished = time.perf_counter() - started
-        if tracked:
-            check = SQLStore(env["JOBLEDGER_DATABASE_URL"])
-            done = check.count(JobQuery(states=frozenset({JobState.SUCCEEDED})))
-            check.close()
-            assert done == 50 + args.jobs, f"{mode}: {done} succeeded in the ledger"
-    finally:
-        worker.kill()
-        r.delete(counter, queue, worker.ready_key)
-        from jobledger.integrations.base import registry
+class Config:
+    """A body length and a worker pool, from ``0:prefork:2`` (milliseconds:pool:concurrency)."""
 
-        registry.unregister("celery")
-    return args.jobs / published, args.jobs / finished
+    def __init__(self, text: str, args: argparse.Namespace) -> None:
+        body, self.pool, concurrency = text.split(":")
+        self.body = float(body) / 1000
+        self.concurrency = int(concurrency)
+        if self.pool not in ("prefork", "threads") or self.concurrency < 1 or self.body < 0:
+            raise ValueError(f"bad configuration {text!r}")
+        work = args.round_seconds * self.concurrency / self.body if self.body else args.jobs
+        self.jobs = max(50, min(args.jobs, int(work)))
+
+    def __str__(self) -> str:
+        return (
+            f"{self.body * 1000:g} ms bodies, {self.pool} -c {self.concurrency}, "
+            f"{self.jobs} tasks a round"
+        )
+
+
+class Side:
+    """One mode's worker for one configuration, kept across the pairs, and its publisher."""
+
+    def __init__(
+        self, mode: str, config: Config, args: argparse.Namespace, workdir: Path, r: redis.Redis
+    ) -> None:
+        self.mode, self.config, self.r = mode, config, r
+        self.queue = f"jlbench-{mode}-{uuid.uuid4().hex[:8]}"
+        self.counter = f"{self.queue}-done"
+        self.done = 0
+        env = dict(os.environ)  # JOBLEDGER_* included: the bench's Redis URL, the settings
+        env.update(
+            BENCH_QUEUE=self.queue,
+            BENCH_COUNTER=self.counter,
+            BENCH_MODE=mode,
+            BENCH_POOL=config.pool,
+            BENCH_CONCURRENCY=str(config.concurrency),
+        )
+        self.url = ""
+        self.result_backend = ""
+        if mode in ("sqlite", "postgresql"):
+            self.url = ledger_url(mode, workdir, args.database)
+            env["JOBLEDGER_DATABASE_URL"] = self.url
+            env["JOBLEDGER_INSTANCE_NAME"] = f"bench-{mode}"
+        elif mode == "result-backend":
+            url = make_url(fresh_postgres(f"{args.database}_rb"))
+            self.result_backend = "db+" + url.set(drivername="postgresql+psycopg").render_as_string(
+                False
+            )
+            env["BENCH_RESULT_BACKEND"] = self.result_backend
+        self.worker = Worker(env, workdir / f"{self.queue}.log")
+
+    def start(self) -> None:
+        self.worker.wait_ready(self.r)
+        self.run(50, timed=False)  # warm up: connections, pool processes, caches
+
+    def run(self, jobs: int, *, timed: bool = True) -> tuple[float, float]:
+        """Publish ``jobs`` tasks and wait for their bodies: (publish jobs/s, end-to-end
+        jobs/s). The publisher's integration is disconnected afterwards, so no later round's
+        publishes reach this round's ledger."""
+        settings = None
+        if self.url:
+            settings = Settings.from_env(database_url=self.url, instance_name="bench-client")
+        app, integration = make_app(
+            self.queue, self.counter, self.mode, settings, self.result_backend
+        )
+        try:
+            for _ in range(10):  # the publisher's own connections
+                app.send_task("bench.work", args=[self.config.body])
+            self.done += 10
+            wait_for("the round's warm-up", lambda: int(self.r.get(self.counter) or 0) >= self.done)
+            started = time.perf_counter()
+            for _ in range(jobs):
+                app.send_task("bench.work", args=[self.config.body])
+            published = time.perf_counter() - started
+            self.done += jobs
+            wait_for("the round", lambda: int(self.r.get(self.counter) or 0) >= self.done)
+            finished = time.perf_counter() - started
+        finally:
+            if integration is not None:
+                integration.close()
+        if self.url:  # a body counts itself done a moment before its success is recorded
+            check = SQLStore(self.url)
+            succeeded = JobQuery(states=frozenset({JobState.SUCCEEDED}))
+            wait_for("the ledger", lambda: check.count(succeeded) == self.done, 60)
+            check.close()
+        return jobs / published, jobs / finished
+
+    def stop(self) -> None:
+        self.worker.kill()
+        self.r.delete(self.counter, self.queue, self.worker.ready_key)
+
+
+def throughput(
+    config: Config, args: argparse.Namespace, workdir: Path, r: redis.Redis
+) -> dict[str, list[tuple[float, float]]]:
+    """Each mode's (publish, end-to-end) jobs/s of every pair, for ``config``."""
+    sides = [Side(mode, config, args, workdir, r) for mode in args.modes]
+    rates: dict[str, list[tuple[float, float]]] = {mode: [] for mode in args.modes}
+    try:
+        for side in sides:
+            side.start()
+        for pair in range(args.pairs):
+            turn = sides[pair % len(sides) :] + sides[: pair % len(sides)]
+            for side in turn:
+                rates[side.mode].append(side.run(config.jobs))
+            line = "  ".join(
+                f"{mode} {rates[mode][-1][0]:5.0f}/{rates[mode][-1][1]:4.0f}" for mode in args.modes
+            )
+            print(f"  pair {pair + 1}: publish/e2e jobs/s  {line}", flush=True)
+    finally:
+        for side in sides:
+            side.stop()
+    return rates
+
+
+def spread(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def report(config: Config, rates: dict[str, list[tuple[float, float]]]) -> None:
+    """Medians of each mode's rates, and of its ratios to the plain round of the same pair."""
+    print(
+        f"\n{config}: median (min-max) over {len(next(iter(rates.values())))} pairs\n"
+        f"{'mode':<28}{'publish/s':>10}{'ratio':>20}{'e2e/s':>8}{'ratio':>20}"
+    )
+    plain = rates.get("plain")
+    for mode, pairs in rates.items():
+        publish = [p for p, _ in pairs]
+        e2e = [e for _, e in pairs]
+        ratios = ["", ""]
+        if plain is not None:
+            ratios = [
+                spread([x / base[i] for x, base in zip(values, plain, strict=True)])
+                for i, values in enumerate((publish, e2e))
+            ]
+        print(
+            f"{LABELS[mode]:<28}{statistics.median(publish):>10.0f}{ratios[0]:>20}"
+            f"{statistics.median(e2e):>8.0f}{ratios[1]:>20}"
+        )
+    peer = rates.get("result-backend")
+    if peer is not None:
+        for mode in ("postgresql", "sqlite"):
+            if mode in rates:
+                versus = [t[1] / b[1] for t, b in zip(rates[mode], peer, strict=True)]
+                print(f"  {LABELS[mode]} / result backend, end to end: {spread(versus)}")
 
 
 # -- part 2 ----------------------------------------------------------------------------------
 def crash_latencies(args: argparse.Namespace, workdir: Path, r: redis.Redis) -> list[float]:
     url = ledger_url("postgresql", workdir, args.database)
     store = SQLStore(url)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("JOBLEDGER_")}
+    base = dict(os.environ)
     base.update(
         JOBLEDGER_DATABASE_URL=url,
         JOBLEDGER_HEARTBEAT_INTERVAL=str(args.interval),
         JOBLEDGER_RECOVERY_INTERVAL=str(args.interval),
         JOBLEDGER_MAX_RECOVERIES="100",
-        BENCH_TRACKED="1",
+        BENCH_MODE="postgresql",
         BENCH_COUNTER="unused",
         BENCH_CONCURRENCY="2",
     )
@@ -245,7 +375,7 @@ def crash_latencies(args: argparse.Namespace, workdir: Path, r: redis.Redis) -> 
         for kill in range(args.kills):
             queue = f"jlbench-victim-{uuid.uuid4().hex[:6]}"
             settings = Settings(database_url=url, instance_name="bench-client")
-            app = make_app(queue, "unused", True, settings)
+            app, integration = make_app(queue, "unused", "postgresql", settings)
             victim = Worker(
                 {**base, "BENCH_QUEUE": queue, "JOBLEDGER_INSTANCE_NAME": f"victim{kill}"},
                 workdir / f"victim{kill}.log",
@@ -271,9 +401,7 @@ def crash_latencies(args: argparse.Namespace, workdir: Path, r: redis.Redis) -> 
             at = max(store.get(i).recovered_at.timestamp() for i in ids)  # type: ignore[union-attr]
             latencies.append(at - killed_at)
             r.delete(queue)
-            from jobledger.integrations.base import registry
-
-            registry.unregister("celery")
+            integration.close()
     finally:
         rescuer.kill()
         r.delete(idle)
@@ -284,13 +412,29 @@ def crash_latencies(args: argparse.Namespace, workdir: Path, r: redis.Redis) -> 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--jobs", type=int, default=2000, help="tasks per round (2000)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per mode (2)")
-    parser.add_argument("--concurrency", type=int, default=2, help="pool processes (2)")
+    parser.add_argument(
+        "--configs",
+        default="0:prefork:2,5:prefork:2,5:threads:8,50:prefork:2",
+        help="body ms:pool:concurrency, comma-separated (default: the issue's four)",
+    )
+    parser.add_argument("--modes", default=",".join(MODES), help=f"of: {', '.join(MODES)}")
+    parser.add_argument("--pairs", type=int, default=5, help="rounds per mode, taking turns (5)")
+    parser.add_argument("--jobs", type=int, default=1000, help="tasks per round at most (1000)")
+    parser.add_argument(
+        "--round-seconds", type=float, default=2.0, help="body time a round of long bodies holds"
+    )
     parser.add_argument("--kills", type=int, default=6, help="crashes measured (6)")
     parser.add_argument("--interval", type=float, default=1.0, help="heartbeat/sweep (1s)")
     parser.add_argument("--database", default="jl_bench_celery", help="PostgreSQL database")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(args.modes) <= set(MODES) or args.pairs < 1 or args.jobs < 50:
+        parser.error(f"--modes of {', '.join(MODES)}; --pairs >= 1; --jobs >= 50")
+    try:
+        args.configs = [Config(c, args) for c in args.configs.split(",") if c.strip()]
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -299,30 +443,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         worker_main()
         return
     r = redis.Redis.from_url(REDIS_URL)
-    modes = ["plain", "sqlite", "postgresql"]
-    best: dict[str, tuple[float, float]] = {}
-    print(f"jobledger Celery benchmark: {platform.python_version()}, {os.cpu_count()} CPUs")
     print(
-        f"{args.jobs} no-op tasks a round, {args.rounds} rounds a mode, Redis broker, "
-        f"prefork -c {args.concurrency}\n"
+        f"jobledger Celery benchmark: Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, Redis broker, {args.pairs} pairs a configuration"
     )
     with tempfile.TemporaryDirectory(prefix="jlbench-") as tmp:
         workdir = Path(tmp)
-        for round_ in range(args.rounds):
-            for mode in modes:
-                publish, e2e = throughput_round(mode, args, workdir, r)
-                print(f"  round {round_ + 1} {mode:<10} publish {publish:7.0f}/s  e2e {e2e:7.0f}/s")
-                old = best.get(mode, (0.0, 0.0))
-                best[mode] = (max(old[0], publish), max(old[1], e2e))
-        plain_publish, plain_e2e = best["plain"]
-        print(f"\n{'mode':<22}{'publish jobs/s':>16}{'ratio':>8}{'e2e jobs/s':>14}{'ratio':>8}")
-        for mode in modes:
-            publish, e2e = best[mode]
-            label = "plain Celery" if mode == "plain" else f"tracked, {mode}"
-            print(
-                f"{label:<22}{publish:>16.0f}{publish / plain_publish:>8.2f}"
-                f"{e2e:>14.0f}{e2e / plain_e2e:>8.2f}"
-            )
+        results = []
+        for config in args.configs:
+            print(f"\n{config}", flush=True)
+            results.append((config, throughput(config, args, workdir, r)))
+        for config, rates in results:
+            report(config, rates)
         if args.kills:
             latencies = crash_latencies(args, workdir, r)
             ttl = 3 * args.interval

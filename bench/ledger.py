@@ -64,12 +64,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 
 import jobledger
+import redis_ledger
 from jobledger import Claim, JobQuery, JobRecord, Lifecycle
 from jobledger.manager import Manager
 from jobledger.model import UNCOMPLETED_STATES
+from jobledger.stores.base import Store
 from jobledger.stores.sql import SQLStore, parse_url
 
-DATABASES = ("sqlite", "postgresql", "mariadb")
+DATABASES = ("sqlite", "postgresql", "mariadb", "redis")
 OWNER = "bench-worker:0f3a9c"
 #: What ``uncompleted_jobs(match)`` looks for: it is in the kwargs JSON of models 4242 and
 #: 42420-42429, 110 of the million jobs, about 5 of them uncompleted.
@@ -110,15 +112,22 @@ def recreate_database(server: str, name: str) -> URL:
     return url.set(database=name)
 
 
-def fresh_url(database: str, args: argparse.Namespace, sqlite_dir: Path) -> URL:
+def fresh_url(database: str, args: argparse.Namespace, sqlite_dir: Path) -> URL | str:
     """An empty database of kind ``database`` for this run."""
     if database == "sqlite":
         return parse_url(f"sqlite:///{sqlite_dir / 'ledger.db'}")
+    if database == "redis":
+        return args.redis_url  # type: ignore[no-any-return]  # a prefix of its own per ledger
     server = args.postgres_url if database == "postgresql" else args.mysql_url
     return recreate_database(server, args.database)
 
 
-def server_version(url: URL) -> str:
+def server_version(url: URL | str) -> str:
+    if isinstance(url, str):  # a Redis
+        store = redis_ledger.open_ledger(url)
+        version = store.migrate_report().split(";")[0].removeprefix("server ")
+        redis_ledger.drop(store)
+        return version if version.startswith("Valkey") else f"Redis {version}"
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
@@ -213,7 +222,7 @@ def run_parallel(threads: int, count: int, work: Callable[[int], None]) -> tuple
     return elapsed, cpu
 
 
-def ledger_lifecycle(store: SQLStore, ids: Sequence[str]) -> Callable[[int], None]:
+def ledger_lifecycle(store: Store, ids: Sequence[str]) -> Callable[[int], None]:
     """Job ``i``'s whole life through jobledger: publish records it, a worker claims and ends it."""
     worker = Lifecycle(store, owner=OWNER, ttl=30.0)
 
@@ -281,24 +290,38 @@ def engine_options(url: URL, threads: int, pre_ping: bool) -> dict[str, Any]:
 
 
 def measure_lifecycles(
-    database: str, url: URL, threads: int, jobs: int, rounds: int, pre_ping: bool
+    database: str, url: URL | str, threads: int, jobs: int, rounds: int, pre_ping: bool
 ) -> LifecycleResult:
     """jobledger and the baseline, warmed up, then ``rounds`` times each in turn over ``jobs``
     lifecycles (taking turns evens out a server that speeds up or slows down meanwhile)."""
-    options = engine_options(url, threads, pre_ping)
-    store = SQLStore(url, engine_options=options)
-    baseline = create_engine(url, **{k: v for k, v in options.items() if k != "pool_pre_ping"})
-    if database == "sqlite":
-        event.listen(baseline, "connect", _sqlite_pragmas)
+    store: Store
+    if database == "redis":
+        store = redis_ledger.open_ledger(str(url))
+        baseline_side = functools.partial(redis_ledger.baseline_lifecycle, store)
+        close: Callable[[], None] = functools.partial(redis_ledger.drop, store)
+    else:
+        assert isinstance(url, URL)
+        options = engine_options(url, threads, pre_ping)
+        store = SQLStore(url, engine_options=options)
+        plain = {k: v for k, v in options.items() if k != "pool_pre_ping"}
+        baseline = create_engine(url, **plain)
+        if database == "sqlite":
+            event.listen(baseline, "connect", _sqlite_pragmas)
+        store.migrate()
+        baseline_metadata.create_all(baseline)
+        baseline_side = functools.partial(baseline_lifecycle, baseline)
+
+        def close() -> None:
+            store.close()
+            baseline.dispose()
+
     sides: dict[str, Callable[[Sequence[str]], Callable[[int], None]]] = {
-        "baseline": functools.partial(baseline_lifecycle, baseline),
+        "baseline": baseline_side,
         "jobledger": functools.partial(ledger_lifecycle, store),
     }
     rates: dict[str, list[float]] = {side: [] for side in sides}
     cpus: dict[str, list[float]] = {side: [] for side in sides}
     try:
-        store.migrate()
-        baseline_metadata.create_all(baseline)
         warm = threads * 10
         for make in sides.values():
             run_parallel(threads, warm, make([str(uuid.uuid4()) for _ in range(warm)]))
@@ -309,17 +332,17 @@ def measure_lifecycles(
                 rates[side].append(jobs / elapsed)
                 cpus[side].append(cpu / jobs * 1000)
     finally:
-        store.close()
-        baseline.dispose()
-    ledger, plain = statistics.median(rates["jobledger"]), statistics.median(rates["baseline"])
+        close()
+    ledger_rate = statistics.median(rates["jobledger"])
+    plain_rate = statistics.median(rates["baseline"])
     return LifecycleResult(
         database=database,
         threads=threads,
         jobs=jobs,
         rounds=rounds,
-        jobledger_per_s=ledger,
-        baseline_per_s=plain,
-        ratio=ledger / plain,
+        jobledger_per_s=ledger_rate,
+        baseline_per_s=plain_rate,
+        ratio=ledger_rate / plain_rate,
         jobledger_cpu_ms=statistics.median(cpus["jobledger"]),
         baseline_cpu_ms=statistics.median(cpus["baseline"]),
         peak_rss_mb=peak_rss_mb(),
@@ -681,7 +704,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--databases",
         default=",".join(DATABASES),
-        help="comma-separated, of: sqlite, postgresql, mariadb (default: all)",
+        help="comma-separated, of: sqlite, postgresql, mariadb, redis (default: all)",
     )
     parser.add_argument("--jobs", type=int, default=2000, help="lifecycles per round (2000)")
     parser.add_argument("--threads", default="1,8", help="thread counts (1,8)")
@@ -707,6 +730,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="any database on the MariaDB/MySQL server (only connected to)",
     )
     parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="the Redis of the Redis ledgers (each under a prefix of its own, deleted after)",
+    )
+    parser.add_argument(
+        "--redis-big",
+        type=int,
+        default=1_000_000,
+        help="jobs in the Redis ledger of uncompleted --match; 0 skips it",
+    )
+    parser.add_argument(
         "--database", default="jobledger_bench", help="the database the bench (re)creates"
     )
     parser.add_argument(
@@ -723,10 +757,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown database(s) {', '.join(unknown)}; known: {', '.join(DATABASES)}")
     args.threads = [int(t) for t in args.threads.split(",")]
     positive = (args.jobs, args.rounds, args.deep_page, args.page_size, args.repeat)
-    if min(positive) < 1 or min(args.threads) < 1 or args.big < 0:
+    if min(positive) < 1 or min(args.threads) < 1 or min(args.big, args.redis_big) < 0:
         parser.error(
             "--jobs, --threads, --rounds, --deep-page, --page-size and --repeat must be "
-            "positive, --big not negative"
+            "positive, --big and --redis-big not negative"
         )
     return args
 
@@ -750,6 +784,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.big:
         big = measure_big(args)
         servers.setdefault("postgresql", server_version(parse_url(args.postgres_url)))
+    redis_big = None
+    if args.redis_big:
+        note(f"redis: loading {args.redis_big:,} jobs, then uncompleted --match")
+        redis_big = redis_ledger.measure_big(args.redis_url, args.redis_big, args.repeat, MATCH)
+        servers.setdefault("redis", server_version(args.redis_url))
     report: dict[str, Any] = {
         "environment": {
             "jobledger": jobledger.__version__,
@@ -762,8 +801,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "lifecycles": [asdict(r) for r in lifecycles],
         "big": asdict(big) if big is not None else None,
+        "redis_big": asdict(redis_big) if redis_big is not None else None,
     }
-    print(json.dumps(report, indent=2) if args.json else render(report, lifecycles, big))
+    text = render(report, lifecycles, big)
+    if redis_big is not None:
+        text = "\n".join([text, *redis_ledger.render_big(redis_big)])
+    print(json.dumps(report, indent=2) if args.json else text)
     return 0
 
 

@@ -27,6 +27,7 @@ from typer.exceptions import TyperException
 from jobledger import __version__
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError, IntegrationMissing, JobLedgerError
+from jobledger.history import attempts, first_line, timeline
 from jobledger.integrations.base import KNOWN, install_for_broker
 from jobledger.manager import ActionReport, Manager
 from jobledger.model import JobRecord, JobState, OutboxStats
@@ -39,7 +40,7 @@ from jobledger.serialize import (
     report_to_dict,
     stats_to_dict,
 )
-from jobledger.stores import Store, store_for
+from jobledger.stores import Store, open_store, store_for
 
 #: Plain help (no Rich markup): Rich read ``[default: …]`` in a help text as a markup tag and
 #: dropped it, and printed ``<bool>`` beside every flag.
@@ -118,6 +119,12 @@ Names = Annotated[
     list[str] | None,
     typer.Option("--name", "-n", help="Task name (repeatable).", metavar="NAME"),
 ]
+Systems = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--system", help="Queue system (repeatable): celery, sidekiq, ...", metavar="SYSTEM"
+    ),
+]
 Match = Annotated[
     str | None,
     typer.Option("--match", "-m", help="Literal text the job's arguments contain.", metavar="TEXT"),
@@ -170,7 +177,8 @@ def _register_integration(
 ) -> None:
     """Make ``publish`` work in this process: import ``--app`` (its integration registers
     itself), or for ``--broker`` install ``system``'s integration on a bare client of that
-    broker (invariant 10: a record holds all a publish needs)."""
+    broker (invariant 10: a record holds all a publish needs); and the Sidekiq integration where
+    ``JOBLEDGER_SIDEKIQ_REDIS_URL`` is set (unless ``--broker`` is Sidekiq's)."""
     if app_module:
         if os.getcwd() not in sys.path:  # as `celery -A` finds a module beside the user
             sys.path.insert(0, os.getcwd())
@@ -178,8 +186,18 @@ def _register_integration(
             importlib.import_module(app_module)
         except Exception as exc:
             raise ConfigError(f"cannot import --app {app_module!r}: {exc}") from None
+    settings = Settings.from_env(database_url=database_url)
     if broker:
-        install_for_broker(system, broker, Settings.from_env(database_url=database_url))
+        install_for_broker(system, broker, settings)
+    if settings.sidekiq_redis_url is not None and not (broker and system == "sidekiq"):
+        try:
+            from jobledger.integrations.sidekiq import install
+        except ImportError as exc:
+            raise ConfigError(
+                f"JOBLEDGER_SIDEKIQ_REDIS_URL needs redis-py ({exc}): "
+                "pip install 'jobledger[sidekiq]'"
+            ) from None
+        install(settings)
 
 
 def _command(**options: Any) -> Callable[[F], F]:
@@ -220,7 +238,9 @@ def _manager(
 ) -> Manager:
     _register_integration(app_module, broker, database_url, system)
     settings, store = _open(database_url)
-    return Manager(store, settings=settings)
+    if app_module or broker:
+        return Manager(store, settings=settings)
+    return Manager(store, settings=settings, explain_missing=_no_integration)
 
 
 def _query(
@@ -230,11 +250,13 @@ def _query(
     match: str | None = None,
     regex: bool = False,
     older_than: str | None = None,
+    system: list[str] | None = None,
 ) -> JobQuery:
     return JobQuery(
         states=frozenset(JobState.parse(s) for s in state or ()),
         queues=frozenset(queue or ()),
         names=frozenset(name or ()),
+        systems=frozenset(system or ()),
         match=match,
         regex=regex,
         older_than=parse_duration(older_than) if older_than is not None else None,
@@ -341,11 +363,10 @@ def _confirm_bulk(action: str, count: int, yes: bool) -> None:
 
 @_command(name="migrate")
 def migrate(database_url: DatabaseUrl = None) -> None:
-    """Create or upgrade the ledger tables (safe to run again)."""
+    """Create or upgrade the ledger: SQL tables; on Redis, check the server and write the
+    ledger id. Safe to run again."""
     settings = Settings.from_env(database_url=database_url)
-    from jobledger.stores.sql import SQLStore
-
-    store = SQLStore(settings.database_url, connect_timeout=settings.connect_timeout)
+    store = open_store(settings.database_url, connect_timeout=settings.connect_timeout)
     report = store.migrate_report()
     out.print(f"ledger schema is up to date in {store.safe_url}")
     out.print(f"argument search: {report}")
@@ -356,6 +377,7 @@ def jobs_command(
     state: States = None,
     queue: Queues = None,
     name: Names = None,
+    system: Systems = None,
     match: Match = None,
     regex: Regex = False,
     older_than: OlderThan = None,
@@ -366,7 +388,7 @@ def jobs_command(
     database_url: DatabaseUrl = None,
 ) -> None:
     """List jobs, newest first (JSON Lines with --json)."""
-    query = _query(state, queue, name, match, regex, older_than)
+    query = _query(state, queue, name, match, regex, older_than, system)
     _, store = _open(database_url)
     now = store.now()
     page_size = min(limit, 500) if limit else 500
@@ -381,7 +403,8 @@ def show(
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Show one job: its timeline, arguments, owner and last error."""
+    """Show one job: its record, arguments and last error, each attempt (who ran it, when,
+    how it ended) and its timeline (recoveries and restarts included)."""
     record = _manager(database_url).get(job_id)
     data = job_to_dict(record)
     if as_json:
@@ -391,12 +414,29 @@ def show(
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in data.items():
+        if key in ("history", "runs"):
+            continue  # told below, as the attempts and the timeline
         if key in ("args", "kwargs", "options", "tags"):
             value = json.dumps(value, ensure_ascii=False)
         elif key in ("queued_to_finished", "started_to_finished"):
             value = format_seconds(value)
         table.add_row(key, "-" if value is None else str(value))
     out.print(table)
+    runs = _table("#", "INSTANCE", "STARTED", "RAN FOR", "OUTCOME", "ERROR")
+    for run in attempts(record):
+        runs.add_row(
+            str(run.number),
+            run.owner or "-",
+            run.started_at.isoformat() if run.started_at else "-",
+            format_seconds(run.ran_for),
+            run.outcome,
+            first_line(run.error) or "-",
+        )
+    out.print("\nattempts", runs if runs.row_count else "  none yet")
+    steps = _table("AT", "WHAT", "DETAIL")
+    for step in timeline(record):
+        steps.add_row(step.at.isoformat(), step.what, step.detail)
+    out.print("\ntimeline", steps)
 
 
 @_command(name="stats")
@@ -435,6 +475,7 @@ def durations(
     state: States = None,
     queue: Queues = None,
     name: Names = None,
+    system: Systems = None,
     match: Match = None,
     regex: Regex = False,
     older_than: OlderThan = None,
@@ -447,7 +488,7 @@ def durations(
     """Durations of finished jobs: p50/p95/max per task name, or per job."""
     if kind not in ("queued", "started"):
         raise ConfigError(f"--kind must be 'queued' or 'started', not {kind!r}")
-    query = _query(state, queue, name, match, regex, older_than)
+    query = _query(state, queue, name, match, regex, older_than, system)
     manager = _manager(database_url)
     if per_job:
         rows = _limited(manager.durations(query, kind), limit)  # type: ignore[arg-type]
@@ -527,23 +568,25 @@ Force = Annotated[
 ]
 
 
-def _no_integration(exc: IntegrationMissing) -> ConfigError:
-    """What a command given neither ``--app`` nor ``--broker`` lacks to publish: the option
-    to pass, and the extra to install only if its queue system is not installed."""
+def _no_integration(exc: IntegrationMissing) -> str:
+    """Why a job was not restarted by a command given neither ``--app`` nor ``--broker``: what
+    to pass or set, and the extra to install only if its queue system is not installed."""
     system = exc.system or "?"
     known = KNOWN.get(system)
     if known is None:
-        option = "--app with the module that installs its integration"
+        option = "pass --app with the module that installs its integration"
+    elif known.reach is not None:
+        option = known.reach
     else:
-        option = f"--app with {known.app} or --broker with its broker URL"
+        option = f"pass --app with {known.app} or --broker with its broker URL"
         if system != DEFAULT_QUEUE_SYSTEM:
             option += f" and --queue-system {system}"
     install = (
         f"pip install 'jobledger[{known.extra}]', then "
-        if known is not None and importlib.util.find_spec(system) is None
+        if known is not None and importlib.util.find_spec(known.requires or system) is None
         else ""
     )
-    return ConfigError(f"no integration for queue system {system!r}: {install}pass {option}")
+    return f"no integration for queue system {system!r}: {install}{option}"
 
 
 def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
@@ -558,6 +601,7 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         state: States = None,
         queue: Queues = None,
         name: Names = None,
+        system: Systems = None,
         match: Match = None,
         regex: Regex = False,
         older_than: OlderThan = None,
@@ -570,15 +614,13 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
-        filtered = any((state, queue, name, match, older_than))
-        query = _query(state, queue, name, match, regex, older_than)
+        filtered = any((state, queue, name, system, match, older_than))
+        query = _query(state, queue, name, match, regex, older_than, system)
         manager = _manager(database_url, app_module, broker, queue_system)
         try:
             report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
-        except IntegrationMissing as exc:
-            if app_module or broker:
-                raise
-            raise _no_integration(exc) from None
+        except IntegrationMissing as exc:  # nothing selected can be published from here
+            raise ConfigError(manager.explain_missing(exc)) from None
         _print_report(report, as_json)
 
     command.__doc__ = summary

@@ -36,6 +36,10 @@ DEFAULT_RELAY_MAX_BACKOFF = 30.0
 DEFAULT_RELAY_LEASE = 60.0
 DEFAULT_JOURNAL_DIR = ".jobledger"
 DEFAULT_JOURNAL_LIMIT = 10_000
+DEFAULT_SIDEKIQ_PROCESS_TTL = 20.0
+#: Sidekiq lets a process's heartbeat hash expire 60 s after its last beat, and its own clean-up
+#: then drops the process from ``processes``: a death must be judged before that.
+SIDEKIQ_BEAT_EXPIRY = 60.0
 #: The shortest API token accepted: it is the only secret between the network and the ledger.
 API_TOKEN_MIN_LENGTH = 16
 ENV_PREFIX = "JOBLEDGER_"
@@ -93,9 +97,19 @@ class Settings:
     #: lock included, before the ledger counts as down (5s): a host that accepts the connection
     #: and then hangs cannot hold up an enqueue or a worker. Migrations run without it.
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
-    #: ``JOBLEDGER_INSTANCE_NAME``: the stable part of an instance id (default: the host name;
-    #: on Kubernetes set it from the pod name).
-    instance_name: str = field(default_factory=socket.gethostname)
+    #: ``JOBLEDGER_SYNCHRONOUS_PUBLISH``: whether the ``queued`` record written when a job is
+    #: published waits for PostgreSQL to flush it to disk before the publish goes on (default
+    #: on). Off, that one write commits with ``synchronous_commit = off``: about a WAL flush
+    #: less per publish, and a PostgreSQL crash may forget the records of the last moments'
+    #: publishes (at most 3 x ``wal_writer_delay``, 0.6 s by default; the database stays
+    #: consistent). Such a job is still run, and its claim writes the record again; what is
+    #: given up is the record of a job whose message the broker also lost in that moment.
+    #: Claims, outcomes, staging and every other write stay durable. Other databases ignore it.
+    synchronous_publish: bool = True
+    #: ``JOBLEDGER_INSTANCE_NAME``: the stable part of an instance id (unset: the queue's own
+    #: worker name, Celery's ``a@vm``, else the host name; on Kubernetes the pod name is a good
+    #: choice). See :meth:`name_of_instance`.
+    instance_name: str | None = None
     #: ``JOBLEDGER_HEARTBEAT_INTERVAL``: seconds between an instance's heartbeats (10).
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     #: ``JOBLEDGER_HEARTBEAT_TTL``: silence after which an instance is dead (3 x interval).
@@ -162,6 +176,16 @@ class Settings:
     #: again), ``fail`` (failed with the reason, for a person) or ``discard`` (cancelled with
     #: the reason). Recorded with each job at publish.
     on_orphan: OrphanPolicy = OrphanPolicy.REQUEUE
+    #: ``JOBLEDGER_SIDEKIQ_REDIS_URL``: the Redis of a Sidekiq app (unset: no Sidekiq). Set,
+    #: restarts publish Sidekiq jobs there and the supervisor watches its processes' heartbeats.
+    sidekiq_redis_url: str | None = field(default=None, repr=False)
+    #: ``JOBLEDGER_SIDEKIQ_NAMESPACE``: the redis-namespace prefix of the Sidekiq app's keys
+    #: (unset: none), as in ``Redis::Namespace.new("myapp", ...)``.
+    sidekiq_namespace: str | None = None
+    #: ``JOBLEDGER_SIDEKIQ_PROCESS_TTL``: how long a Sidekiq process's ``beat`` may stay
+    #: unchanged before it counts as dead and its jobs are pushed back (20s: Sidekiq 6 beats
+    #: every 5 s, Sidekiq 7 every 10 s). Under 60 s, Sidekiq's own expiry of a silent process.
+    sidekiq_process_ttl: float = DEFAULT_SIDEKIQ_PROCESS_TTL
 
     def __post_init__(self) -> None:
         try:
@@ -170,13 +194,10 @@ class Settings:
             raise ConfigError(f"JOBLEDGER_ON_ORPHAN: {exc}") from None
         if not isinstance(self.database_url, str) or not self.database_url.strip():
             raise ConfigError("JOBLEDGER_DATABASE_URL must not be empty")
-        if not self.instance_name or len(self.instance_name) > 200 or ":" in self.instance_name:
-            raise ConfigError(
-                f"JOBLEDGER_INSTANCE_NAME must be 1-200 characters without ':', "
-                f"not {self.instance_name!r}"
-            )
-        if self.instance_name == "relay":  # instance ids are name:nonce; relay:… is a lease
-            raise ConfigError("JOBLEDGER_INSTANCE_NAME must not be 'relay' (reserved)")
+        if self.instance_name is not None:
+            problem = _instance_name_problem(self.instance_name)
+            if problem:
+                raise ConfigError(f"JOBLEDGER_INSTANCE_NAME {problem}")
         for name in (
             "connect_timeout",
             "statement_timeout",
@@ -204,6 +225,25 @@ class Settings:
             if value is not None and value < 0:
                 raise ConfigError(f"{_env(name)} must be zero or more seconds")
         self._check_server()
+        self._check_sidekiq()
+
+    def _check_sidekiq(self) -> None:
+        url = self.sidekiq_redis_url
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "JOBLEDGER_SIDEKIQ_REDIS_URL must be a redis://, rediss:// or unix:// URL"
+            )
+        if self.sidekiq_namespace is not None and (
+            not self.sidekiq_namespace or ":" in self.sidekiq_namespace
+        ):
+            raise ConfigError(
+                "JOBLEDGER_SIDEKIQ_NAMESPACE must be the namespace without ':' (myapp, not myapp:)"
+            )
+        if not 0 < self.sidekiq_process_ttl < SIDEKIQ_BEAT_EXPIRY:
+            raise ConfigError(
+                "JOBLEDGER_SIDEKIQ_PROCESS_TTL must be more than zero and under 60 seconds "
+                "(Sidekiq forgets a silent process after 60 s)"
+            )
 
     def _check_server(self) -> None:
         if self.api_token is not None and (
@@ -258,6 +298,26 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def name_of_instance(self, worker_name: str | None = None) -> str:
+        """The stable part of this process's instance id: the setting if given, else the
+        queue's own name for the worker (so a person matches ``a@vm`` in both tools), else
+        the host name. A worker name that cannot be one (a ``:``) falls back to the host name.
+        Each boot adds a fresh nonce to it (:func:`jobledger.heartbeat.new_instance`)."""
+        if self.instance_name is not None:
+            return self.instance_name
+        if worker_name and not _instance_name_problem(worker_name):
+            return worker_name
+        return socket.gethostname()
+
+
+def _instance_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an instance name (ids are ``name:nonce``), or None."""
+    if not name or len(name) > 200 or ":" in name:
+        return f"must be 1-200 characters without ':', not {name!r}"
+    if name == "relay":  # relay:… is a staged job's lease
+        return "must not be 'relay' (reserved)"
+    return None
 
 
 def _env(name: str) -> str:

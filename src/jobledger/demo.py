@@ -30,7 +30,7 @@ from jobledger.config import Settings
 from jobledger.demo_worker import TASK, make_app  # Celery: `jobledger demo` names the extra
 from jobledger.model import JobRecord, JobState
 from jobledger.query import JobQuery
-from jobledger.stores.sql import SQLStore
+from jobledger.stores import open_store
 from jobledger.testing import wait_for
 
 console = Console(highlight=False, soft_wrap=True)
@@ -97,7 +97,7 @@ def run_demo(database_url: str | None = None, broker: str | None = None, jobs: i
     database_url = database_url or f"sqlite:///{workdir / 'ledger.db'}"
     broker = broker or "filesystem://"
     queue = f"jobledger-demo-{uuid.uuid4().hex[:8]}"
-    store = SQLStore(database_url)
+    store = open_store(database_url)
     store.migrate()
     settings = Settings.from_env(
         database_url=database_url,

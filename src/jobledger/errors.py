@@ -16,6 +16,10 @@ class ConfigError(JobLedgerError, ValueError):
     """A setting or argument is malformed (a URL, a duration, a state name, an id)."""
 
 
+class UnknownStoreScheme(ConfigError):
+    """A ledger URL whose scheme names no store jobledger has (the message lists those)."""
+
+
 class InvalidTransition(JobLedgerError, ValueError):
     """A transition that the state machine does not allow was asked for (a programming error)."""
 
@@ -47,6 +51,11 @@ class IntegrationMissing(JobLedgerError):
 
 class PublishError(JobLedgerError):
     """The queue system refused or failed to take a job; the ledger was left unchanged."""
+
+
+class BrokerUnavailable(JobLedgerError):
+    """A queue system's broker could not be read (its processes, its queues); the next look
+    tries again."""
 
 
 class MessageRefused(PublishError):

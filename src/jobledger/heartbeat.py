@@ -36,11 +36,14 @@ Clock = Callable[[], float]
 WAKE_GAP = 0.2
 
 
-def new_instance(settings: Settings, queues: Sequence[str] = ()) -> Instance:
-    """This process's instance: the stable name from the settings plus a fresh nonce, so a
-    restarted worker is a new instance and its predecessor's jobs become orphans."""
+def new_instance(
+    settings: Settings, queues: Sequence[str] = (), *, name: str | None = None
+) -> Instance:
+    """This process's instance: a stable name (``name``, else the one the settings give) plus
+    a fresh nonce, so a restarted worker is a new instance even under the same name (its
+    predecessor's id stops beating, and its jobs become orphans)."""
     return Instance(
-        name=settings.instance_name,
+        name=name or settings.name_of_instance(),
         nonce=secrets.token_hex(6),
         hostname=socket.gethostname(),
         pid=os.getpid(),

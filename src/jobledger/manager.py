@@ -9,12 +9,12 @@ every restart goes through the Integration seam's ``publish`` *before* the recor
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from jobledger.config import Settings
-from jobledger.errors import JobNotFound, PublishError
-from jobledger.integrations.base import Registry, registry
+from jobledger.errors import IntegrationMissing, JobNotFound, PublishError
+from jobledger.integrations.base import Integration, Registry, registry
 from jobledger.model import (
     FINAL_STATES,
     RESTARTABLE_STATES,
@@ -64,6 +64,8 @@ class Manager:
 
     ``ttl`` is the heartbeat TTL used to tell a running job (owner alive: never restarted) from
     an orphan (owner silent: may be restarted at once instead of waiting for recovery).
+    ``explain_missing`` words why a job whose queue system has no integration here was not
+    restarted (the CLI names its options; default: the registry's message).
     """
 
     def __init__(
@@ -72,10 +74,16 @@ class Manager:
         *,
         integrations: Registry | None = None,
         settings: Settings | None = None,
+        explain_missing: Callable[[IntegrationMissing], str] = str,
     ) -> None:
         self.store = store
         self.integrations = integrations if integrations is not None else registry
         self.settings = settings if settings is not None else Settings.from_env()
+        self.explain_missing = explain_missing
+
+    def can_publish(self, system: str) -> bool:
+        """True if a job of ``system`` can be restarted here (an integration is registered)."""
+        return system in self.integrations.systems()
 
     # -- listings (the seed JobManager's names) --------------------------------------------
     def jobs(self, match: str | None = None, query: JobQuery | None = None) -> Iterator[JobRecord]:
@@ -157,14 +165,22 @@ class Manager:
         fences off the run still going, so a restart runs the job once more, never twice.
         Jobs that succeeded or were cancelled are never restarted.
         Two restarts racing on one job publish two copies of one generation: it runs once.
-        Refuses the whole call with :class:`~jobledger.errors.IntegrationMissing`, changing
-        nothing, if any selected job's queue system has no integration in this process.
+        A job whose queue system has no integration in this process is reported failed, with
+        why, and the others go on (also in a dry run, which says what would fail); only when no
+        selected job has one is the whole call refused, with
+        :class:`~jobledger.errors.IntegrationMissing` (this process cannot restart anything).
         """
         report = ActionReport("restart", dry_run)
         targets = self._select(ids, query, report, frozenset(JobState) - RESTARTABLE_STATES)
-        for system in {r.system for r in targets}:
-            self.integrations.get(system)  # IntegrationMissing before anything is published
+        integrations = self._integrations({r.system for r in targets})
+        missing = [i for i in integrations.values() if isinstance(i, IntegrationMissing)]
+        if missing and len(missing) == len(integrations):
+            raise missing[0]
         for record in targets:
+            integration = integrations[record.system]
+            if isinstance(integration, IntegrationMissing):
+                report.failed[record.id] = self.explain_missing(integration)
+                continue
             refusal = None if force else self._not_restartable(record)
             if refusal is not None:
                 report.skipped[record.id] = f"{refusal}; restart it with --force"
@@ -174,7 +190,7 @@ class Manager:
                 continue
             after = replace(record, generation=record.generation + 1)
             try:
-                self.integrations.publish(after, reason=Republish.RESTART)
+                integration.publish(after, reason=Republish.RESTART)
             except PublishError as exc:
                 report.failed[record.id] = str(exc)
                 continue
@@ -194,6 +210,16 @@ class Manager:
                 )
             report.done.append(record.id)
         return report
+
+    def _integrations(self, systems: set[str]) -> dict[str, Integration | IntegrationMissing]:
+        """Each system's integration, or why there is none."""
+        found: dict[str, Integration | IntegrationMissing] = {}
+        for system in systems:
+            try:
+                found[system] = self.integrations.get(system)
+            except IntegrationMissing as exc:
+                found[system] = exc
+        return found
 
     def _not_restartable(self, record: JobRecord) -> str | None:
         """Why a restart without ``force`` leaves ``record`` alone, or None."""

@@ -34,6 +34,13 @@ ERROR_MAX_LENGTH = 8192
 #: counts at most this many recoveries in its window).
 RECENT_RECOVERIES_KEPT = 32
 
+#: How many history entries (attempts that did not succeed, recoveries, restarts) a job keeps;
+#: the oldest go first. Bounded so a job retried forever cannot grow its row without end.
+HISTORY_KEPT = 20
+
+#: The longest error one history entry keeps (the latest error stays whole in ``error``).
+HISTORY_ERROR_MAX_LENGTH = 2048
+
 #: The longest job id, task name, queue name or instance id a store accepts.
 NAME_MAX_LENGTH = 255
 
@@ -200,17 +207,17 @@ def validate_job_id(job_id: str) -> str:
     return job_id
 
 
-def bound_error(text: str | None) -> str | None:
-    """Cut an error text to :data:`ERROR_MAX_LENGTH`, keeping its head and its tail (where a
+def bound_error(text: str | None, limit: int = ERROR_MAX_LENGTH) -> str | None:
+    """Cut an error text to ``limit`` characters, keeping its head and its tail (where a
     traceback says what actually went wrong)."""
-    if text is None or len(text) <= ERROR_MAX_LENGTH:
+    if text is None or len(text) <= limit:
         return text
     # The marker takes room too, so more is cut than the excess; its length depends on the
     # count it states, which settles after at most one more digit.
-    cut = len(text) - ERROR_MAX_LENGTH
+    cut = len(text) - limit
     while True:
         marker = f"\n… [{cut} characters cut] …\n"
-        keep = ERROR_MAX_LENGTH - len(marker)
+        keep = limit - len(marker)
         if len(text) - keep == cut:
             break
         cut = len(text) - keep
@@ -232,13 +239,49 @@ def to_epoch(moment: datetime | float | None) -> float | None:
     return moment.timestamp()
 
 
+class HistoryEvent(str, enum.Enum):
+    """What a :class:`HistoryEntry` records. A success records nothing: the row's own fields
+    tell the last attempt, so the hot path writes no more than it did."""
+
+    RETRYING = "retrying"  # an attempt failed and the queue retries it
+    FAILED = "failed"  # an attempt failed for good (or the queue system refused the message)
+    DEAD = "dead"  # a poison pill: recovered too often
+    RECOVERED = "recovered"  # its owner died: put back on its queue, or taken over
+    RESTARTED = "restarted"  # a person published it again
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One move in a job's story, appended by the store in the move's own compare-and-set.
+
+    ``owner`` and ``started_at`` are the attempt the move closed (None when the job was not
+    running), ``attempt`` its number, ``came_from``/``to`` the states it moved between.
+    """
+
+    event: HistoryEvent
+    at: datetime
+    came_from: JobState
+    to: JobState
+    attempt: int
+    owner: str | None = None
+    started_at: datetime | None = None
+    error: str | None = None
+
+    @property
+    def ran_for(self) -> float | None:
+        """Seconds the closed attempt ran, or None if the move closed no attempt."""
+        return seconds_between(self.started_at, self.at)
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """One tracked job as the ledger holds it.
 
     ``args``/``kwargs``/``queue``/``options`` are everything an integration needs to publish the
     job again without importing its code (invariant 10). Timestamps are the latest of each phase
-    (``first_queued_at`` excepted), aware UTC datetimes taken from the database's clock.
+    (``first_queued_at`` excepted), aware UTC datetimes taken from the database's clock;
+    ``finished_at`` is cleared when a job leaves a final state (a restart), so it is never
+    older than the run it ends.
     """
 
     id: str
@@ -262,6 +305,8 @@ class JobRecord:
     #: Epoch seconds of the latest recoveries (newest last, at most
     #: :data:`RECENT_RECOVERIES_KEPT`): the poison-pill cap counts those within its window.
     recent_recoveries: tuple[float, ...] = ()
+    #: The job's story beyond its latest attempt, oldest first (at most :data:`HISTORY_KEPT`).
+    history: tuple[HistoryEntry, ...] = ()
     error: str | None = None
     created_at: datetime | None = None
     staged_at: datetime | None = None
@@ -286,16 +331,18 @@ class JobRecord:
     @property
     def queued_to_finished(self) -> float | None:
         """Seconds from the latest enqueue to the finish, or None while unfinished."""
-        return _seconds_between(self.queued_at, self.finished_at)
+        return seconds_between(self.queued_at, self.finished_at) if self.state.is_final else None
 
     @property
     def started_to_finished(self) -> float | None:
         """Seconds from the latest start to the finish, or None while unfinished."""
-        return _seconds_between(self.started_at, self.finished_at)
+        return seconds_between(self.started_at, self.finished_at) if self.state.is_final else None
 
 
-def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
+def seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    """Seconds from ``start`` to ``end``; None if either is missing or ``end`` came first (a
+    phase time of an earlier run: never a negative duration)."""
+    if start is None or end is None or end < start:
         return None
     return (end - start).total_seconds()
 
@@ -369,12 +416,14 @@ class DurationStats:
 
 @dataclass(frozen=True)
 class QueueStats:
-    """Counts per state for one queue, and its lag: the age of its oldest pending job."""
+    """Counts per state for one queue, and its lag: the age of its oldest pending job, as of
+    ``measured_at`` (the store's clock, epoch seconds: when the lag began is that minus it)."""
 
     queue: str
     counts: dict[JobState, int]
     oldest_queued_age: float | None
     oldest_staged_age: float | None
+    measured_at: float | None = None
 
     @property
     def total(self) -> int:

@@ -29,7 +29,7 @@ from typing import NamedTuple, Protocol
 from jobledger.config import DEFAULT_JOURNAL_LIMIT
 from jobledger.errors import StoreError
 from jobledger.model import JobRecord
-from jobledger.stores.base import ANY, Store, Transition
+from jobledger.stores.base import Store, Transition
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,33 @@ class TransitionWrite:
         return False
 
     def _landed(self, current: JobRecord | None) -> bool:
-        if self.delete:
-            return current is None
-        if current is None or current.state is not self.change.to:
-            return False
-        owner = self.change.expect_owner
-        return owner is ANY or current.owner == owner
+        return current is None if self.delete else self.change.landed(current)
 
     def describe(self) -> str:
         return "deletion on success" if self.delete else f"move to {self.change.to.value}"
+
+
+@dataclass(frozen=True)
+class CreateWrite:
+    """The record of a job published while the ledger was down, written once it is back.
+
+    Without it such a job exists only as its message, and a message the broker loses (a
+    restart without persistence, a prefetching worker SIGKILLed) takes the job with it, with
+    nothing left to recover it from. Once the record exists the lost-message sweep covers it.
+    A record already there (a claim recreated it first) is fine: create never overwrites."""
+
+    record: JobRecord
+
+    @property
+    def job_id(self) -> str:
+        return self.record.id
+
+    def apply(self, store: Store, *, retried: bool = False) -> bool:
+        store.create(self.record)
+        return True
+
+    def describe(self) -> str:
+        return "record at publish"
 
 
 class Entry(NamedTuple):

@@ -57,6 +57,7 @@ class JobQuery:
       on the database's clock: "queued for more than an hour" is ``older_than=3600``.
     - ``newer_than``: the opposite bound: "finished within the last hour" is
       ``states={succeeded}, newer_than=3600`` (an index range, however big the ledger).
+    - ``recovered``: only jobs recovered at least once (their worker died under them).
     """
 
     states: frozenset[JobState] = frozenset()
@@ -69,6 +70,7 @@ class JobQuery:
     regex: bool = False
     older_than: float | None = None
     newer_than: float | None = None
+    recovered: bool = False
 
     def __post_init__(self) -> None:
         states = frozenset(JobState.parse(s) for s in _as_set(self.states))

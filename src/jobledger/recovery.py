@@ -169,7 +169,10 @@ class Recovery:
             ttl=settings.ttl,
             max_recoveries=settings.max_recoveries,
             recovery_window=settings.recovery_window,
-            lock_ttl=max(30.0, 2 * settings.recovery_interval),
+            # Two sweep intervals: the sweep renews it before each job, and every move is a
+            # compare-and-set, so the lock saves duplicate work, not correctness. A longer floor
+            # (it was 30 s) let a sweeper SIGKILLed mid-sweep hold up every other one that long.
+            lock_ttl=2 * settings.recovery_interval,
             publish=publish,
             systems=systems,
             ledger_up_for=ledger_up_for,

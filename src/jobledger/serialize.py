@@ -6,8 +6,17 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
+from jobledger.history import Attempt, attempts
 from jobledger.manager import ActionReport
-from jobledger.model import DurationStats, Instance, JobRecord, JobState, OutboxStats, QueueStats
+from jobledger.model import (
+    DurationStats,
+    HistoryEntry,
+    Instance,
+    JobRecord,
+    JobState,
+    OutboxStats,
+    QueueStats,
+)
 
 
 def _plain(value: Any) -> Any:
@@ -20,9 +29,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _ran(run: HistoryEntry | Attempt) -> dict[str, Any]:
+    """A history entry or an attempt, with how long the attempt ran (``ran_for``)."""
+    data = {f.name: _plain(getattr(run, f.name)) for f in fields(run)}
+    data["ran_for"] = run.ran_for
+    return data
+
+
 def job_to_dict(record: JobRecord) -> dict[str, Any]:
-    """Every field of the record, times as ISO 8601 UTC, plus its two durations."""
+    """Every field of the record, times as ISO 8601 UTC, its two durations, and ``runs``: its
+    attempts, oldest first (see :func:`jobledger.history.attempts`)."""
     data = {f.name: _plain(getattr(record, f.name)) for f in fields(record)}
+    data["history"] = [_ran(e) for e in record.history]
+    data["runs"] = [_ran(a) for a in attempts(record)]
     data["queued_to_finished"] = record.queued_to_finished
     data["started_to_finished"] = record.started_to_finished
     return data

@@ -1,5 +1,5 @@
 """CLI fixtures: the real ``jobledger`` command bound to a migrated, emptied ledger on each of
-SQLite, PostgreSQL and MariaDB (``sql_url``/``sql_store`` from the top-level conftest)."""
+SQLite, PostgreSQL, MariaDB and Redis (``store_url``/``store``)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,35 @@ from pathlib import Path
 
 import pytest
 
+from jobledger.stores.base import Store
 from jobledger.stores.sql import SQLStore
+from ledgerdb import LEDGER_BACKENDS, database_url, discard_store, empty_store, ledger_url
 
 from .helpers import Cli, Ledger, seed_ledger
 
 
-@pytest.fixture
-def cli(sql_url: str, sql_store: SQLStore, tmp_path: Path) -> Cli:
-    """``jobledger`` on the test ledger (``sql_store`` first, so the tables exist and are empty)."""
-    return Cli(sql_url, tmp_path)
+@pytest.fixture(params=LEDGER_BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A migrated, empty ledger on each real server."""
+    opened = empty_store(database_url(str(request.param), tmp_path))
+    yield opened
+    discard_store(opened)
 
 
 @pytest.fixture
-def ledger(sql_store: SQLStore) -> Ledger:
-    return seed_ledger(sql_store)
+def store_url(store: Store) -> str:
+    return ledger_url(store)
+
+
+@pytest.fixture
+def cli(store_url: str, tmp_path: Path) -> Cli:
+    """``jobledger`` on the test ledger."""
+    return Cli(store_url, tmp_path)
+
+
+@pytest.fixture
+def ledger(store: Store) -> Ledger:
+    return seed_ledger(store)
 
 
 @pytest.fixture

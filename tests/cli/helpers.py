@@ -13,12 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select
-
 from jobledger.lifecycle import Lifecycle
 from jobledger.model import Instance, JobRecord, JobState, to_datetime
-from jobledger.stores.schema import instances, jobs, locks
-from jobledger.stores.sql import SQLStore
+from jobledger.stores.base import Store
+from ledgerdb import age_heartbeat
 
 REPO = Path(__file__).resolve().parents[2]
 RECORDING_APP = "tests.cli.recording_app"
@@ -155,18 +153,6 @@ def parallel(run: Callable[[T], Result], items: Iterable[T]) -> list[Result]:
         return list(pool.map(run, items))
 
 
-def snapshot(store: SQLStore) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every ledger table, in primary-key order."""
-    with store.engine.connect() as conn:
-        return {
-            table.name: [
-                tuple(row)
-                for row in conn.execute(select(table).order_by(*table.primary_key.columns))
-            ]
-            for table in (jobs, instances, locks)
-        }
-
-
 def at(seconds: float) -> Any:
     return to_datetime(seconds)
 
@@ -175,7 +161,7 @@ def at(seconds: float) -> Any:
 class Ledger:
     """The seeded ledger: ``now`` on the database clock at seeding, ids newest last."""
 
-    store: SQLStore
+    store: Store
     now: float
     order: list[str]
 
@@ -192,18 +178,13 @@ def _job(now: float, k: int, job_id: str, state: JobState, **fields: Any) -> Job
     return JobRecord(id=job_id, state=state, created_at=at(now - 1000 + k), **fields)
 
 
-def seed_ledger(store: SQLStore) -> Ledger:
+def seed_ledger(store: Store) -> Ledger:
     """A ledger with one or more jobs in every state, two worker instances (one alive, one
     silent for an hour), known phase times and arguments that test literal matching."""
     now = store.now()
     store.heartbeat(LIVE_WORKER)
     store.heartbeat(GONE_WORKER)
-    with store.engine.begin() as conn:
-        conn.execute(
-            instances.update()
-            .where(instances.c.id == GONE_WORKER.id)
-            .values(heartbeat_at=instances.c.heartbeat_at - 3600)
-        )
+    age_heartbeat(store, GONE_WORKER.id, 3600)
     q = JobState
     records = [
         _job(now, 1, "mail-alice", q.QUEUED, name="send_email", queue="mail",
@@ -245,7 +226,7 @@ def seed_ledger(store: SQLStore) -> Ledger:
     return Ledger(store, now, [r.id for r in records])
 
 
-def restart_targets(store: SQLStore, now: float) -> dict[str, JobRecord]:
+def restart_targets(store: Store, now: float) -> dict[str, JobRecord]:
     """Jobs for restart tests, one per case, all of system ``celery``."""
     dead_owner = GONE_WORKER.id
     records = {
@@ -273,12 +254,7 @@ def restart_targets(store: SQLStore, now: float) -> dict[str, JobRecord]:
     }  # fmt: skip
     store.heartbeat(LIVE_WORKER)
     store.heartbeat(GONE_WORKER)
-    with store.engine.begin() as conn:
-        conn.execute(
-            instances.update()
-            .where(instances.c.id == dead_owner)
-            .values(heartbeat_at=instances.c.heartbeat_at - 3600)
-        )
+    age_heartbeat(store, dead_owner, 3600)
     for record in records.values():
         assert store.create(record)
     assert Lifecycle(store, LIVE_WORKER.id, ttl=30).claim("running-1").should_run
@@ -286,7 +262,7 @@ def restart_targets(store: SQLStore, now: float) -> dict[str, JobRecord]:
     return {job_id: _get(store, job_id) for job_id in records}
 
 
-def _get(store: SQLStore, job_id: str) -> JobRecord:
+def _get(store: Store, job_id: str) -> JobRecord:
     record = store.get(job_id)
     assert record is not None, job_id
     return record

@@ -16,9 +16,9 @@ import os
 from jobledger.errors import PublishError
 from jobledger.integrations.base import registry
 from jobledger.model import JobRecord, Republish
-from jobledger.stores.sql import SQLStore
+from jobledger.stores import Store, open_store
 
-_ledger: SQLStore | None = None
+_ledger: Store | None = None
 
 
 def _ledger_state(job_id: str) -> str | None:
@@ -27,7 +27,7 @@ def _ledger_state(job_id: str) -> str | None:
     if not url:
         return None
     if _ledger is None:
-        _ledger = SQLStore(url)
+        _ledger = open_store(url)
     current = _ledger.get(job_id)
     return None if current is None else current.state.value
 

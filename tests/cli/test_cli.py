@@ -23,8 +23,12 @@ from typer.testing import CliRunner
 
 from jobledger.cli import app
 from jobledger.model import JobRecord, JobState
+from jobledger.stores import open_store
+from jobledger.stores.base import Store
+from jobledger.stores.redis import RedisStore
 from jobledger.stores.schema import jobs
 from jobledger.stores.sql import SQLStore
+from ledgerdb import ledger_url, snapshot
 
 from .helpers import (
     DAY,
@@ -42,15 +46,14 @@ from .helpers import (
     restart_targets,
     run_jobledger,
     seed_ledger,
-    snapshot,
 )
 
 JOB_FIELDS = {
     "id", "name", "system", "queue", "args", "kwargs", "options", "tags", "state", "owner",
-    "attempts", "recoveries", "restarts", "generation", "recent_recoveries", "error",
+    "attempts", "recoveries", "restarts", "generation", "recent_recoveries", "history", "error",
     "created_at", "staged_at",
     "first_queued_at", "queued_at", "started_at", "finished_at", "recovered_at", "updated_at",
-    "queued_to_finished", "started_to_finished",
+    "queued_to_finished", "started_to_finished", "runs",
 }  # fmt: skip
 
 
@@ -81,17 +84,26 @@ def test_migrate_creates_the_schema_in_a_fresh_sqlite_file(tmp_path: Path) -> No
     assert run_jobledger(["jobs", "--json", "--database-url", url]).ok().stdout == ""
 
 
+def _ledger_id(store: Store) -> str:
+    """The ledger id a fresh store on the same ledger reads."""
+    reopened = open_store(ledger_url(store))
+    assert isinstance(reopened, (SQLStore, RedisStore))
+    return reopened.ledger_id()
+
+
 def test_migrate_again_keeps_every_record(cli: Cli, ledger: Ledger) -> None:
-    ledger_id = SQLStore(ledger.store.url).ledger_id()  # named at its first migrate or use
+    ledger_id = _ledger_id(ledger.store)  # named at its first migrate or use
     before = snapshot(ledger.store)
     result = cli("migrate").ok()
     lines = result.stdout.splitlines()
     assert lines[0].startswith("ledger schema is up to date in ")
     assert lines[1].startswith("argument search: ")
-    if ledger.store.dialect != "postgresql":  # only PostgreSQL has a substring index
+    if isinstance(ledger.store, RedisStore):
+        assert "a scan on the server" in lines[1]
+    elif ledger.store.dialect != "postgresql":  # only PostgreSQL has a substring index
         assert lines[1] == "argument search: scan (no substring index on this database)"
     assert snapshot(ledger.store) == before
-    assert SQLStore(ledger.store.url).ledger_id() == ledger_id
+    assert _ledger_id(ledger.store) == ledger_id
 
 
 # -- jobs ------------------------------------------------------------------------------------
@@ -170,6 +182,8 @@ def test_jobs_json_lines_carry_every_field(cli: Cli, ledger: Ledger) -> None:
         "tags": {"tenant": "acme"},
         "generation": 0,
         "recent_recoveries": [],
+        "history": [],
+        "runs": [],
         "state": "queued",
         "owner": None,
         "attempts": 0,
@@ -252,11 +266,16 @@ def test_show(cli: Cli, ledger: Ledger) -> None:
     listed = cli.quick("jobs", "--name", "resize_image", "--json").json_lines()
     assert data == next(line for line in listed if line["id"] == "resize-1")
 
+    shown = cli.quick("show", "resize-1").ok().stdout
+    record, runs = shown.split("\nattempts\n")
     rows = {
         line.split()[0]: line.split(maxsplit=1)[1].strip()
-        for line in cli.quick("show", "resize-1").ok().stdout.splitlines()
+        for line in record.splitlines()
         if line.strip()
     }
+    # its one attempt, by its owner, and the timeline to its success
+    assert f"1  {LIVE_WORKER.id}" in runs and "30s      succeeded" in runs
+    assert runs.index("started ") < runs.index("succeeded", runs.index("timeline"))
     assert rows["id"] == "resize-1"
     assert rows["state"] == "succeeded"
     assert rows["kwargs"] == '{"width": 640}'
@@ -494,10 +513,10 @@ RESTARTED = {"failed-1", "dead-1", "queued-1", "orphan-1", "orphan-2"}
 
 
 def test_restart_by_ids_publishes_first_then_requeues(
-    cli: Cli, sql_store: SQLStore, publish_log: Path
+    cli: Cli, store: Store, publish_log: Path
 ) -> None:
-    now = sql_store.now()
-    before = restart_targets(sql_store, now)
+    now = store.now()
+    before = restart_targets(store, now)
     result = cli(
         "restart", *before, "no-such-job", "--app", RECORDING_APP, "--json",
         env=recording_env(cli, publish_log),
@@ -531,7 +550,7 @@ def test_restart_by_ids_publishes_first_then_requeues(
         }
 
     for job_id, old in before.items():
-        new = sql_store.get(job_id)
+        new = store.get(job_id)
         assert new is not None
         if job_id not in RESTARTED:
             assert new == old
@@ -545,14 +564,12 @@ def test_restart_by_ids_publishes_first_then_requeues(
         assert new.queued_at is not None and new.queued_at.timestamp() >= now
         assert new.first_queued_at == (old.first_queued_at or new.queued_at)
     assert before["dead-1"].restarts == 1
-    assert sql_store.get("dead-1").restarts == 2  # type: ignore[union-attr]
+    assert store.get("dead-1").restarts == 2  # type: ignore[union-attr]
 
 
-def test_restart_by_filter_dry_run_yes_and_age(
-    cli: Cli, sql_store: SQLStore, publish_log: Path
-) -> None:
-    before = restart_targets(sql_store, sql_store.now())
-    state_before = snapshot(sql_store)
+def test_restart_by_filter_dry_run_yes_and_age(cli: Cli, store: Store, publish_log: Path) -> None:
+    before = restart_targets(store, store.now())
+    state_before = snapshot(store)
     env = recording_env(cli, publish_log)
     failed_or_dead = ["--state", "failed", "--state", "dead"]
     dry, refused = cli.many(
@@ -564,7 +581,7 @@ def test_restart_by_filter_dry_run_yes_and_age(
     assert sorted(dry.json()["done"]) == ["dead-1", "failed-1"]
     refused.error("restart of 2 jobs by filter needs --yes")
     assert read_log(publish_log) == []
-    assert snapshot(sql_store) == state_before
+    assert snapshot(store) == state_before
 
     # By age: only the job queued two hours ago and never picked up.
     aged = cli(
@@ -586,16 +603,16 @@ def test_restart_by_filter_dry_run_yes_and_age(
     ]
     assert sorted(p["id"] for p in read_log(publish_log)) == sorted(RESTARTED)
     for job_id in RESTARTED:
-        record = sql_store.get(job_id)
+        record = store.get(job_id)
         assert record is not None and record.state is JobState.QUEUED
         assert record.restarts == before[job_id].restarts + 1
-    assert sql_store.get("running-1") == before["running-1"]
+    assert store.get("running-1") == before["running-1"]
 
 
 def test_restart_publish_error_leaves_that_record_and_exits_1(
-    cli: Cli, sql_store: SQLStore, publish_log: Path
+    cli: Cli, store: Store, publish_log: Path
 ) -> None:
-    before = restart_targets(sql_store, sql_store.now())
+    before = restart_targets(store, store.now())
     env = recording_env(cli, publish_log, RECORDING_APP_FAIL="failed-1")
     result, text = cli.many(
         ["restart", "failed-1", "dead-1", "--app", RECORDING_APP, "--json"],
@@ -607,8 +624,8 @@ def test_restart_publish_error_leaves_that_record_and_exits_1(
     report = json.loads(result.stdout)
     assert report["done"] == ["dead-1"]
     assert report["failed"] == {"failed-1": "broker refused failed-1: connection reset"}
-    assert sql_store.get("failed-1") == before["failed-1"]
-    assert sql_store.get("dead-1").state is JobState.QUEUED  # type: ignore[union-attr]
+    assert store.get("failed-1") == before["failed-1"]
+    assert store.get("dead-1").state is JobState.QUEUED  # type: ignore[union-attr]
     assert [p["id"] for p in read_log(publish_log)] == ["dead-1"]
     assert text.returncode == 1, text
     assert text.stdout.splitlines() == [
@@ -617,32 +634,52 @@ def test_restart_publish_error_leaves_that_record_and_exits_1(
     ]
 
 
-def test_restart_refuses_everything_when_one_system_has_no_integration(
-    cli: Cli, sql_store: SQLStore, publish_log: Path
+def test_restart_fails_only_the_jobs_of_a_system_without_integration(
+    cli: Cli, store: Store, publish_log: Path
 ) -> None:
-    restart_targets(sql_store, sql_store.now())
-    assert sql_store.create(
+    restart_targets(store, store.now())
+    assert store.create(
         JobRecord(id="rq-1", name="t", system="rq", state=JobState.FAILED, args=[1])
     )
-    before = snapshot(sql_store)
     env = recording_env(cli, publish_log, RECORDING_APP_SYSTEMS="celery")
-    by_ids, by_filter = cli.many(
-        ["restart", "failed-1", "rq-1", "--app", RECORDING_APP, "--json"],
-        ["restart", "--state", "failed", "--app", RECORDING_APP, "--yes"],
-        env=env,
-    )
-    for result in (by_ids, by_filter):
-        # no pip hint: jobledger ships no rq extra (yet), so none is promised
-        result.error("no integration for queue system 'rq'", "register an integration for it")
+    dry = cli("restart", "--state", "failed", "--dry-run", "--app", RECORDING_APP, env=env)
+    assert dry.returncode == 1, str(dry)
+    assert "would restart: 1" in dry.stdout and "failed-1" in dry.stdout
+    assert "failed rq-1: no integration for queue system 'rq'" in " ".join(dry.stdout.split())
     assert read_log(publish_log) == []
-    assert snapshot(sql_store) == before
+
+    report = cli(
+        "restart", "failed-1", "rq-1", "--app", RECORDING_APP, "--json", env=env
+    )  # fmt: skip
+    assert report.returncode == 1, str(report)
+    data = json.loads(report.stdout)
+    assert data["done"] == ["failed-1"] and list(data["failed"]) == ["rq-1"]
+    # no pip hint: jobledger ships no rq extra (yet), so none is promised
+    assert "register an integration for it" in data["failed"]["rq-1"]
+    assert "pip install" not in data["failed"]["rq-1"]
+    assert [entry["id"] for entry in read_log(publish_log)] == ["failed-1"]
+    assert store.get("rq-1").state is JobState.FAILED  # type: ignore[union-attr]
+
+
+def test_restart_by_system_filter(cli: Cli, store: Store, publish_log: Path) -> None:
+    restart_targets(store, store.now())
+    assert store.create(JobRecord(id="rq-1", name="t", system="rq", state=JobState.FAILED))
+    env = recording_env(cli, publish_log, RECORDING_APP_SYSTEMS="celery")
+    only = cli(
+        "restart", "--state", "failed", "--system", "celery", "--yes", "--app", RECORDING_APP,
+        env=env,
+    )  # fmt: skip
+    assert only.returncode == 0, str(only)
+    assert [entry["id"] for entry in read_log(publish_log)] == ["failed-1"]
+    listed = cli("jobs", "--system", "rq", "--json").json_lines()
+    assert [job["id"] for job in listed] == ["rq-1"]
 
 
 # -- prune -----------------------------------------------------------------------------------
 
 
-def test_prune(cli: Cli, sql_store: SQLStore) -> None:
-    now = sql_store.now()
+def test_prune(cli: Cli, store: Store) -> None:
+    now = store.now()
     ages = {
         "old-ok": (JobState.SUCCEEDED, 10 * DAY),
         "new-ok": (JobState.SUCCEEDED, 3600),
@@ -659,12 +696,12 @@ def test_prune(cli: Cli, sql_store: SQLStore) -> None:
             id=job_id, name="t", state=state, owner=owner, created_at=at(now - age - 60),
             updated_at=at(now - age), finished_at=at(now - age) if state.is_final else None,
         )  # fmt: skip
-        assert sql_store.create(record)
+        assert store.create(record)
 
     def remaining() -> set[str]:
-        return {i for i in ages if sql_store.get(i) is not None}
+        return {i for i in ages if store.get(i) is not None}
 
-    before = snapshot(sql_store)
+    before = snapshot(store)
     keep_none = {"JOBLEDGER_KEEP_SUCCEEDED": "0"}
     default = cli("prune", "--dry-run", "--json", env=keep_none)
     everything = cli.quick("prune", "--dry-run", "--json", "--keep-failed", "7d", env=keep_none)
@@ -679,7 +716,7 @@ def test_prune(cli: Cli, sql_store: SQLStore) -> None:
     assert cli.quick("prune", "--dry-run").ok().stdout.strip() == (
         "would delete 1 succeeded, would delete 1 cancelled"
     )
-    assert snapshot(sql_store) == before
+    assert snapshot(store) == before
 
     assert cli("prune", "--json").json() == {
         "dry_run": False,
@@ -763,10 +800,11 @@ def test_unreachable_and_malformed_database_urls(tmp_path: Path) -> None:
         (["stats", "--database-url", "mysql://root@127.0.0.1:1/db"], {}, ("is unavailable",)),
         (["restart", "some-id", "--yes"], {"JOBLEDGER_DATABASE_URL": "postgresql://x@127.0.0.1:1/db"},
          ("is unavailable",)),
-        (["jobs", "--database-url", "notaurl"], {}, ("malformed database URL 'notaurl'",)),
+        (["jobs", "--database-url", "notaurl"], {}, ("unknown ledger URL scheme 'notaurl'",)),
         (["cancel", "--state", "queued", "--yes"], {"JOBLEDGER_DATABASE_URL": "::::"},
-         ("malformed database URL '::::'",)),
-        (["prune"], {"JOBLEDGER_DATABASE_URL": "bogus://x"}, ("no driver for database URL",)),
+         ("unknown ledger URL scheme '::::'",)),
+        (["prune"], {"JOBLEDGER_DATABASE_URL": "bogus://x"},
+         ("unknown ledger URL scheme 'bogus'",)),
     ]  # fmt: skip
     outcomes = parallel(lambda case: run_jobledger(case[0], env=case[1], cwd=tmp_path), cases)
     for (_, _, fragments), result in zip(cases, outcomes, strict=True):

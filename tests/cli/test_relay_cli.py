@@ -21,6 +21,7 @@ import redis
 from jobledger.integrations.celery import TRACKED_HEADER
 from jobledger.model import JobRecord, JobState, to_datetime
 from jobledger.query import JobQuery
+from jobledger.stores.base import Store
 from jobledger.stores.sql import SQLStore
 from jobledger.testing import wait_for
 
@@ -65,7 +66,7 @@ class Broker:
 
 
 def stage(
-    store: SQLStore, job_id: str, queue: str, *, age: float = 3600, system: str = "celery"
+    store: Store, job_id: str, queue: str, *, age: float = 3600, system: str = "celery"
 ) -> None:
     record = JobRecord(
         id=job_id,
@@ -81,7 +82,7 @@ def stage(
     assert store.create(record)
 
 
-def states(store: SQLStore) -> dict[str, str]:
+def states(store: Store) -> dict[str, str]:
     return {r.id: r.state.value for r in store.iter_jobs(JobQuery())}
 
 
@@ -115,13 +116,11 @@ def test_a_bad_grace_is_refused(
 # -- one pass --------------------------------------------------------------------------------------
 
 
-def test_relay_once_publishes_the_staged_jobs(
-    cli: Cli, sql_store: SQLStore, broker: Broker
-) -> None:
+def test_relay_once_publishes_the_staged_jobs(cli: Cli, store: Store, broker: Broker) -> None:
     for n in range(3):
-        stage(sql_store, f"job-{n}", broker.queue, age=3600 - n)
-    stage(sql_store, "fresh", broker.queue, age=0)
-    stage(sql_store, "other-system", broker.queue, system="rq")
+        stage(store, f"job-{n}", broker.queue, age=3600 - n)
+    stage(store, "fresh", broker.queue, age=0)
+    stage(store, "other-system", broker.queue, system="rq")
     env = {"JOBLEDGER_RELAY_GRACE": "10m"}  # the fresh job is the fast path's for now
     report = cli("relay", "--once", "--broker", BROKER, "--json", env=env).json()
     assert report == {"published": 3, "refused": 0, "batches": 1, "error": None}
@@ -130,20 +129,20 @@ def test_relay_once_publishes_the_staged_jobs(
     assert first["headers"]["task"] == "tasks.confirm_order"
     assert first["headers"][TRACKED_HEADER] is True
     assert first["properties"]["priority"] == 4
-    assert states(sql_store) == {
+    assert states(store) == {
         "job-0": "queued",
         "job-1": "queued",
         "job-2": "queued",
         "fresh": "staged",
         "other-system": "staged",  # no integration for rq here: not this relay's
     }
-    record = sql_store.get("job-0")
+    record = store.get("job-0")
     assert record is not None and record.queued_at is not None and record.owner is None
 
     again = cli("relay", "--once", "--broker", BROKER, "--grace", "0", env=env).ok()
     assert again.stdout.strip() == "published 1 staged jobs"
     assert broker.ids() == ["job-0", "job-1", "job-2", "fresh"]
-    assert states(sql_store)["fresh"] == "queued"
+    assert states(store)["fresh"] == "queued"
 
     nothing = cli("relay", "--once", "--broker", BROKER, "--grace", "0", "--json").json()
     assert nothing == {"published": 0, "refused": 0, "batches": 0, "error": None}

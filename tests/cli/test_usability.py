@@ -21,6 +21,7 @@ from jobledger import __version__
 from jobledger.cli import app
 from jobledger.demo import cli_command
 from jobledger.query import JobQuery
+from jobledger.stores.base import Store
 from jobledger.stores.sql import SQLStore, parse_url
 from jobledger.testing import wait_for
 from ledgerdb import database_url, empty_sql_store
@@ -65,9 +66,9 @@ def test_cancel_refuses_app_and_broker(cli: Cli) -> None:
     cli("cancel", "some-id", "--app", "shop").error("No such option: --app")
 
 
-def test_restart_without_app_or_broker_names_the_option(cli: Cli, sql_store: SQLStore) -> None:
+def test_restart_without_app_or_broker_names_the_option(cli: Cli, store: Store) -> None:
     """Celery is installed: the missing piece is the option, not ``pip install``."""
-    seed_ledger(sql_store)
+    seed_ledger(store)
     line = cli("restart", "charge-100").error(
         "no integration for queue system 'celery'", "pass --app", "--broker"
     )
@@ -193,3 +194,9 @@ def test_the_readme_python_quick_start_runs(tmp_path: Path) -> None:
         assert [r.state.value for r in store.iter_jobs(JobQuery())] == ["succeeded"]
     finally:
         store.close()
+
+
+def test_the_cli_ends_an_unknown_scheme_in_one_line(tmp_path: Path) -> None:
+    run_jobledger(["jobs", "--database-url", "mongodb://h/db"], cwd=tmp_path).error(
+        "unknown ledger URL scheme 'mongodb'", "postgresql://", "redis://"
+    )

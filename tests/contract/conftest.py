@@ -8,14 +8,15 @@ import pytest
 
 from jobledger.stores.base import Store
 from jobledger.stores.memory import MemoryStore
-from jobledger.stores.sql import SQLStore
+from ledgerdb import LEDGER_BACKENDS
 
-STORE_BACKENDS = ["sqlite", "postgresql", "mariadb", "memory"]
+STORE_BACKENDS = [*LEDGER_BACKENDS, "memory"]
 
 
 @pytest.fixture(params=STORE_BACKENDS)
-def store(request: pytest.FixtureRequest, make_sql_store: Callable[[str], SQLStore]) -> Store:
-    """An empty ledger on each store: SQLite, PostgreSQL, MariaDB (migrated) and memory."""
+def store(request: pytest.FixtureRequest, make_store: Callable[[str], Store]) -> Store:
+    """An empty ledger on each store: SQLite, PostgreSQL, MariaDB, Redis (migrated) and
+    memory."""
     if request.param == "memory":
         return MemoryStore()
-    return make_sql_store(str(request.param))
+    return make_store(str(request.param))

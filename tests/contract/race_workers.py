@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from jobledger.model import CLAIMABLE_STATES, JobState
+from jobledger.stores import open_store
 from jobledger.stores.base import Transition
-from jobledger.stores.sql import SQLStore
 
 
 def serve_claims(commands: Any, start: Any, results: Any) -> None:
@@ -24,7 +24,7 @@ def serve_claims(commands: Any, start: Any, results: Any) -> None:
             return
         url, owner, job_ids = command
         try:
-            store = SQLStore(url)
+            store = open_store(url)
             store.now()  # connect and check the schema before the gun, so only claims race
             claim = Transition(to=JobState.STARTED, expect=CLAIMABLE_STATES, owner=owner)
             start.wait(60)

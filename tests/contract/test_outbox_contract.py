@@ -22,24 +22,26 @@ from ledger_helpers import CLOCK_SLACK, dt, epoch, ids, job
 from jobledger.errors import ConfigError
 from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState
 from jobledger.query import JobQuery
+from jobledger.stores import open_store
 from jobledger.stores.base import Store, Transition
 from jobledger.stores.memory import MemoryStore
 from jobledger.stores.sql import SQLStore
 from jobledger.stores.staging import staged_insert
 from jobledger.testing import ManualClock, wait_for
+from ledgerdb import LEDGER_BACKENDS, ledger_url
 
 S = JobState
 STAGED = frozenset({S.STAGED})
-STORE_BACKENDS = ["sqlite", "postgresql", "mariadb", "memory"]
+STORE_BACKENDS = [*LEDGER_BACKENDS, "memory"]
 
 
 @pytest.fixture(params=STORE_BACKENDS)
-def store(request: pytest.FixtureRequest, make_sql_store: Callable[[str], SQLStore]) -> Store:
+def store(request: pytest.FixtureRequest, make_store: Callable[[str], Store]) -> Store:
     """Every store; the memory one on a manual clock years behind the host's, so a store that
     judged ages on ``time.time()`` instead of its own clock would find every job old."""
     if request.param == "memory":
         return MemoryStore(clock=ManualClock(start=1_000_000_000.0))
-    return make_sql_store(str(request.param))
+    return make_store(str(request.param))
 
 
 def stage(store: Store, job_id: str, *, age: float = 0.0, **fields: Any) -> JobRecord:
@@ -445,7 +447,7 @@ def test_relays_in_threads_take_every_job_exactly_once(store: Store) -> None:
 def _relay_process(url: str, start: Any, results: Any) -> None:
     """A relay in a child process (forked): its own store, released with the others."""
     try:
-        store = SQLStore(url)
+        store = open_store(url)
         store.now()  # connect before the gun, so only the batches race
         start.wait(60)
         taken = drain(store, 5, time.monotonic() + 60)
@@ -455,11 +457,11 @@ def _relay_process(url: str, start: Any, results: Any) -> None:
         results.put(f"{type(exc).__name__}: {exc}")
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb", "redis"])
 def test_relays_in_processes_take_every_job_exactly_once(
-    backend: str, make_sql_store: Callable[[str], SQLStore]
+    backend: str, make_store: Callable[[str], Store]
 ) -> None:
-    server_store = make_sql_store(backend)
+    server_store = make_store(backend)
     processes = 3
     job_ids = [f"job-{n:03d}" for n in range(90)]
     now = server_store.now()
@@ -468,7 +470,7 @@ def test_relays_in_processes_take_every_job_exactly_once(
     context = multiprocessing.get_context("fork")
     start = context.Barrier(processes)
     results = context.Queue()
-    url = server_store.url.render_as_string(hide_password=False)
+    url = ledger_url(server_store)
     children = [
         context.Process(target=_relay_process, args=(url, start, results)) for _ in range(processes)
     ]

@@ -1,5 +1,6 @@
-"""Races on the real databases: many threads, and several processes, fighting over the same
-claim and the same lock. Compare-and-set promises exactly one winner every time."""
+"""Races on the real servers (the SQL databases and Redis): many threads, and several
+processes, fighting over the same claim and the same lock. Compare-and-set promises exactly
+one winner every time."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from ledger_helpers import job
 
 from jobledger.model import CLAIMABLE_STATES, JobState
 from jobledger.query import JobQuery
-from jobledger.stores.base import Transition
+from jobledger.stores.base import Store, Transition
+from jobledger.stores.redis import RedisStore
 from jobledger.stores.schema import locks
 from jobledger.stores.sql import SQLStore
+from ledgerdb import LEDGER_BACKENDS, ledger_url
 
 T = TypeVar("T")
 
@@ -26,11 +29,22 @@ TAKEOVERS = 30
 PROCESSES = 3
 
 
+@pytest.fixture(params=LEDGER_BACKENDS)
+def server_store(request: pytest.FixtureRequest, make_store: Callable[[str], Store]) -> Store:
+    """A migrated, empty ledger on each real server."""
+    return make_store(str(request.param))
+
+
 @pytest.fixture
-def racer(sql_store: SQLStore, sql_url: str) -> Iterator[SQLStore]:
-    """A store on the migrated, empty ledger with a connection for every thread, so all of
-    them really reach the database at once."""
-    store = SQLStore(sql_url, engine_options={"pool_size": THREADS, "max_overflow": 4})
+def racer(server_store: Store) -> Iterator[Store]:
+    """A store on that ledger with a connection for every thread, so all of them really
+    reach the server at once (redis-py's pool grows to one per thread by itself)."""
+    if isinstance(server_store, RedisStore):
+        yield server_store
+        return
+    assert isinstance(server_store, SQLStore)
+    url = ledger_url(server_store)
+    store = SQLStore(url, engine_options={"pool_size": THREADS, "max_overflow": 4})
     yield store
     store.close()
 
@@ -61,7 +75,7 @@ def fight(rounds: int, attempt: Callable[[int, int], T]) -> list[list[T]]:
     return results  # type: ignore[return-value]
 
 
-def test_threads_claiming_the_same_job_have_one_winner(racer: SQLStore) -> None:
+def test_threads_claiming_the_same_job_have_one_winner(racer: Store) -> None:
     for n in range(JOBS):
         assert racer.create(job(f"job-{n}"))
 
@@ -77,7 +91,7 @@ def test_threads_claiming_the_same_job_have_one_winner(racer: SQLStore) -> None:
         assert (record.state, record.attempts) == (JobState.STARTED, 1)
 
 
-def test_threads_finishing_against_a_takeover_have_one_winner(racer: SQLStore) -> None:
+def test_threads_finishing_against_a_takeover_have_one_winner(racer: Store) -> None:
     """Half the threads finish as the old owner, half take the job over: one of them wins."""
     for n in range(TAKEOVERS):
         assert racer.create(job(f"job-{n}", state=JobState.STARTED, owner="w:old"))
@@ -116,7 +130,7 @@ def test_threads_finishing_against_a_takeover_have_one_winner(racer: SQLStore) -
             )
 
 
-def test_threads_creating_the_same_job_have_one_winner(racer: SQLStore) -> None:
+def test_threads_creating_the_same_job_have_one_winner(racer: Store) -> None:
     """The missing-record path of a claim (and the relay) creates; one creator wins."""
 
     def attempt(n: int, thread: int) -> bool:
@@ -129,12 +143,14 @@ def test_threads_creating_the_same_job_have_one_winner(racer: SQLStore) -> None:
     assert racer.count(JobQuery()) == 20
 
 
-def test_threads_taking_the_same_lock_have_one_holder(racer: SQLStore) -> None:
+def test_threads_taking_the_same_lock_have_one_holder(racer: Store) -> None:
     rounds = 30
     # Half the rounds fight over a free lock (insert), half over an expired one (update).
+    # (Redis drops an expired lock's key itself: every round there fights over a free lock.)
     expired = [{"name": f"lock-{n}", "token": "gone", "expires_at": 0.0} for n in range(0, 30, 2)]
-    with racer.engine.begin() as conn:
-        conn.execute(locks.insert(), expired)
+    if isinstance(racer, SQLStore):
+        with racer.engine.begin() as conn:
+            conn.execute(locks.insert(), expired)
 
     def attempt(n: int, thread: int) -> bool:
         return racer.acquire_lock(f"lock-{n}", f"t{thread}", ttl=60)
@@ -172,15 +188,15 @@ def claimers() -> Iterator[tuple[list[Any], Any]]:
 
 
 def test_processes_claiming_the_same_jobs_claim_each_once(
-    sql_store: SQLStore, sql_url: str, claimers: tuple[list[Any], Any]
+    server_store: Store, claimers: tuple[list[Any], Any]
 ) -> None:
     commands, results = claimers
     job_ids = [f"job-{n:03d}" for n in range(100)]
     for job_id in job_ids:
-        assert sql_store.create(job(job_id))
+        assert server_store.create(job(job_id))
     owners = [f"proc-{p}:1" for p in range(PROCESSES)]
     for queue, owner in zip(commands, owners, strict=True):
-        queue.put((sql_url, owner, job_ids))
+        queue.put((ledger_url(server_store), owner, job_ids))
     reports = dict(results.get(timeout=120) for _ in owners)
     assert set(reports) == set(owners)
     assert all(isinstance(won, list) for won in reports.values()), reports
@@ -189,7 +205,7 @@ def test_processes_claiming_the_same_jobs_claim_each_once(
         for job_id in won:
             winners[job_id].append(owner)
     assert {job_id: len(w) for job_id, w in winners.items()} == dict.fromkeys(job_ids, 1)
-    for record in sql_store.iter_jobs(JobQuery()):
+    for record in server_store.iter_jobs(JobQuery()):
         assert (record.state, record.attempts) == (JobState.STARTED, 1)
         assert record.owner == winners[record.id][0]
-    assert sql_store.count(JobQuery(states={JobState.STARTED})) == len(job_ids)
+    assert server_store.count(JobQuery(states={JobState.STARTED})) == len(job_ids)

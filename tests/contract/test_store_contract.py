@@ -27,8 +27,12 @@ from jobledger.errors import ConfigError, InvalidTransition
 from jobledger.model import (
     CLAIMABLE_STATES,
     ERROR_MAX_LENGTH,
+    HISTORY_ERROR_MAX_LENGTH,
+    HISTORY_KEPT,
     TRANSITIONS,
     DurationStats,
+    HistoryEntry,
+    HistoryEvent,
     Instance,
     InstanceState,
     JobRecord,
@@ -259,7 +263,9 @@ def test_phase_timestamps_and_counters(store: Store) -> None:
 
     got = move(Transition(to=S.QUEUED, expect=only(S.FAILED), reason="restart", at=base + 5))
     assert (got.restarts, got.recoveries, got.queued_at) == (1, 1, dt(base + 5))
-    assert (got.error, got.owner, got.finished_at) == ("boom", None, dt(base + 4))
+    # a restarted job is not finished: no stale finish time, no negative duration
+    assert (got.error, got.owner, got.finished_at) == ("boom", None, None)
+    assert got.queued_to_finished is None
 
     got = move(Transition(to=S.STARTED, expect=only(S.QUEUED), owner="w:3", at=base + 6))
     got = move(Transition(to=S.SUCCEEDED, expect=only(S.STARTED), error=None, at=base + 7.5))
@@ -275,6 +281,60 @@ def test_phase_timestamps_and_counters(store: Store) -> None:
     assert fresh is not None
     assert abs(epoch(fresh.started_at) - now) < CLOCK_SLACK
     assert fresh.updated_at == fresh.started_at
+
+
+def test_history_keeps_failures_recoveries_and_restarts_but_not_successes(store: Store) -> None:
+    """Each move that closes an attempt without success, each recovery and restart appends
+    one entry in its own compare-and-set; claims and successes append none (the hot path)."""
+    base = float(int(store.now())) - 1000.0
+    assert store.create(job("job-1", created_at=dt(base), queued_at=dt(base)))
+
+    def move(change: Transition) -> tuple[HistoryEntry, ...]:
+        assert store.transition("job-1", change), change
+        got = store.get("job-1")
+        assert got is not None
+        return got.history
+
+    assert move(Transition(to=S.STARTED, expect=only(S.QUEUED), owner="w:1", at=base + 1)) == ()
+    retry = Transition(
+        to=S.RETRYING, expect=only(S.STARTED), expect_owner="w:1", error="boom 1", at=base + 2
+    )
+    (first,) = move(retry)
+    assert first == HistoryEntry(
+        event=HistoryEvent.RETRYING,
+        at=dt(base + 2),
+        came_from=S.STARTED,
+        to=S.RETRYING,
+        attempt=1,
+        owner="w:1",
+        started_at=dt(base + 1),
+        error="boom 1",
+    )
+    assert first.ran_for == 1.0
+    move(Transition(to=S.STARTED, expect=only(S.RETRYING), owner="w:2", at=base + 3))
+    history = move(Transition(to=S.QUEUED, expect=only(S.STARTED), reason="recovery"))
+    assert [(e.event, e.owner, e.attempt) for e in history] == [
+        (HistoryEvent.RETRYING, "w:1", 1),
+        (HistoryEvent.RECOVERED, "w:2", 2),
+    ]
+    assert history[1].started_at == dt(base + 3) and history[1].error is None
+    move(Transition(to=S.STARTED, expect=only(S.QUEUED), owner="w:3"))
+    move(Transition(to=S.FAILED, expect=only(S.STARTED), error="x" * 50_000))
+    history = move(Transition(to=S.QUEUED, expect=only(S.FAILED), reason="restart"))
+    assert [e.event for e in history[2:]] == [HistoryEvent.FAILED, HistoryEvent.RESTARTED]
+    assert len(history[2].error or "") == HISTORY_ERROR_MAX_LENGTH
+    assert (history[3].came_from, history[3].owner, history[3].started_at) == (S.FAILED, None, None)
+    move(Transition(to=S.STARTED, expect=only(S.QUEUED), owner="w:4"))
+    assert len(move(Transition(to=S.SUCCEEDED, expect=only(S.STARTED)))) == 4
+
+    # bounded: the oldest entries go
+    assert store.create(started("job-2", "w:1"))
+    for _ in range(HISTORY_KEPT + 3):
+        assert store.transition("job-2", Transition(to=S.RETRYING, expect=only(S.STARTED)))
+        assert store.transition("job-2", claim("w:1"))
+    got = store.get("job-2")
+    assert got is not None and len(got.history) == HISTORY_KEPT
+    assert got.history[-1].attempt == HISTORY_KEPT + 3
 
 
 def test_a_long_error_is_bounded(store: Store) -> None:
@@ -351,7 +411,7 @@ def test_query_filters_narrow_and_count_agrees(store: Store) -> None:
         started("b", "w:1", queue="q1", name="n2", system="rq"),
         job("c", state=S.SUCCEEDED, owner="w:2", queue="q2", name="n1", system="celery"),
         job("d", state=S.FAILED, owner="w:1", queue="q2", name="n2", system="dramatiq"),
-        job("e", state=S.STAGED, queue="q3", name="n3"),
+        job("e", state=S.STAGED, queue="q3", name="n3", recoveries=1),
     ]:
         assert store.create(record)
     assert found(store) == {"a", "b", "c", "d", "e"}
@@ -366,6 +426,7 @@ def test_query_filters_narrow_and_count_agrees(store: Store) -> None:
     assert found(store, queues={"q1"}, names={"n2"}) == {"b"}
     assert found(store, queues={"q3"}, states={S.QUEUED}) == set()
     assert found(store, queues={"Q1"}) == set()  # names are case-sensitive
+    assert found(store, recovered=True) == {"e"}
 
 
 def test_older_than_measures_time_in_the_current_state(store: Store) -> None:

@@ -281,7 +281,7 @@ def test_migrate_makes_the_schema_jobledger_migrate_makes(
     assert made["tables"] == LEDGER_TABLES
     assert made == schema(pre)  # `jobledger migrate`'s, column by column, index by index
     if backend == "postgresql":
-        assert any(name.endswith("_trgm") for name, _ in made["jobledger_jobs"][1])
+        assert any(name.endswith("_trgm") for name, _ in made["jobledger_job_search"][1])
     assert metadata_diff(fresh) == []
     assert revision(fresh) == SCHEMA_REVISION
     assert applied(alias(backend, "fresh"))

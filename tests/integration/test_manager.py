@@ -8,6 +8,7 @@ leaks into another test.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -326,24 +327,28 @@ def test_restart_by_filter_and_age_with_dry_run(
     assert sql_store.get("orphan").state is S.STARTED  # type: ignore[union-attr]
 
 
-def test_integration_missing_refuses_the_whole_call(
+def test_integration_missing_fails_only_its_jobs(
     manager: Manager, sql_store: SQLStore, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A bulk restart restarts what it can and says, job by job, what it could not and why."""
     # a queue system jobledger ships an integration for, not installed in this process
     monkeypatch.setitem(KNOWN, "rq", Known(extra="rq", module="jobledger.integrations.rq", app="-"))
     restart_seed(sql_store)
     assert sql_store.create(JobRecord(id="rq-1", name="t", system="rq", state=S.FAILED))
     assert sql_store.create(JobRecord(id="odd-1", name="t", system="homegrown", state=S.FAILED))
     before = snapshot(sql_store)
-    for dry_run in (True, False):
-        with pytest.raises(IntegrationMissing, match=r"'rq'.*pip install 'jobledger\[rq\]'"):
-            manager.restart(["failed-1", "dead-1", "rq-1"], dry_run=dry_run)
-        with pytest.raises(IntegrationMissing, match="register an integration for it"):
-            manager.restart(query=JobQuery(systems=frozenset({"homegrown"})), dry_run=dry_run)
-        with pytest.raises(IntegrationMissing, match="no integration for queue system"):
-            manager.restart(query=JobQuery(states=frozenset({S.FAILED})), dry_run=dry_run)
-    assert recorder.published == []
-    assert snapshot(sql_store) == before
+    dry = manager.restart(query=JobQuery(states=frozenset({S.FAILED})), dry_run=True)
+    assert sorted(dry.done) == ["failed-1"]
+    assert re.search(r"'rq'.*pip install 'jobledger\[rq\]'", dry.failed["rq-1"])
+    assert "register an integration for it" in dry.failed["odd-1"]
+    assert recorder.published == [] and snapshot(sql_store) == before
+
+    done = manager.restart(["failed-1", "dead-1", "rq-1"])
+    assert sorted(done.done) == ["dead-1", "failed-1"] and list(done.failed) == ["rq-1"]
+    assert sorted(i for i, _ in recorder.published) == ["dead-1", "failed-1"]
+    assert sql_store.get("rq-1").state is S.FAILED  # type: ignore[union-attr]
+    with pytest.raises(IntegrationMissing, match="register an integration for it"):
+        manager.restart(query=JobQuery(systems=frozenset({"homegrown"})), dry_run=True)
 
 
 def test_publish_error_leaves_that_record_unchanged(

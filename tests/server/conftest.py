@@ -1,5 +1,6 @@
-"""Fixtures of the supervisor tests: an app over a real PostgreSQL ledger (this test session's
-own database), with a recording integration for the ``http`` system."""
+"""Fixtures of the supervisor tests: an app over a real ledger, PostgreSQL (this test session's
+own database) and Redis (a prefix of its own), with a recording integration for the ``http``
+system."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from jobledger.config import Settings
 from jobledger.integrations.base import Registry
 from jobledger.server import create_app
-from jobledger.stores.sql import SQLStore
-from ledgerdb import database_url, empty_sql_store
+from jobledger.stores.base import Store
+from ledgerdb import database_url, discard_store, empty_store
 
 from .recording import RecordingIntegration
 
@@ -26,16 +27,16 @@ with warnings.catch_warnings():
 TOKEN = "s3cret-token-for-tests-0123456789"
 
 
-@pytest.fixture
-def pg_url(tmp_path: Path) -> str:
-    return database_url("postgresql", tmp_path)
+@pytest.fixture(params=["postgresql", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return database_url(str(request.param), tmp_path)
 
 
 @pytest.fixture
-def store(pg_url: str) -> Iterator[SQLStore]:
-    the_store = empty_sql_store(pg_url)
+def store(store_url: str) -> Iterator[Store]:
+    the_store = empty_store(store_url)
     yield the_store
-    the_store.close()
+    discard_store(the_store)
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ AppFactory = Callable[..., TestClient]
 
 
 @pytest.fixture
-def make_client(pg_url: str, store: SQLStore, registry: Registry) -> Iterator[AppFactory]:
+def make_client(store_url: str, store: Store, registry: Registry) -> Iterator[AppFactory]:
     """Build a TestClient over the test ledger; keyword arguments become Settings fields
     (``maintenance`` and ``integrations`` go to ``create_app``)."""
     clients: list[TestClient] = []
@@ -62,7 +63,7 @@ def make_client(pg_url: str, store: SQLStore, registry: Registry) -> Iterator[Ap
     def make(**overrides: Any) -> TestClient:
         maintenance = overrides.pop("maintenance", False)
         integrations = overrides.pop("integrations", registry)
-        settings = Settings(database_url=pg_url, **overrides)
+        settings = Settings(database_url=store_url, **overrides)
         app = create_app(settings, store=store, integrations=integrations, maintenance=maintenance)
         client = TestClient(app)
         client.__enter__()

@@ -8,92 +8,20 @@ as text; with a token set, the dashboard asks for a login first.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from jobledger.model import JobRecord, JobState
 from jobledger.stores.sql import SQLStore
 from jobledger.testing import wait_for
 
+from .browser import Server, chromium
 from .conftest import TOKEN
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-TESTS = Path(__file__).resolve().parents[1]
 XSS = "<script>window.__pwned = 1</script><img src=x onerror='window.__pwned=2'>"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """``jobledger serve`` in a subprocess; :attr:`url` once it answers /healthz."""
-
-    def __init__(self, db_url: str, publish_log: Path, token: str | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(TESTS),
-            "JOBLEDGER_TEST_PUBLISH_LOG": str(publish_log),
-        }
-        env.pop("JOBLEDGER_API_TOKEN", None)
-        if token:
-            env["JOBLEDGER_API_TOKEN"] = token
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from jobledger.cli import main; main()",
-                "serve",
-                "--port",
-                str(self.port),
-                "--database-url",
-                db_url,
-                "--app",
-                "server.recording",
-                "--no-maintenance",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        wait_for("the supervisor to answer", self._up, 30)
-
-    def _up(self) -> bool:
-        if self.process.poll() is not None:
-            err = self.process.stderr.read().decode() if self.process.stderr else ""
-            raise AssertionError(f"server exited {self.process.returncode}: {err}")
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture
@@ -102,18 +30,16 @@ def publish_log(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def server(pg_url: str, store: SQLStore, publish_log: Path) -> Iterator[Server]:
-    running = Server(pg_url, publish_log)
+def server(store_url: str, store: SQLStore, publish_log: Path) -> Iterator[Server]:
+    running = Server(store_url, publish_log)
     yield running
     running.stop()
 
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
@@ -204,7 +130,7 @@ def test_script_in_arguments_renders_as_text(server: Server, store: SQLStore, pa
     page.goto(server.url + "/jobs/xss-1")
     expect(page.locator("#args")).to_contain_text("<script>window.__pwned = 1</script>")
     expect(page.locator("#error")).to_have_text(XSS)
-    expect(page.locator("#kwargs")).to_contain_text("</pre><b>bold</b>")
+    expect(page.locator("#args")).to_contain_text("</pre><b>bold</b>")
     assert page.locator("b", has_text="bold").count() == 0
     page.goto(server.url + "/jobs")
     expect(page.locator('tr[data-job-id="xss-1"] td.args')).to_contain_text("<script>")
@@ -219,10 +145,10 @@ def test_dashboard_refreshes_itself(server: Server, store: SQLStore, page: Page)
 
 
 def test_token_dashboard_asks_for_login(
-    pg_url: str, store: SQLStore, page: Page, publish_log: Path
+    store_url: str, store: SQLStore, page: Page, publish_log: Path
 ) -> None:
     _seed(store)
-    guarded = Server(pg_url, publish_log, token=TOKEN)
+    guarded = Server(store_url, publish_log, token=TOKEN)
     try:
         page.goto(guarded.url + "/jobs/mail-failed-1")
         expect(page.locator("h1")).to_have_text("Log in")

@@ -56,7 +56,7 @@ def test_metrics(client: TestClient, store: SQLStore) -> None:
 
 
 def test_the_supervisors_stand_in_is_no_worker(
-    client: TestClient, store: SQLStore, pg_url: str
+    client: TestClient, store: SQLStore, store_url: str
 ) -> None:
     """With no worker running, every view says so: the stand-in owner the supervisor keeps
     beating (so anonymous HTTP jobs are never orphans) is neither counted nor listed, and an
@@ -67,7 +67,7 @@ def test_the_supervisors_stand_in_is_no_worker(
     assert client.get("/api/v1/instances").json() == {"instances": []}
     assert UNTRACKED.name not in client.get("/instances").text
     assert '0<small>/0</small></span><span class="label">instances alive' in client.get("/").text
-    listed = CliRunner().invoke(cli_app, ["instances", "--json", "--database-url", pg_url])
+    listed = CliRunner().invoke(cli_app, ["instances", "--json", "--database-url", store_url])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == []
 
     beat = client.post("/api/v1/instances/web-1/heartbeat", data={"nonce": "supervisor"})

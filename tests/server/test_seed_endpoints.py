@@ -9,7 +9,11 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from jobledger.cli import app as cli_app
+from jobledger.integrations.base import Registry
+from jobledger.model import JobRecord, JobState
 from jobledger.stores.sql import SQLStore
+
+from .conftest import AppFactory
 
 SEED_FORM = {
     "arguments": json.dumps([42, "report"]),
@@ -24,29 +28,29 @@ def _cli_show(url: str, job_id: str) -> dict[str, object]:
     return json.loads(result.output)
 
 
-def test_seed_lifecycle_form_encoded(client: TestClient, pg_url: str) -> None:
+def test_seed_lifecycle_form_encoded(client: TestClient, store_url: str) -> None:
     r = client.post("/api/v1/jobs", data={"job_id": "seed-1", **SEED_FORM})
     assert r.status_code == 201, r.text
     job = client.get("/api/v1/jobs/seed-1").json()
     assert (job["state"], job["system"], job["name"], job["queue"]) == (
         "queued",
-        "http",
+        "sidekiq",
         "Reports::Build",
         "reports",
     )
     assert job["args"] == [42, "report"]
-    assert _cli_show(pg_url, "seed-1")["state"] == "queued"
+    assert _cli_show(store_url, "seed-1")["state"] == "queued"
 
     r = client.post("/api/v1/jobs/seed-1/started", data=SEED_FORM)
     assert r.status_code == 200 and r.json()["state"] == "started"
     assert client.get("/api/v1/jobs/seed-1").json()["state"] == "started"
-    assert _cli_show(pg_url, "seed-1")["state"] == "started"
+    assert _cli_show(store_url, "seed-1")["state"] == "started"
 
     r = client.post("/api/v1/jobs/seed-1/complete", data=SEED_FORM)
     assert r.status_code == 200 and r.json()["applied"] is True
     done = client.get("/api/v1/jobs/seed-1").json()
     assert done["state"] == "succeeded" and done["started_to_finished"] is not None
-    shown = _cli_show(pg_url, "seed-1")
+    shown = _cli_show(store_url, "seed-1")
     assert shown["state"] == "succeeded" and shown["attempts"] == 1
 
     # the middleware may report twice: nothing changes, the answer still says so
@@ -136,3 +140,27 @@ def test_batch_endpoint(client: TestClient) -> None:
     assert (stats["succeeded"], stats["started"], stats["failed"]) == (25, 24, 1)
     too_many = client.post("/api/v1/events", json={"events": [{}] * 1001})
     assert too_many.status_code == 422
+
+
+def test_a_client_of_another_queue_system_names_it(client: TestClient) -> None:
+    body = {"job_id": "rq-7", "job_class": "mail.send", "system": "rq"}
+    assert client.post("/api/v1/jobs", data=body).status_code == 201
+    assert client.get("/api/v1/jobs/rq-7").json()["system"] == "rq"
+    bad = client.post("/api/v1/jobs", data={**body, "job_id": "x", "system": "Not A System"})
+    assert bad.status_code == 422 and bad.json()["field"] == "system"
+
+
+def test_no_restart_button_where_no_integration_can_publish(
+    make_client: AppFactory, store: SQLStore
+) -> None:
+    """The recording integration publishes ``http`` jobs; nothing publishes ``rq`` ones."""
+    client = make_client()
+    for jid, system in (("f-http", "http"), ("f-rq", "rq")):
+        store.create(JobRecord(id=jid, name="t", system=system, state=JobState.FAILED))
+    assert 'id="restart"' in client.get("/jobs/f-http").text
+    page = client.get("/jobs/f-rq").text
+    assert 'id="restart"' not in page and 'id="no-restart"' in page
+    assert 'value="restart"' not in client.get("/jobs?system=rq").text
+    assert 'value="restart"' in client.get("/jobs?system=http").text
+    bare = make_client(integrations=Registry())
+    assert 'value="restart"' not in bare.get("/jobs").text

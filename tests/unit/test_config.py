@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 
 import pytest
 
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError
+from jobledger.heartbeat import new_instance
 from jobledger.model import OrphanPolicy
 
 
@@ -51,6 +53,7 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "auto_migrate": ("yes", True),
     "connect_timeout": ("3s", 3.0),
     "statement_timeout": ("1500ms", 1.5),
+    "synchronous_publish": ("false", False),
     "instance_name": ("worker-7", "worker-7"),
     "heartbeat_interval": ("5s", 5.0),
     "heartbeat_ttl": ("1m", 60.0),
@@ -75,6 +78,9 @@ EVERY_VARIABLE: dict[str, tuple[str, object]] = {
     "journal_dir": ("/var/lib/worker/journal", "/var/lib/worker/journal"),
     "journal_limit": ("500", 500),
     "on_orphan": ("Fail", OrphanPolicy.FAIL),
+    "sidekiq_redis_url": ("redis://cache:6379/3", "redis://cache:6379/3"),
+    "sidekiq_namespace": ("myapp", "myapp"),
+    "sidekiq_process_ttl": ("30s", 30.0),
 }
 
 
@@ -146,3 +152,15 @@ def test_validation_in_code() -> None:
     with pytest.raises(ConfigError, match="JOBLEDGER_HEARTBEAT_INTERVAL"):
         Settings(heartbeat_interval=math.nan)
     assert Settings(heartbeat_interval=2).ttl == 6
+
+
+def test_the_instance_name_is_the_queues_worker_name_unless_set() -> None:
+    """Celery's ``a@vm`` names the instance, so a person matches the two; the setting wins;
+    a name that cannot be one (ids are name:nonce) falls back to the host name."""
+    host = socket.gethostname()
+    assert Settings().name_of_instance("a@vm") == "a@vm"
+    assert Settings().name_of_instance(None) == host
+    assert Settings().name_of_instance("odd:name") == host
+    assert Settings(instance_name="pod-7").name_of_instance("a@vm") == "pod-7"
+    first, second = (new_instance(Settings(), name="a@vm") for _ in range(2))
+    assert first.name == second.name == "a@vm" and first.id != second.id  # a restart is new

@@ -56,6 +56,8 @@ from jobledger.model import JobRecord, Republish
 
 if TYPE_CHECKING:
     from jobledger.config import Settings
+    from jobledger.recovery import Recovery
+    from jobledger.runtime.service import Loop
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ class Known:
     module: str
     #: What ``--app`` names for it, for the hint when no integration is registered.
     app: str
+    #: The module the extra brings, that tells whether the queue system is installed here
+    #: (default: the system's name).
+    requires: str | None = None
+    #: What to do instead of ``--app``/``--broker`` for a command to reach it, where the
+    #: settings do (default: pass one of those).
+    reach: str | None = None
 
 
 #: The queue systems jobledger ships integrations for (an adapter adds its entry with its
@@ -78,6 +86,13 @@ KNOWN: dict[str, Known] = {
         extra="celery",
         module="jobledger.integrations.celery",
         app="your Celery app's module (as for celery -A)",
+    ),
+    "sidekiq": Known(
+        extra="sidekiq",
+        module="jobledger.integrations.sidekiq",
+        app="a module that installs the Sidekiq integration",
+        requires="redis",
+        reach="set JOBLEDGER_SIDEKIQ_REDIS_URL to your Sidekiq app's Redis",
     ),
 }
 
@@ -166,6 +181,19 @@ class QueueProbe(Protocol):
         the broker cannot tell or cannot be reached."""
 
 
+@runtime_checkable
+class ProcessWatch(Protocol):
+    """An integration that tells a dead worker process from its queue system's own heartbeats
+    (Sidekiq's), for workers that report to the ledger without beating into it. Optional: the
+    supervisor runs its loop beside the recovery sweep."""
+
+    def watch_loop(
+        self, recovery: Recovery, *, on_moved: Callable[[int], None], on_error: Callable[[], None]
+    ) -> Loop:
+        """A loop that pushes back, through ``recovery``, the jobs of processes that died;
+        ``on_moved`` gets how many jobs a look moved, ``on_error`` is called when one fails."""
+
+
 #: Publishes a batch of jobs; what the relay and the outbox's fast path call.
 PublishBatch = Callable[[Sequence[JobRecord]], Published]
 
@@ -229,6 +257,12 @@ class Registry:
         with self._lock:
             found = self._by_system.get(system)
         return found if isinstance(found, QueueProbe) else None
+
+    def watchers(self) -> list[ProcessWatch]:
+        """The integrations that watch their own processes' heartbeats."""
+        with self._lock:
+            found = list(self._by_system.values())
+        return [i for i in found if isinstance(i, ProcessWatch)]
 
     def systems(self) -> list[str]:
         with self._lock:

@@ -4,7 +4,8 @@ Prefork workers (Celery's pool, RQ's work horse per job) fork from a process who
 (the heartbeat, the sweep, the relay) use the ledger. SQLite keeps its file locks' bookkeeping
 per process: a child forked while another thread of the parent holds a lock inherits the
 bookkeeping but not the thread, and its own writes then wait for a lock nobody will release.
-So every call on a :class:`ForkGuardedStore` holds one process-wide lock, which
+So every call on a :class:`ForkGuardedStore` (what :func:`guarded` makes of a store that needs
+it: SQLite; the others are left as they are) holds one process-wide lock, which
 ``os.register_at_fork`` takes around every fork (:func:`install_fork_hooks`).
 """
 
@@ -45,7 +46,11 @@ def _release_in_child() -> None:
 
 
 def guarded(store: Store) -> Store:
-    """``store``, each of whose calls holds the fork lock (see the module docstring)."""
+    """``store``, each of whose calls holds the fork lock (see the module docstring), if it
+    needs that (:attr:`~jobledger.stores.base.Store.serialize_across_fork`: SQLite); else
+    ``store`` itself, so the other stores' calls take no lock."""
+    if not getattr(store, "serialize_across_fork", True):
+        return store
     return cast(Store, ForkGuardedStore(store))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 from jobledger.errors import DeliverySkipped, JobLedgerError
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import JobRecord, Republish
+from jobledger.tracebacks import task_traceback
 
 if TYPE_CHECKING:
     from jobledger.runtime.worker import WorkerRuntime
@@ -82,7 +82,9 @@ class End(str, enum.Enum):
 
 
 #: The adapter's reading of an exception the body raised: the end and its error text, or None
-#: for an ordinary failure (failed, with the traceback).
+#: for an ordinary failure (failed, with the traceback from the task's frames on:
+#: :func:`~jobledger.tracebacks.task_traceback` without jobledger's and the runtime's
+#: ``wrappers`` packages' leading frames).
 Judge = Callable[[Exception, Run], "tuple[End, str | None] | None"]
 
 
@@ -132,7 +134,10 @@ class Guard:
         try:
             result = body()
         except Exception as exc:
-            judged = judge(exc, run) or (End.FAILED, traceback.format_exc())
+            judged = judge(exc, run) or (
+                End.FAILED,
+                task_traceback(exc, wrappers=runtime.wrappers),  # from the task's frames
+            )
             self._end(lifecycle, run, *judged)
             raise
         finally:

@@ -85,11 +85,8 @@ class ProcessResources:
 
     def own_store(self) -> Store:
         """A store of its own for a loop whose work must not hold up the heartbeat (the
-        relay's batches), fork-guarded on SQLite."""
-        store = self.factory()
-        if getattr(store, "dialect", None) == "sqlite":
-            store = forksafe.guarded(store)
-        return store
+        relay's batches), fork-guarded where the store needs it (SQLite)."""
+        return forksafe.guarded(self.factory())
 
     def close(self) -> None:
         """Stop replaying pending writes and close this object's stores and journal."""

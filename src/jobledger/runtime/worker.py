@@ -30,7 +30,7 @@ from jobledger.journal import Journal, replay_orphans
 from jobledger.lifecycle import Lifecycle
 from jobledger.model import JobRecord, Republish
 from jobledger.outbox import Outbox
-from jobledger.pending import PendingWrites
+from jobledger.pending import CreateWrite, PendingWrites
 from jobledger.recovery import Recovery
 from jobledger.runtime.guard import Guard
 from jobledger.runtime.held import Held, HeldJobs
@@ -77,8 +77,12 @@ class WorkerRuntime:
         *,
         store: Store | None = None,
         store_factory: Callable[[], Store] | None = None,
+        wrappers: Sequence[str] = (),
     ) -> None:
         self.adapter = adapter
+        #: The queue's own packages (``celery``), whose leading frames a failed job's
+        #: traceback leaves out, as jobledger's (:func:`~jobledger.tracebacks.task_traceback`).
+        self.wrappers = tuple(wrappers)
         self.system = adapter.system
         self.settings = settings
         # made before any fork, so the heartbeat reports what the children counted and the
@@ -154,22 +158,25 @@ class WorkerRuntime:
         in_flight: Callable[[], int],
         held: Held,
         on_beat: Callable[[bool], object] = lambda can_claim: None,
+        worker_name: str | None = None,
     ) -> None:
         """Before the children fork: open the journal, register the instance and beat for it,
         replay what earlier workers left in the journal directory, and keep replaying.
         ``held`` says which jobs the worker's processes hold now; ``on_beat`` hears after each
         beat whether the instance may claim (a worker stops or resumes consuming).
+        ``worker_name`` is the queue's own name for the worker (Celery's ``a@vm``): the
+        instance's name unless ``JOBLEDGER_INSTANCE_NAME`` is set
+        (:meth:`~jobledger.config.Settings.name_of_instance`), plus a nonce per boot.
 
         :class:`~jobledger.errors.ConfigError` for an unusable journal directory and
         :class:`~jobledger.errors.SchemaMissing` for an unmigrated ledger: the worker cannot
         work at all. An unreachable ledger is an outage: it registers once it answers."""
         settings = self.settings
-        journal = Journal.for_instance(
-            settings.journal_dir, settings.instance_name, limit=settings.journal_limit
-        )
+        name = settings.name_of_instance(worker_name)
+        journal = Journal.for_instance(settings.journal_dir, name, limit=settings.journal_limit)
         self.resources.become_worker(journal)
         self.held = HeldJobs(held)
-        instance = new_instance(settings, queues)
+        instance = new_instance(settings, queues, name=name)
         self.instance_id = instance.id
         self.heartbeat = Heartbeat(
             self.store,
@@ -220,11 +227,17 @@ class WorkerRuntime:
         ):
             self._run(loop)
 
-    def received(self, delivered: JobRecord) -> None:
+    def received(self, delivered: JobRecord, *, unrecorded: bool = False) -> None:
         """The main process took delivery of a tracked job (as its message describes it): it
         is put back if its child dies before claiming it, and the next beat, soon, tells the
-        ledger this instance holds it."""
+        ledger this instance holds it. ``unrecorded``: its message says the ledger could not
+        take its record at publish, so the record is journaled here, so a message then lost
+        from the worker's prefetch still has a record to be recovered from."""
         self.held.received(delivered)
+        if unrecorded:
+            # Journaled, not written here: this may be the worker's event loop. The claim
+            # replays it first, so it can never land after the job's own later writes.
+            self.pending.add(CreateWrite(delivered))
         if self.heartbeat is not None:
             self.heartbeat.wake()
 
@@ -251,7 +264,7 @@ class WorkerRuntime:
     def drain(self) -> None:
         """After the queue's warm shutdown waited for the children: stop the loops, replay the
         journal once more, drain, then deregister. Writes the ledger did not take stay in the
-        journal for the next start of this instance name, or any worker sharing its
+        journal for the next worker of this instance name, or any worker sharing its
         directory."""
         services, self._services = self._services, []
         for service in services:
@@ -267,11 +280,10 @@ class WorkerRuntime:
                 log.exception("replaying the journal at shutdown failed")
             if self.pending.holds():
                 log.warning(
-                    "%d ledger writes stay in the journal %s: the next start of %s, or any "
-                    "worker using that directory, replays them",
+                    "%d ledger writes stay in the journal %s: the next worker of that name, "
+                    "or any worker using that directory, replays them",
                     len(journal),
                     journal.path,
-                    self.settings.instance_name,
                 )
         if self.heartbeat is not None:
             self.heartbeat.drain(timeout=self.settings.ttl)

@@ -52,6 +52,7 @@ Regex = Annotated[bool, Query(description="Read match as a regular expression.")
 OlderThan = Annotated[
     str | None, Query(max_length=64, description="In its state longer than e.g. 90s, 3d.")
 ]
+Recovered = Annotated[bool, Query(description="Only jobs recovered at least once.")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 PageCursor = Annotated[str | None, Query(max_length=2048)]
 
@@ -64,8 +65,9 @@ def filters(
     match: Match = None,
     regex: Regex = False,
     older_than: OlderThan = None,
+    recovered: Recovered = False,
 ) -> JobQuery:
-    return job_query(state, queue, name, system, match, regex, older_than)
+    return job_query(state, queue, name, system, match, regex, older_than, recovered)
 
 
 def checked_cursor(cursor: str | None) -> str | None:
@@ -102,6 +104,13 @@ def list_jobs(
 @router.get("/jobs/{job_id}", summary="One job")
 def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return job_to_dict(context(request).manager.get(_path_id(job_id)))
+
+
+@router.get("/jobs/{job_id}/arguments", summary="One job's arguments, whole")
+def job_arguments(job_id: str, request: Request) -> dict[str, Any]:
+    """What the dashboard loads on request for a job whose arguments it cut."""
+    record = context(request).manager.get(_path_id(job_id))
+    return {"args": record.args, "kwargs": record.kwargs}
 
 
 @router.get("/stats", summary="Counts per state and lag per queue, and the outbox backlog")
@@ -145,12 +154,16 @@ class Selection(BaseModel):
     match: str | None = Field(default=None, max_length=10000)
     regex: bool = False
     older_than: str | None = Field(default=None, max_length=64)
+    recovered: bool = False
     dry_run: bool = False
     #: restart only: also queued, staged, retrying and running jobs (see ``Manager.restart``)
     force: bool = False
 
     def filtered(self) -> bool:
-        return any((self.state, self.queue, self.name, self.system, self.match, self.older_than))
+        return (
+            any((self.state, self.queue, self.name, self.system, self.match, self.older_than))
+            or self.recovered
+        )
 
 
 def _act(ctx: Context, action: str, selection: Selection) -> dict[str, Any]:
@@ -165,6 +178,7 @@ def _act(ctx: Context, action: str, selection: Selection) -> dict[str, Any]:
             selection.match,
             selection.regex,
             selection.older_than,
+            selection.recovered,
         )
     if not ids and query is None:
         raise ApiError(
@@ -219,7 +233,9 @@ def _one(
     ctx: Context, action: str, raw_id: str, dry_run: bool, *, force: bool = False
 ) -> dict[str, Any]:
     jid = _path_id(raw_id)
-    ctx.manager.get(jid)  # 404 for an unknown id, rather than a report that skipped it
+    record = ctx.manager.get(jid)  # 404 for an unknown id, rather than a report that skipped it
+    if action == "restart":
+        ctx.manager.integrations.get(record.system)  # a 4xx naming what is missing, if it is
     return _act(ctx, action, Selection(ids=[jid], dry_run=dry_run, force=force))
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from jobledger.errors import StoreError
 from jobledger.heartbeat import Health
 from jobledger.integrations.base import Registry, registry
 from jobledger.manager import Manager
+from jobledger.model import JobRecord
 from jobledger.runtime.service import Service
 from jobledger.serialize import format_seconds
 from jobledger.server import api, dashboard, errors, seed
@@ -45,8 +47,35 @@ def templates() -> Jinja2Templates:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["ago"] = format_seconds
-    env.filters["tojson_text"] = lambda v: json.dumps(v, ensure_ascii=False)
+    env.filters["preview"] = preview
+    env.filters["size"] = format_size
+    env.filters["epoch"] = lambda moment: None if moment is None else moment.timestamp()
+    env.filters["utc"] = lambda epoch: (
+        f"{datetime.fromtimestamp(epoch, timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+    )
     return Jinja2Templates(env=env)
+
+
+#: The most characters of a job's arguments a list shows (the job page shows more).
+PREVIEW_LENGTH = 120
+
+
+def preview(job: JobRecord) -> str:
+    """A job's arguments for a list: the JSON of its args (and kwargs), cut to
+    :data:`PREVIEW_LENGTH` characters, so an 800 KB argument costs a list nothing."""
+    text = json.dumps(job.args, ensure_ascii=False)
+    if job.kwargs:
+        text += " " + json.dumps(job.kwargs, ensure_ascii=False)
+    return text if len(text) <= PREVIEW_LENGTH else text[: PREVIEW_LENGTH - 1] + "…"
+
+
+def format_size(size: int) -> str:
+    """``812 KB``: a byte count for people."""
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.0f} KB"
+    return f"{size / 1024 / 1024:.1f} MB"
 
 
 def _stop_all(loops: list[Service]) -> None:

@@ -3,10 +3,17 @@
 Every form carries a CSRF token bound to the visitor's session cookie; with a token set, every
 page needs a login (unless reads are open) and every form a logged-in session. Templates are
 autoescaped, so arguments, errors and names a job client sent render as text.
+
+Pages refresh themselves every few seconds by asking again with the ``ETag`` they last got: an
+unchanged page answers 304 with no body. For that a page's text must not change with time
+alone, so it carries times, not ages (the script turns them into ages against the ledger's
+clock, sent as ``X-Ledger-Now``), and cuts long arguments (the full value is one click away,
+from the API).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -18,10 +25,18 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.datastructures import FormData
 
 from jobledger.errors import JobLedgerError, StoreError
+from jobledger.history import attempts, timeline
 from jobledger.manager import ActionReport
-from jobledger.model import RESTARTABLE_STATES, UNCOMPLETED_STATES, JobState
+from jobledger.model import (
+    HISTORY_KEPT,
+    RESTARTABLE_STATES,
+    UNCOMPLETED_STATES,
+    Instance,
+    JobRecord,
+    JobState,
+)
 from jobledger.query import JobQuery
-from jobledger.serialize import job_to_dict
+from jobledger.recovery import PRUNE_AFTER_TTLS
 from jobledger.server.auth import SESSION_COOKIE, SESSION_MAX_AGE
 from jobledger.server.context import Context, context
 from jobledger.server.errors import ApiError, status_of
@@ -31,6 +46,11 @@ from jobledger.server.overview import overview
 router = APIRouter(include_in_schema=False)
 
 PAGE_SIZE = 50
+#: The most characters of a job's arguments a job page shows before "show all" (a list shows
+#: far fewer: see the ``preview`` template filter).
+ARGS_SHOWN = 4000
+#: The response header that carries the ledger's clock, for the ages the script shows.
+NOW_HEADER = "X-Ledger-Now"
 #: Messages a redirect may ask a page to show (a fixed list: nothing user-typed is echoed).
 NOTICES = {
     "restarted": "Restart published: the job is queued again.",
@@ -55,18 +75,41 @@ class Page:
     def allowed(self) -> bool:
         return self.ctx.auth.dashboard_ok(self.session)
 
-    def render(self, template: str, status: int = 200, **values: Any) -> Response:
+    async def now(self) -> float:
+        """The ledger's clock: what the page's times are aged against."""
+        now: float = await run_in_threadpool(self.ctx.store.now)
+        return now
+
+    def render(
+        self, template: str, status: int = 200, *, now: float | None = None, **values: Any
+    ) -> Response:
+        """The page; with ``now``, an ``ETag`` too, and 304 without a body when the visitor
+        already has this very page (``If-None-Match``)."""
         assert self.session is not None
+        stamp = "" if now is None else f"{now:.3f}"
         values.update(
             request=self.request,
             csrf=self.ctx.auth.csrf_token(self.session),
             auth_enabled=self.ctx.auth.enabled,
             logged_in=self.session.authenticated,
             notice=NOTICES.get(self.request.query_params.get("notice", "")),
+            ledger_now=stamp,
         )
-        response = self.ctx.templates.TemplateResponse(
+        response: Response = self.ctx.templates.TemplateResponse(
             self.request, template, values, status_code=status
         )
+        response.headers["Cache-Control"] = "no-cache"
+        if now is not None:
+            response.headers[NOW_HEADER] = stamp
+            # the clock is the one part of the page that changes with time alone
+            body = bytes(response.body).replace(f'data-now="{stamp}"'.encode(), b"")
+            tag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+            response.headers["ETag"] = tag
+            if status == 200 and tag in _tags(self.request.headers.get("if-none-match")):
+                response = Response(
+                    status_code=304,
+                    headers={"ETag": tag, NOW_HEADER: stamp, "Cache-Control": "no-cache"},
+                )
         self.keep_session(response)
         return response
 
@@ -103,6 +146,10 @@ class Page:
         return form
 
 
+def _tags(header: str | None) -> list[str]:
+    return [t.strip() for t in (header or "").split(",") if t.strip()]
+
+
 def set_session_cookie(request: Request, response: Response, value: str) -> None:
     response.set_cookie(
         SESSION_COOKIE,
@@ -127,6 +174,7 @@ def _filters(
         "match": str(params.get("match") or ""),
         "regex": str(params.get("regex") or "") in ("1", "on", "true"),
         "older_than": str(params.get("older_than") or "").strip(),
+        "recovered": str(params.get("recovered") or "") in ("1", "on", "true"),
     }
     query = job_query(
         values["state"],
@@ -136,6 +184,7 @@ def _filters(
         values["match"] or None,
         values["regex"],
         values["older_than"] or None,
+        values["recovered"],
     )
     return query, values
 
@@ -145,8 +194,9 @@ def _filter_qs(values: Mapping[str, Any]) -> str:
     for key in ("queue", "name", "system", "match", "older_than"):
         if values[key]:
             pairs.append((key, values[key]))
-    if values["regex"]:
-        pairs.append(("regex", "1"))
+    for flag in ("regex", "recovered"):
+        if values[flag]:
+            pairs.append((flag, "1"))
     return urlencode(pairs)
 
 
@@ -159,9 +209,10 @@ async def overview_page(request: Request) -> Response:
     recovered = ctx.metrics.recovered
     try:
         data = await run_in_threadpool(overview, ctx.store, ctx.settings.ttl, recovered)
+        now = await page.now()
     except JobLedgerError as exc:
         return page.error(status_of(exc), str(exc))
-    return page.render("overview.html", data=data, states=list(JobState))
+    return page.render("overview.html", now=now, data=data, states=list(JobState))
 
 
 @router.get("/jobs", response_class=HTMLResponse)
@@ -180,6 +231,7 @@ async def jobs_page(request: Request) -> Response:
         "match": "",
         "regex": False,
         "older_than": "",
+        "recovered": False,
     }
     try:
         query, values = _filters(params, multi)
@@ -190,7 +242,7 @@ async def jobs_page(request: Request) -> Response:
         result = await run_in_threadpool(
             page.ctx.store.query, query, limit=PAGE_SIZE, cursor=cursor
         )
-        now = await run_in_threadpool(page.ctx.store.now)
+        now = await page.now()
     except ApiError as exc:
         return page.render(
             "jobs.html",
@@ -201,7 +253,7 @@ async def jobs_page(request: Request) -> Response:
             states=list(JobState),
             problem=f"{exc.field}: {exc.message}",
             qs="",
-            now=0.0,
+            can_restart=False,
         )
     except JobLedgerError as exc:
         status = status_of(exc)
@@ -216,7 +268,7 @@ async def jobs_page(request: Request) -> Response:
             states=list(JobState),
             problem=str(exc),
             qs="",
-            now=0.0,
+            can_restart=False,
         )
     qs = _filter_qs(values)
     next_url = None
@@ -224,13 +276,18 @@ async def jobs_page(request: Request) -> Response:
         next_url = "/jobs?" + (qs + "&" if qs else "") + urlencode({"cursor": result.next_cursor})
     return page.render(
         "jobs.html",
+        now=now,
         jobs=result.items,
         next_url=next_url,
         values=values,
         states=list(JobState),
         problem=None,
         qs=qs,
-        now=now,
+        can_restart=(
+            page.ctx.manager.can_publish(values["system"])
+            if values["system"]
+            else bool(page.ctx.manager.integrations.systems())
+        ),
     )
 
 
@@ -247,35 +304,40 @@ async def _render_job(
 ) -> Response:
     try:
         record = await run_in_threadpool(page.ctx.manager.get, job_id(storable(raw_id, "job_id")))
+        now = await page.now()
     except ApiError as exc:
         return page.error(exc.status, exc.message)
     except JobLedgerError as exc:
         return page.error(status_of(exc), str(exc))
-    data = job_to_dict(record)
-    timeline = [
-        (label, data[key])
-        for label, key in (
-            ("created", "created_at"),
-            ("staged", "staged_at"),
-            ("first queued", "first_queued_at"),
-            ("queued", "queued_at"),
-            ("started", "started_at"),
-            ("recovered", "recovered_at"),
-            ("finished", "finished_at"),
-            ("last change", "updated_at"),
-        )
-        if data[key]
-    ]
     return page.render(
         "job.html",
         status=status,
+        now=now,
         job=record,
-        timeline=timeline,
-        pretty=lambda v: json.dumps(v, ensure_ascii=False, indent=2, sort_keys=True),
+        runs=attempts(record),
+        timeline=timeline(record),
+        arguments=_shown_arguments(record),
+        history_kept=HISTORY_KEPT,
+        pretty=_pretty,
         can_restart=record.state in RESTARTABLE_STATES,
+        can_publish=page.ctx.manager.can_publish(record.system),
         can_cancel=record.state in UNCOMPLETED_STATES,
         problem=problem,
     )
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True)
+
+
+def _shown_arguments(record: JobRecord) -> dict[str, Any]:
+    """The job's arguments as the page shows them: whole, or their head and their full size
+    (the page loads the rest from the API on request)."""
+    text = _pretty({"args": record.args, "kwargs": record.kwargs})
+    size = len(text.encode())
+    if len(text) <= ARGS_SHOWN:
+        return {"text": text, "cut": False, "size": size}
+    return {"text": text[:ARGS_SHOWN], "cut": True, "size": size}
 
 
 @router.post("/jobs/{raw_id}/{action}", response_class=HTMLResponse)
@@ -348,9 +410,45 @@ async def instances_page(request: Request) -> Response:
         return page.login_redirect()
     try:
         found = await run_in_threadpool(page.ctx.manager.instances)
+        now = await page.now()
     except JobLedgerError as exc:
         return page.error(status_of(exc), str(exc))
-    return page.render("instances.html", instances=found)
+    ttl = page.ctx.settings.ttl
+    return page.render(
+        "instances.html", now=now, instances=found, forget_after=PRUNE_AFTER_TTLS * ttl
+    )
+
+
+@router.get("/instances/{instance_id}", response_class=HTMLResponse)
+async def instance_page(instance_id: str, request: Request) -> Response:
+    """One worker: what it holds now (received, running or not yet), its last beat, its
+    counters."""
+    page = Page(request)
+    if not page.allowed:
+        return page.login_redirect()
+    try:
+        found = await run_in_threadpool(page.ctx.manager.instances)
+        instance = next((i for i in found if i.id == instance_id), None)
+        if instance is None:
+            return page.error(404, "No such instance: it shut down, or was forgotten.")
+        jobs = await run_in_threadpool(_held_jobs, page, instance)
+        now = await page.now()
+    except JobLedgerError as exc:
+        return page.error(status_of(exc), str(exc))
+    return page.render("instance.html", now=now, instance=instance, jobs=jobs)
+
+
+def _held_jobs(page: Page, instance: Instance) -> list[tuple[str, int | None, JobRecord | None]]:
+    """(job id, generation it received, its record) for each job the instance said it holds,
+    and each started job the ledger says it owns (a job received but not yet reported)."""
+    store = page.ctx.store
+    held = dict(instance.holding)
+    owned = JobQuery(owners=frozenset({instance.id}), states=frozenset({JobState.STARTED}))
+    records = {r.id: r for r in store.iter_jobs(owned)}
+    if held:
+        records.update((r.id, r) for r in store.iter_jobs(JobQuery(ids=frozenset(held))))
+    ids = sorted(set(held) | set(records))
+    return [(i, held.get(i), records.get(i)) for i in ids]
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -1,12 +1,14 @@
 """What the seed's job clients report (queued, started, complete, failed, heartbeat), applied
 to the ledger with the same compare-and-set rules a worker integration follows.
 
-Seed clients are not a queue system jobledger can publish to, so their jobs are recorded with
-``system="http"``: a restart of one needs an integration registered for ``http`` in the
-supervisor (else the API answers with the IntegrationMissing message). A client that reports
-``started`` without naming its instance gets the supervisor's own stand-in owner,
-:data:`UNTRACKED`, which the supervisor keeps alive, so such jobs are never taken for orphans;
-a client that names its instance (and beats for it) gets real orphan detection.
+The seed's clients are a Sidekiq app's middleware, so their jobs are recorded with
+``system="sidekiq"``, which the Sidekiq integration publishes back (with
+``JOBLEDGER_SIDEKIQ_REDIS_URL`` set); a client of another queue system names it in ``system``
+(a restart of its jobs then needs an integration for it, else the API answers with the
+IntegrationMissing message). A client that reports ``started`` without naming its instance
+gets the supervisor's own stand-in owner, :data:`UNTRACKED`, which the supervisor keeps alive,
+so such jobs are never taken for orphans by the ledger (Sidekiq's are watched through its own
+heartbeats); a client that names its instance (and beats for it) gets orphan detection.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from jobledger.server.errors import ApiError
 from jobledger.server.inputs import job_id, parse_arguments, storable
 from jobledger.stores.base import KEEP, Store, Transition
 
-#: The queue system recorded for jobs reported over HTTP.
-HTTP_SYSTEM = "http"
+#: The queue system recorded for jobs reported over HTTP that name none: the seed's Sidekiq.
+SEED_SYSTEM = "sidekiq"
 #: The nonce given to instances that beat over HTTP without one.
 HTTP_NONCE = "http"
 #: The owner of jobs started by clients that name no instance; the supervisor beats for it.
@@ -44,6 +46,9 @@ UNTRACKED = Instance(
 EventKind = Literal["queued", "started", "complete", "failed"]
 
 _QUEUED_FROM = frozenset({JobState.STAGED, JobState.RETRYING, JobState.FAILED, JobState.DEAD})
+
+#: The longest queue system name the ledger stores (the API's ``system`` filter takes as long).
+SYSTEM_MAX_LENGTH = 64
 
 Name = Field(default=None, min_length=1, max_length=NAME_MAX_LENGTH)
 
@@ -56,6 +61,13 @@ class JobEvent(BaseModel):
     arguments: str | None = Field(default=None, description="The job's arguments, as JSON text.")
     job_class: str | None = Name
     queue: str | None = Name
+    system: str = Field(
+        default=SEED_SYSTEM,
+        min_length=1,
+        max_length=SYSTEM_MAX_LENGTH,
+        pattern=r"^[a-z0-9_.-]+$",
+        description="The client's queue system (recorded when the job is first reported).",
+    )
     instance: str | None = Field(
         default=None,
         min_length=1,
@@ -156,7 +168,7 @@ def _record(jid: str, event: JobEvent, state: JobState, owner: str | None = None
         return JobRecord(
             id=jid,
             name=event.job_class,
-            system=HTTP_SYSTEM,
+            system=event.system,
             queue=event.queue or "default",
             args=args,
             kwargs=kwargs,

@@ -119,6 +119,7 @@ def job_query(
     match: str | None = None,
     regex: bool = False,
     older_than: str | None = None,
+    recovered: bool = False,
 ) -> JobQuery:
     """The filter of a listing or a bulk action; a 422 naming the parameter at fault."""
     states = set()
@@ -147,6 +148,7 @@ def job_query(
             match=match or None,
             regex=regex and bool(match),
             older_than=age,
+            recovered=recovered,
         )
     except ConfigError as exc:
         raise ApiError(422, str(exc), "match") from None

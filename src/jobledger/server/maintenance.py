@@ -15,6 +15,7 @@ from jobledger.config import Settings
 from jobledger.heartbeat import Health
 from jobledger.integrations.base import Registry
 from jobledger.manager import Manager
+from jobledger.runtime.maintenance import RecoveryLoop
 from jobledger.runtime.maintenance import maintenance_loops as maintenance_loops_for
 from jobledger.runtime.service import Loop, Service
 from jobledger.server.events import UNTRACKED
@@ -50,7 +51,8 @@ def maintenance_loops(
 ) -> list[Service]:
     """The loops ``jobledger serve`` runs unless ``--no-maintenance`` (``health``: the one
     :func:`untracked_heartbeat` keeps): the runtime's recovery and relay loops for every
-    registered system, and pruning."""
+    registered system, the process watch of each integration that has one (Sidekiq's), and
+    pruning."""
 
     def prune() -> None:
         counts = manager.prune()
@@ -79,4 +81,11 @@ def maintenance_loops(
         first_delay=min(5.0, settings.prune_interval),
         on_error=errors,
     )
-    return [*loops, prune_loop]
+    # each integration that watches its own processes (Sidekiq's) pushes their jobs back
+    # through the same recovery as the sweep
+    recovery = next(loop.recovery for loop in loops if isinstance(loop, RecoveryLoop))
+    watchers = [
+        watch.watch_loop(recovery, on_moved=metrics.count_recoveries, on_error=errors)
+        for watch in integrations.watchers()
+    ]
+    return [*loops, *watchers, prune_loop]

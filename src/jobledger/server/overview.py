@@ -35,6 +35,8 @@ class Overview:
     instances_alive: int
     instances_dead: int
     recovered_here: int
+    #: Jobs in the ledger recovered at least once (their worker died under them).
+    recovered_jobs: int
 
     @property
     def dead(self) -> int:
@@ -55,6 +57,28 @@ class Overview:
     @property
     def busiest(self) -> int:
         return max([1, *(max(b.succeeded, b.failed) for b in self.buckets)])
+
+    @property
+    def axis_top(self) -> int:
+        """The top of the chart's y axis: the busiest bucket rounded up to 1, 2 or 5 times a
+        power of ten, so its ticks are round numbers of jobs."""
+        step = 1
+        while True:
+            for m in (1, 2, 5):
+                if m * step >= self.busiest:
+                    return m * step
+            step *= 10
+
+    @property
+    def axis_ticks(self) -> list[int]:
+        """0, the middle (when it is a whole number of jobs) and the top."""
+        top = self.axis_top
+        return [0, top // 2, top] if top % 2 == 0 else [0, top]
+
+    @property
+    def bucket_minutes(self) -> int:
+        step = self.buckets[0].ends_ago - self.buckets[1].ends_ago if len(self.buckets) > 1 else 300
+        return round(step / 60)
 
 
 def finished_buckets(store: Store, window: float = 3600.0, count: int = 12) -> list[Bucket]:
@@ -84,4 +108,5 @@ def overview(store: Store, ttl: float, recovered_here: int) -> Overview:
         instances_alive=alive,
         instances_dead=len(instances) - alive,
         recovered_here=recovered_here,
+        recovered_jobs=store.count(JobQuery(recovered=True)),
     )

@@ -16,8 +16,9 @@ the same suite. What every implementation promises:
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -89,6 +90,20 @@ class Transition:
         if isinstance(self.error, str):
             object.__setattr__(self, "error", bound_error(self.error))
 
+    def landed(self, current: JobRecord | None) -> bool:
+        """Whether ``current`` is what this move leaves behind: the lost-answer check of a
+        write retried after its connection dropped (the first try may have committed)."""
+        if current is None or current.state is not self.to:
+            return False
+        generation = self.expect_generation if self.generation is None else self.generation
+        if generation is not None and current.generation != generation:
+            return False
+        if self.to is JobState.STARTED:
+            return current.owner == self.owner
+        if self.to in (JobState.QUEUED, JobState.STAGED):
+            return current.owner is None
+        return self.expect_owner is ANY or current.owner == self.expect_owner
+
 
 class StagedBatch(Protocol):
     """Staged jobs held by one relay pass or fast-path publish (see :meth:`Store.staged_batch`)."""
@@ -140,14 +155,55 @@ class LeasedBatch:
             error=f"the queue system refused the message: {self.refused[job_id]}",
         )
 
+    def moves(self, token: str) -> Iterator[tuple[str, Transition]]:
+        """The compare-and-set moves the end of the lease makes: each marked job staged →
+        queued, each refused one staged → failed, while ``token`` still holds it."""
+        queued = Transition(
+            to=JobState.QUEUED, expect=frozenset({JobState.STAGED}), expect_owner=token
+        )
+        yield from ((job_id, queued) for job_id in self.marked)
+        yield from ((job_id, self.refusal(job_id, token)) for job_id in self.refused)
+
+
+@contextlib.contextmanager
+def holding(records: list[JobRecord], end: Callable[[LeasedBatch], None]) -> Iterator[StagedBatch]:
+    """The context of a store's :meth:`Store.staged_batch` once it leased ``records``:
+    ``end(batch)`` when it ends well, ``end`` of an unmarked batch (everything freed) when it
+    raises."""
+    batch = LeasedBatch(records)
+    try:
+        yield batch
+    except BaseException:
+        end(LeasedBatch(records))
+        raise
+    end(batch)
+
 
 @runtime_checkable
 class Store(Protocol):
     """Where the ledger lives. See the module docstring for what every implementation promises."""
 
     # -- schema and connection -------------------------------------------------------------
+    @property
+    def serialize_across_fork(self) -> bool:
+        """True if a process must not fork while one of its threads is inside a call of this
+        store (SQLite: a child inherits the parent's file-lock bookkeeping, not the thread
+        that would release it). A worker runtime then holds one process-wide lock around every
+        call and every fork; other stores need no such lock."""
+        return False
+
     def migrate(self) -> None:
         """Create or upgrade the ledger's tables; idempotent."""
+
+    def migrate_report(self) -> str:
+        """Migrate, and say how argument search is served (what ``jobledger migrate`` prints)."""
+        self.migrate()
+        return "a scan of every job"
+
+    @property
+    def safe_url(self) -> str:
+        """Where the ledger is, any password hidden: for messages and logs."""
+        return repr(self)
 
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""

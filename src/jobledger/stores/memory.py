@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
-import re
 import secrets
 import threading
 import time
@@ -27,7 +27,6 @@ from jobledger.model import (
     JobRecord,
     JobState,
     QueueStats,
-    nearest_rank,
 )
 from jobledger.query import (
     Cursor,
@@ -35,7 +34,6 @@ from jobledger.query import (
     Page,
     check_page_size,
     finished_query,
-    match_needles,
     page_of,
     prunable_states,
 )
@@ -49,14 +47,18 @@ from jobledger.stores.base import (
     Store,
     Transition,
     _Sentinel,
+    holding,
 )
 from jobledger.stores.rows import (
-    SEARCH_FIELDS,
     creation_row,
     duration_start,
+    history_after,
+    history_event,
     instance_beat_values,
     instance_from_row,
     record_from_row,
+    row_test,
+    stats_by_name,
     transition_values,
 )
 
@@ -114,14 +116,15 @@ class MemoryStore(Store):
             ):
                 return False
             at = self.now() if change.at is None else float(change.at)
-            row.update(
-                transition_values(
-                    change,
-                    at,
-                    increment=lambda name: row[name] + 1,
-                    if_empty=lambda name: at if row[name] is None else row[name],
-                )
+            values = transition_values(
+                change,
+                at,
+                increment=lambda name: row[name] + 1,
+                if_empty=lambda name: at if row[name] is None else row[name],
             )
+            if history_event(change) is not None:
+                values["history"] = history_after(row, change, at)
+            row.update(values)
             return True
 
     def delete(
@@ -168,7 +171,7 @@ class MemoryStore(Store):
             return None if found is None else max(0.0, now - found)
 
         return [
-            QueueStats(queue, by_state, lag(queue, "queued_at"), lag(queue, "staged_at"))
+            QueueStats(queue, by_state, lag(queue, "queued_at"), lag(queue, "staged_at"), now)
             for queue, by_state in sorted(counts.items())
         ]
 
@@ -189,13 +192,7 @@ class MemoryStore(Store):
             for row in self._matching(finished_query(query)):
                 if has_both(row):
                     by_name.setdefault(row["name"], []).append(row["finished_at"] - row[start])
-        result: list[DurationStats] = []
-        for name, seconds in sorted(by_name.items()):
-            seconds.sort()
-            count = len(seconds)
-            p50, p95 = (seconds[nearest_rank(p, count)] for p in (0.5, 0.95))
-            result.append(DurationStats(name, count, p50, p95, seconds[-1]))
-        return result
+        return stats_by_name(by_name)
 
     def prune(self, query: JobQuery, *, batch_size: int = 1000) -> int:
         check_page_size(batch_size)
@@ -245,20 +242,12 @@ class MemoryStore(Store):
             records = [record_from_row(row) for row in found]
             for row in found:
                 row.update(owner=token, updated_at=now)
-        batch = LeasedBatch(records)
-        try:
+        with holding(records, functools.partial(self._end_lease, token)) as batch:
             yield batch
-        except BaseException:
-            self._end_lease(token, LeasedBatch(records))
-            raise
-        self._end_lease(token, batch)
 
     def _end_lease(self, token: str, batch: LeasedBatch) -> None:
-        leased = Transition(to=JobState.QUEUED, expect=_STAGED, expect_owner=token)
-        for job_id in batch.marked:
-            self.transition(job_id, leased)
-        for job_id in batch.refused:
-            self.transition(job_id, batch.refusal(job_id, token))
+        for job_id, change in batch.moves(token):
+            self.transition(job_id, change)
         with self._lock:
             for record in batch.records:
                 row = self._jobs.get(record.id)
@@ -346,7 +335,7 @@ class MemoryStore(Store):
         check_page_size(limit)
         after = None if cursor is None else Cursor.decode(cursor)
         with self._lock:
-            test = _predicate(query, self.now())
+            test = row_test(query, self.now())
             end = len(self._order)
             if after is not None:
                 end = bisect.bisect_left(self._order, (after.created_at, after.id))
@@ -366,16 +355,13 @@ class MemoryStore(Store):
 
     def _matching(self, query: JobQuery) -> Iterable[Row]:
         """The rows ``query`` selects, in no order (the lock must be held while iterating)."""
-        test = _predicate(query, self.now())
+        test = row_test(query, self.now())
         return (row for row in self._jobs.values() if test(row))
 
     # -- for tests ---------------------------------------------------------------------------
     def records(self) -> list[JobRecord]:
         """Every job, newest first: a snapshot for assertions."""
         return list(self.iter_jobs(JobQuery()))
-
-
-_STAGED = frozenset({JobState.STAGED})
 
 
 def _expected(
@@ -391,45 +377,6 @@ def _expected(
     if generation is not None and row["generation"] != generation:
         return False
     return owner is ANY or row["owner"] == owner
-
-
-def _predicate(query: JobQuery, now: float) -> Callable[[Row], bool]:
-    """``query`` as a test of one row, with the meaning :meth:`SQLStore._where` gives it."""
-    fields: list[tuple[str, frozenset[str]]] = [
-        ("state", frozenset(s.value for s in query.states)),
-        ("queue", query.queues),
-        ("name", query.names),
-        ("system", query.systems),
-        ("id", query.ids),
-        ("owner", query.owners),
-    ]
-    wanted = [(name, values) for name, values in fields if values]
-    oldest = None if query.older_than is None else now - query.older_than
-    newest = None if query.newer_than is None else now - query.newer_than
-    text = _text_test(query.match, query.regex)
-
-    def test(row: Row) -> bool:
-        if any(row[name] not in values for name, values in wanted):
-            return False
-        if oldest is not None and not row["updated_at"] <= oldest:
-            return False
-        if newest is not None and not row["updated_at"] > newest:
-            return False
-        return text is None or any(text(row[name]) for name in SEARCH_FIELDS)
-
-    return test
-
-
-def _text_test(needle: str | None, regex: bool) -> Callable[[str], bool] | None:
-    """The argument search of :meth:`SQLStore._match`: a Python ``re.search`` (what SQLite
-    uses too), or a literal, case-sensitive substring test of every needle."""
-    if needle is None:
-        return None
-    if regex:
-        pattern = re.compile(needle)
-        return lambda stored: pattern.search(stored) is not None
-    needles = match_needles(needle)
-    return lambda stored: any(n in stored for n in needles)
 
 
 def _has(*names: str) -> Callable[[Row], bool]:

@@ -10,18 +10,29 @@ and ``+ 1`` in memory, a SQL expression in the database.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from jobledger.errors import ConfigError
 from jobledger.model import (
+    FINAL_STATES,
+    HISTORY_ERROR_MAX_LENGTH,
+    HISTORY_KEPT,
+    DurationStats,
+    HistoryEntry,
+    HistoryEvent,
     Instance,
     InstanceState,
     JobRecord,
     JobState,
+    bound_error,
+    nearest_rank,
     to_datetime,
     to_epoch,
 )
+from jobledger.query import JobQuery, match_needles
 from jobledger.stores.base import KEEP, DurationKind, Transition
 
 V = TypeVar("V")
@@ -40,6 +51,18 @@ PHASE_STAMP: Mapping[JobState, str] = {
 }
 
 _ONLY_STAGED = frozenset({JobState.STAGED})
+
+#: The moves that append to a job's history besides recoveries and restarts: the failures.
+#: Claims and successes (the hot path) append nothing.
+_HISTORY_TARGETS = {
+    JobState.RETRYING: HistoryEvent.RETRYING,
+    JobState.FAILED: HistoryEvent.FAILED,
+    JobState.DEAD: HistoryEvent.DEAD,
+}
+
+#: The row fields a history entry is made of: a store that read them compares them in the
+#: write that appends the entry, so the entry is of the row it changes.
+HISTORY_INPUTS = ("state", "owner", "started_at", "attempts", "history")
 
 #: The row fields the argument search looks in (``match``).
 SEARCH_FIELDS = ("args", "kwargs", "tags")
@@ -71,6 +94,7 @@ def record_to_row(record: JobRecord) -> dict[str, Any]:
         "restarts": record.restarts,
         "generation": record.generation,
         "recent_recoveries": dump_json(list(record.recent_recoveries)),
+        "history": dump_json([_entry_to_json(e) for e in record.history]),
         "error": record.error,
         "created_at": to_epoch(record.created_at),
         "staged_at": to_epoch(record.staged_at),
@@ -113,6 +137,8 @@ def transition_values(
     ``if_empty(field)`` the field's value, or ``at`` where it has none.
     """
     values: dict[str, Any] = {"state": change.to.value, "updated_at": at}
+    if not change.to.is_final and change.expect & FINAL_STATES:
+        values["finished_at"] = None  # a restarted job is not finished: no stale finish time
     values[PHASE_STAMP[change.to]] = at
     if change.to is JobState.QUEUED:
         values["first_queued_at"] = if_empty("first_queued_at")
@@ -141,6 +167,64 @@ def transition_values(
     return values
 
 
+def history_event(change: Transition) -> HistoryEvent | None:
+    """What ``change`` adds to the job's history, or None if it adds nothing (a claim, a
+    success: the hot path writes no history)."""
+    if change.reason == "recovery":
+        return HistoryEvent.RECOVERED
+    if change.reason == "restart":
+        return HistoryEvent.RESTARTED
+    return _HISTORY_TARGETS.get(change.to)
+
+
+def history_after(row: Mapping[Any, Any], change: Transition, at: float) -> str:
+    """The history text of ``row`` (its :data:`HISTORY_INPUTS` before the move) once ``change``
+    is written at ``at``: one entry appended, the oldest dropped past :data:`HISTORY_KEPT`."""
+    event = history_event(change)
+    if event is None:
+        raise ValueError(f"a move to {change.to.value} adds no history")
+    running = row["state"] == JobState.STARTED.value
+    error = change.error if isinstance(change.error, str) else None
+    entry = HistoryEntry(
+        event=event,
+        at=datetime.fromtimestamp(at, tz=timezone.utc),
+        came_from=JobState(row["state"]),
+        to=change.to,
+        attempt=row["attempts"],
+        owner=row["owner"] if running else None,
+        started_at=to_datetime(row["started_at"]) if running else None,
+        error=bound_error(error, HISTORY_ERROR_MAX_LENGTH),
+    )
+    entries = [*json.loads(row["history"] or "[]"), _entry_to_json(entry)]
+    return dump_json(entries[-HISTORY_KEPT:])
+
+
+def _entry_to_json(entry: HistoryEntry) -> dict[str, Any]:
+    return {
+        "event": entry.event.value,
+        "at": to_epoch(entry.at),
+        "from": entry.came_from.value,
+        "to": entry.to.value,
+        "attempt": entry.attempt,
+        "owner": entry.owner,
+        "started_at": to_epoch(entry.started_at),
+        "error": entry.error,
+    }
+
+
+def _entry_from_json(data: Mapping[str, Any]) -> HistoryEntry:
+    return HistoryEntry(
+        event=HistoryEvent(data["event"]),
+        at=datetime.fromtimestamp(data["at"], tz=timezone.utc),
+        came_from=JobState(data["from"]),
+        to=JobState(data["to"]),
+        attempt=int(data["attempt"]),
+        owner=data.get("owner"),
+        started_at=to_datetime(data.get("started_at")),
+        error=data.get("error"),
+    )
+
+
 def record_from_row(row: Mapping[Any, Any]) -> JobRecord:
     """The :class:`JobRecord` a stored row holds (new objects: nothing shared with the row)."""
     return JobRecord(
@@ -159,6 +243,7 @@ def record_from_row(row: Mapping[Any, Any]) -> JobRecord:
         restarts=row["restarts"],
         generation=row["generation"],
         recent_recoveries=tuple(json.loads(row["recent_recoveries"] or "[]")),
+        history=tuple(_entry_from_json(e) for e in json.loads(row["history"] or "[]")),
         error=row["error"],
         created_at=to_datetime(row["created_at"]),
         staged_at=to_datetime(row["staged_at"]),
@@ -204,3 +289,58 @@ def duration_start(kind: DurationKind) -> str:
     if kind not in ("queued", "started"):
         raise ConfigError(f"duration kind must be 'queued' or 'started', not {kind!r}")
     return "queued_at" if kind == "queued" else "started_at"
+
+
+def row_test(query: JobQuery, now: float) -> Callable[[Mapping[str, Any]], bool]:
+    """``query`` as a test of one row (``now``: the store's clock), with the meaning
+    :meth:`SQLStore._where` gives it: the memory store's selection, and the Redis store's for
+    id lists and regular expressions."""
+    fields: list[tuple[str, frozenset[str]]] = [
+        ("state", frozenset(s.value for s in query.states)),
+        ("queue", query.queues),
+        ("name", query.names),
+        ("system", query.systems),
+        ("id", query.ids),
+        ("owner", query.owners),
+    ]
+    wanted = [(name, values) for name, values in fields if values]
+    oldest = None if query.older_than is None else now - query.older_than
+    newest = None if query.newer_than is None else now - query.newer_than
+    text = text_test(query.match, query.regex)
+
+    def test(row: Mapping[str, Any]) -> bool:
+        if any(row[name] not in values for name, values in wanted):
+            return False
+        if oldest is not None and not row["updated_at"] <= oldest:
+            return False
+        if newest is not None and not row["updated_at"] > newest:
+            return False
+        if query.recovered and not row["recoveries"] > 0:
+            return False
+        return text is None or any(text(row[name]) for name in SEARCH_FIELDS)
+
+    return test
+
+
+def text_test(needle: str | None, regex: bool) -> Callable[[str], bool] | None:
+    """The argument search of :meth:`SQLStore._match`: a Python ``re.search`` (what SQLite
+    uses too), or a literal, case-sensitive substring test of every needle."""
+    if needle is None:
+        return None
+    if regex:
+        pattern = re.compile(needle)
+        return lambda stored: pattern.search(stored) is not None
+    needles = match_needles(needle)
+    return lambda stored: any(n in stored for n in needles)
+
+
+def stats_by_name(by_name: Mapping[str, list[float]]) -> list[DurationStats]:
+    """p50/p95/max (nearest rank) of each task name's durations, by name, for the stores
+    that gather the durations themselves (the SQL store asks the database)."""
+    result: list[DurationStats] = []
+    for name, seconds in sorted(by_name.items()):
+        seconds.sort()
+        count = len(seconds)
+        p50, p95 = (seconds[nearest_rank(p, count)] for p in (0.5, 0.95))
+        result.append(DurationStats(name, count, p50, p95, seconds[-1]))
+    return result

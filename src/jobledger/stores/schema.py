@@ -29,7 +29,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0005"
 
 #: Alembic's version table for the ledger's own migrations, apart from the application's.
 VERSION_TABLE = "jobledger_alembic_version"
@@ -71,6 +71,7 @@ jobs = Table(
     Column("restarts", Integer, nullable=False),
     Column("generation", Integer, nullable=False, server_default="0"),
     Column("recent_recoveries", Text),
+    Column("history", LongText),
     Column("error", Text),
     _stamp("created_at", nullable=False),
     _stamp("staged_at"),
@@ -85,6 +86,23 @@ jobs = Table(
     Index("ix_jobledger_jobs_state_updated", "state", "updated_at"),
     Index("ix_jobledger_jobs_queue_state", "queue", "state", "queued_at"),
     Index("ix_jobledger_jobs_name_state", "name", "state"),
+    Index("ix_jobledger_jobs_recovered", "recoveries", "created_at"),
+    **_MYSQL_TABLE,
+)
+
+#: PostgreSQL's copy of each job's searchable text, written once by a trigger when the job is
+#: inserted and deleted with it: its trigram GIN indexes live here, apart from the jobs table,
+#: whose every transition is an UPDATE that PostgreSQL cannot make HOT (the state is indexed)
+#: and that would otherwise add entries to all three. Empty, and unused, on other databases,
+#: whose argument search scans the jobs table (InnoDB and SQLite rewrite only the index entries
+#: whose columns change).
+job_search = Table(
+    "jobledger_job_search",
+    metadata,
+    Column("id", JobId, primary_key=True),
+    Column("args", LongText, nullable=False),
+    Column("kwargs", LongText, nullable=False),
+    Column("tags", LongText, nullable=False),
     **_MYSQL_TABLE,
 )
 

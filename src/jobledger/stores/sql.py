@@ -12,15 +12,18 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Collection, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
+from dataclasses import replace
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Double,
     Engine,
     Row,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -35,9 +38,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import URL
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import URL, CursorResult, Dialect
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.dml import Insert, Update
 
 from jobledger.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
 from jobledger.errors import ConfigError, SchemaMissing, StoreError, StoreUnavailable
@@ -64,9 +68,12 @@ from jobledger.stores.base import (
     _Sentinel,
 )
 from jobledger.stores.rows import (
+    HISTORY_INPUTS,
     SEARCH_FIELDS,
     creation_row,
     duration_start,
+    history_after,
+    history_event,
     instance_beat_values,
     instance_from_row,
     record_from_row,
@@ -79,12 +86,15 @@ from jobledger.stores.schema import (
     VERSION_TABLE,
     db_now,
     instances,
+    job_search,
     jobs,
     ledger_id_select,
     locks,
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Which extra brings the driver for a URL's dialect, for the error a person sees without it.
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
@@ -94,8 +104,14 @@ _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pym
 #: SQLite's busy timeout while migrating (seconds): other writers may hold the lock a while.
 _SQLITE_MIGRATE_BUSY = 30.0
 
+#: How often a move that appends history reads again when another move changed the job
+#: between its read and its write.
+_HISTORY_TRIES = 5
+
 #: Errors worth one more try: deadlocks and serialization failures (PostgreSQL, MySQL).
 _TRANSIENT_CODES = {"40P01", "40001", 1213, 1205}
+#: MySQL/MariaDB's duplicate key: a create whose job exists.
+_DUPLICATE_KEY = 1062
 
 
 def parse_url(url: str | URL) -> URL:
@@ -150,17 +166,21 @@ class SQLStore(Store):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
         engine_options: Mapping[str, Any] | None = None,
+        synchronous_publish: bool = True,
     ) -> None:
         self.url = parse_url(url)
         self.auto_migrate = auto_migrate
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
+        self.synchronous_publish = synchronous_publish
         self._engine_options = dict(engine_options or {})
         self._schema_checked = False
         self._schema_lock = threading.Lock()
         self._ledger_id: str | None = None
         self.engine = self._create_engine(statement_timeout)
         self.dialect = self.engine.dialect.name
+        self._hot = self._create_hot_engine()
+        self._statements: dict[Hashable, _Prepared] = {}
 
     def __repr__(self) -> str:
         return f"SQLStore({self.safe_url!r})"
@@ -171,16 +191,40 @@ class SQLStore(Store):
         return database_identity(self.url)
 
     @property
+    def serialize_across_fork(self) -> bool:
+        """SQLite only (see :attr:`Store.serialize_across_fork`)."""
+        return self.dialect == "sqlite"
+
+    @property
     def safe_url(self) -> str:
         """The URL with its password hidden, for messages and logs."""
         return self.url.render_as_string(hide_password=True)
 
     # -- connections -----------------------------------------------------------------------
-    def _create_engine(self, statement_timeout: float | None) -> Engine:
+    def _create_hot_engine(self) -> Engine:
+        """The engine of the per-job writes and reads: autocommit (a single statement is its own
+        transaction, no BEGIN or COMMIT round trip), no pre-ping (:meth:`_on_hot` replaces a
+        dropped connection and tries once more) and no reset on return (nothing is open)."""
+        if self.dialect == "sqlite" and self.url.database in (None, "", ":memory:"):
+            return self.engine.execution_options(isolation_level="AUTOCOMMIT")  # one database
+        options: dict[str, Any] = {"pool_pre_ping": False, "pool_reset_on_return": None}
+        if not self._hot_in_transaction:
+            options["isolation_level"] = "AUTOCOMMIT"
+        return self._create_engine(self.statement_timeout, **options)
+
+    @property
+    def _hot_in_transaction(self) -> bool:
+        """MySQL/MariaDB keep each hot statement in a transaction of its own (the statement and
+        a COMMIT): their statement timeout is the client's, which leaves a statement running
+        on the server, and an autocommit one would still commit after the caller was told it
+        failed; a transaction the client dropped is rolled back."""
+        return self.dialect in ("mysql", "mariadb")
+
+    def _create_engine(self, statement_timeout: float | None, **overrides: Any) -> Engine:
         """An engine whose every connection has the connect timeout and, unless None (for
         migrations), the statement timeout: a ledger host that answers slowly or not at all
         must not hold a publish or a worker for minutes (invariant 7)."""
-        options = dict(self._engine_options)
+        options = {**self._engine_options, **overrides}
         connect_args: dict[str, Any] = dict(options.get("connect_args", {}))
         options["connect_args"] = connect_args
         options.setdefault("pool_pre_ping", True)
@@ -323,6 +367,36 @@ class SQLStore(Store):
                     raise
         raise AssertionError("unreachable")
 
+    def _on_hot(self, work: Callable[[Connection], T]) -> tuple[T, bool]:
+        """``work`` on an autocommit connection, and whether its answer may have been lost: a
+        connection found dropped is replaced and ``work`` runs once more (a pooled connection
+        is not pinged before use), and a deadlock is tried again up to three times, as in
+        :meth:`_retrying`. After a drop the first try may have committed, so the caller checks
+        a lost compare-and-set against what it would have left (:meth:`Transition.landed`)."""
+        self._ready()
+        uncertain = False
+        with self._translate():
+            for attempt in range(3):
+                try:
+                    with self._hot.connect() as conn:
+                        if not self._hot_in_transaction:
+                            return work(conn), uncertain
+                        with conn.begin():
+                            return work(conn), uncertain
+                except sa_exc.DBAPIError as exc:
+                    dropped = exc.connection_invalidated and not uncertain
+                    if attempt == 2 or not (dropped or _sqlstate(exc) in _TRANSIENT_CODES):
+                        raise
+                    uncertain = uncertain or dropped
+        raise AssertionError("unreachable")
+
+    def _prepared(self, key: Hashable, build: Callable[[], Any]) -> _Prepared:
+        """The statement of ``key``, compiled on first use for this store's dialect."""
+        found = self._statements.get(key)
+        if found is None:
+            found = self._statements[key] = _Prepared(build(), self._hot.dialect)
+        return found
+
     # -- schema ----------------------------------------------------------------------------
     def migrate(self) -> None:
         """Create or upgrade the ledger tables (idempotent). See :meth:`migrate_report`."""
@@ -371,6 +445,7 @@ class SQLStore(Store):
         return self._ledger_id
 
     def close(self) -> None:
+        self._hot.dispose()
         self.engine.dispose()
 
     def now(self) -> float:
@@ -379,37 +454,93 @@ class SQLStore(Store):
 
     # -- jobs ------------------------------------------------------------------------------
     def create(self, record: JobRecord) -> bool:
-        row = creation_row(record, db_now())
-        try:
-            with self._write() as conn:
-                conn.execute(insert(jobs).values(**row))
-        except StoreError as exc:
-            if isinstance(exc.__cause__, sa_exc.IntegrityError):
-                return False
-            raise
-        return True
+        """One autocommit ``INSERT … ON CONFLICT DO NOTHING`` (MySQL/MariaDB: a plain INSERT
+        whose duplicate-key error is the answer). A queued record with ``synchronous_publish``
+        off commits without waiting for PostgreSQL's WAL flush (see
+        :attr:`~jobledger.config.Settings.synchronous_publish`)."""
+        row = creation_row(record, _NOW)
+        stamped = tuple(name for name, value in row.items() if value is _NOW)
+        relaxed = (
+            not self.synchronous_publish
+            and self.dialect == "postgresql"
+            and record.state is JobState.QUEUED
+        )
+        prepared = self._prepared(
+            ("create", stamped, relaxed), lambda: _insert_statement(self.dialect, row, relaxed)
+        )
+        params = {name: value for name, value in row.items() if value is not _NOW}
+
+        def insert(conn: Connection) -> bool:
+            try:
+                return bool(prepared.run(conn, params).rowcount == 1)
+            except sa_exc.IntegrityError as exc:
+                if getattr(exc.orig, "args", ())[:1] == (_DUPLICATE_KEY,):
+                    return False
+                raise
+
+        created, uncertain = self._on_hot(insert)
+        if created or not uncertain:
+            return created
+        current = self.get(record.id)  # our first try may be the row that is there
+        return (
+            current is not None
+            and current.state is record.state
+            and current.owner == record.owner
+            and current.generation == record.generation
+        )
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        prepared = self._prepared("get", lambda: select(jobs).where(jobs.c.id == bindparam("id")))
+        row, _ = self._on_hot(lambda conn: prepared.run(conn, {"id": job_id}).first())
         return None if row is None else _to_record(row)
 
     def transition(self, job_id: str, change: Transition) -> bool:
-        won: bool = self._retrying(self._transition, job_id, change)
-        return won
+        """One autocommit compare-and-set ``UPDATE``; a move that appends history (a failure,
+        a recovery, a restart: never a success) reads the entry's inputs first and writes only
+        if they are unchanged, reading again when a concurrent move came in between."""
+        if history_event(change) is None:  # the hot path
+            won, uncertain = self._on_hot(lambda conn: self._transition(conn, job_id, change))
+            return won or (uncertain and change.landed(self.get(job_id)))
+        for _ in range(_HISTORY_TRIES):
+            with self._read() as conn:
+                before = _history_inputs(conn, job_id, change)
+            if before is None:
+                return False
+            if self._retrying(self._with_history, job_id, change, before):
+                return True
+        raise StoreError(f"job {job_id} kept changing while its history was written")
+
+    def _with_history(
+        self, conn: Connection, job_id: str, change: Transition, before: Mapping[Any, Any] | None
+    ) -> bool:
+        """``change`` with its history entry, if the job still has the inputs ``before`` read."""
+        if before is None:
+            return self._transition(conn, job_id, change)
+        at = before["now"] if change.at is None else change.at
+        values = _moved(replace(change, at=at))
+        values["history"] = history_after(before, change, at)
+        where = _compare(change.expect, change.expect_owner, change.expect_generation, job_id)
+        where += [_same(jobs.c[name], before[name]) for name in HISTORY_INPUTS]
+        params = _compare_params(job_id, change.expect_owner, change.expect_generation)
+        del params["id"]
+        return conn.execute(update(jobs).where(*where).values(**values), params).rowcount == 1
 
     def _transition(self, conn: Connection, job_id: str, change: Transition) -> bool:
-        statement = (
-            update(jobs)
-            .where(
-                jobs.c.id == job_id,
-                _state_in(change.expect),
-                *_owner_is(change.expect_owner),
-                *_generation_is(change.expect_generation),
-            )
-            .values(**_moved(change))
+        marks: object = _NOW  # the moment, to be rendered by the prebuilt statement
+        values = transition_values(change, marks, increment=_Increment, if_empty=_IfEmpty)
+        shape = tuple((name, v if isinstance(v, _Marks) else None) for name, v in values.items())
+        key = (
+            "transition",
+            shape,
+            *_compare_shape(change.expect, change.expect_owner, change.expect_generation),
+            change.at is None,
         )
-        return conn.execute(statement).rowcount == 1
+        prepared = self._prepared(key, lambda: _update_statement(change, values))
+        params = {f"set_{k}": v for k, v in values.items() if not isinstance(v, _Marks)}
+        params.update(_compare_params(job_id, change.expect_owner, change.expect_generation))
+        if change.at is not None:
+            params["at"] = float(change.at)
+        return bool(prepared.run(conn, params).rowcount == 1)
 
     def delete(
         self,
@@ -418,14 +549,15 @@ class SQLStore(Store):
         expect_owner: str | _Sentinel | None = ANY,
         expect_generation: int | None = None,
     ) -> bool:
-        with self._write() as conn:
-            statement = delete(jobs).where(
-                jobs.c.id == job_id,
-                _state_in(expect),
-                *_owner_is(expect_owner),
-                *_generation_is(expect_generation),
-            )
-            return bool(conn.execute(statement).rowcount == 1)
+        """One autocommit compare-and-set ``DELETE``."""
+        compare = _compare_shape(expect, expect_owner, expect_generation)
+        prepared = self._prepared(
+            ("delete", *compare),
+            lambda: delete(jobs).where(*_compare(expect, expect_owner, expect_generation)),
+        )
+        params = _compare_params(job_id, expect_owner, expect_generation)
+        gone, uncertain = self._on_hot(lambda conn: prepared.run(conn, params).rowcount == 1)
+        return bool(gone) or (uncertain and self.get(job_id) is None)
 
     def _where(self, query: JobQuery) -> list[ColumnElement[bool]]:
         clauses: list[ColumnElement[bool]] = []
@@ -446,14 +578,22 @@ class SQLStore(Store):
             clauses.append(jobs.c.updated_at > db_now() - query.newer_than)
         if query.match is not None:
             clauses.append(self._match(query.match, query.regex))
+        if query.recovered:
+            clauses.append(jobs.c.recoveries > 0)
         return clauses
 
     def _match(self, needle: str, regex: bool) -> ColumnElement[bool]:
-        columns = [jobs.c[name] for name in SEARCH_FIELDS]
+        """The argument search; on PostgreSQL in the indexed copy of the arguments."""
+        table = job_search if self.dialect == "postgresql" else jobs
+        columns = [table.c[name] for name in SEARCH_FIELDS]
         if regex:
-            return or_(*(column.regexp_match(needle) for column in columns))
-        needles = match_needles(needle)
-        return or_(*(self._contains(column, n) for column in columns for n in needles))
+            found = or_(*(column.regexp_match(needle) for column in columns))
+        else:
+            needles = match_needles(needle)
+            found = or_(*(self._contains(column, n) for column in columns for n in needles))
+        if table is jobs:
+            return found
+        return jobs.c.id.in_(select(job_search.c.id).where(found))
 
     def _contains(self, column: ColumnElement[str], needle: str) -> ColumnElement[bool]:
         """A literal, case-sensitive substring test (``%`` and ``_`` match themselves)."""
@@ -527,6 +667,7 @@ class SQLStore(Store):
                 entry["counts"],
                 entry["queued"],
                 None if oldest_staged.get(queue) is None else max(0.0, now - oldest_staged[queue]),
+                now,
             )
             for queue, entry in sorted(stats.items())
         ]
@@ -687,8 +828,9 @@ class SQLStore(Store):
                 .where(jobs.c.id.in_(sorted(batch.marked)), *_leased_by(token))
                 .values(**_moved(_TO_QUEUED))
             )
-        for job_id in batch.refused:
-            self._transition(conn, job_id, batch.refusal(job_id, token))
+        for job_id in batch.refused:  # leased by us: nobody else moves them meanwhile
+            refusal = batch.refusal(job_id, token)
+            self._with_history(conn, job_id, refusal, _history_inputs(conn, job_id, refusal))
         rest = sorted({r.id for r in batch.records} - set(batch.marked) - set(batch.refused))
         if rest:
             conn.execute(
@@ -786,6 +928,130 @@ class SQLStore(Store):
             return bool(conn.execute(statement).rowcount == 1)
 
 
+class _Prepared:
+    """A Core statement compiled once for one dialect and run as the driver's own SQL: no
+    statement object, cache key or parameter processing per call (psycopg prepares it on the
+    server after a few runs on a connection). Its columns need no bind processing (text,
+    integers, doubles), which the compiled statement's types would otherwise add."""
+
+    __slots__ = ("_fixed", "_order", "sql")
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql: str = compiled.string
+        #: Values bound when the statement was built (the expected states, ``+ 1``).
+        self._fixed: dict[str, Any] = dict(compiled.construct_params(_check=False))
+        self._order: tuple[str, ...] | None = (
+            tuple(compiled.positiontup) if compiled.positiontup is not None else None
+        )
+
+    def run(self, conn: Connection, values: Mapping[str, Any]) -> CursorResult[Any]:
+        merged = {**self._fixed, **values}
+        params = merged if self._order is None else tuple(merged[n] for n in self._order)
+        return conn.exec_driver_sql(self.sql, params)
+
+
+class _Increment(NamedTuple):
+    """In a prebuilt SET clause: the column plus one."""
+
+    column: str
+
+
+class _IfEmpty(NamedTuple):
+    """In a prebuilt SET clause: the column, or the move's time where it has none."""
+
+    column: str
+
+
+class _Now:
+    """In a prebuilt statement: the move's time (the database clock, or the ``at`` given)."""
+
+
+_NOW = _Now()
+_Marks = (_Increment, _IfEmpty, _Now)
+
+
+def _insert_statement(dialect: str, row: Mapping[str, Any], relaxed: bool) -> Insert:
+    """The create of a row shaped like ``row`` (``_NOW`` where the database clock stamps it).
+
+    ``relaxed`` (PostgreSQL): the row comes from a one-row SELECT over
+    ``set_config('synchronous_commit', 'off', true)``, so this statement's own transaction
+    commits without waiting for the WAL flush, in the same single round trip."""
+    values = {
+        name: db_now() if value is _NOW else bindparam(name, type_=jobs.c[name].type)
+        for name, value in row.items()
+    }
+    if dialect == "postgresql":
+        statement = postgresql.insert(jobs)
+        if relaxed:
+            setting = select(func.set_config("synchronous_commit", "off", True)).subquery()
+            source = select(*values.values()).select_from(setting)
+            return statement.from_select(list(values), source).on_conflict_do_nothing(
+                index_elements=[jobs.c.id]
+            )
+        return statement.values(values).on_conflict_do_nothing(index_elements=[jobs.c.id])
+    if dialect == "sqlite":
+        return sqlite.insert(jobs).values(values).on_conflict_do_nothing()
+    return insert(jobs).values(values)
+
+
+def _update_statement(change: Transition, values: Mapping[str, Any]) -> Update:
+    """The compare-and-set UPDATE of every move shaped like ``change``."""
+    at: ColumnElement[Any] = db_now() if change.at is None else bindparam("at", type_=Double())
+    assignments: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, _Now):
+            assignments[name] = at
+        elif isinstance(value, _Increment):
+            assignments[name] = jobs.c[value.column] + 1
+        elif isinstance(value, _IfEmpty):
+            assignments[name] = func.coalesce(jobs.c[value.column], at)
+        else:
+            assignments[name] = bindparam(f"set_{name}", type_=jobs.c[name].type)
+    compare = _compare(change.expect, change.expect_owner, change.expect_generation)
+    return update(jobs).where(*compare).values(assignments)
+
+
+def _compare(
+    expect: frozenset[JobState],
+    owner: str | _Sentinel | None,
+    generation: int | None,
+    job_id: str | None = None,
+) -> list[ColumnElement[bool]]:
+    """The compare of a compare-and-set, with the id (unless given: an UPDATE built per call
+    cannot bind a parameter named like its column), owner and generation as parameters."""
+    states: list[ColumnElement[str]] = [
+        bindparam(f"expect_{i}", s.value) for i, s in enumerate(sorted(expect))
+    ]
+    id_is = jobs.c.id == (bindparam("id") if job_id is None else job_id)
+    clauses = [id_is, jobs.c.state.in_(states)]
+    if owner is None:
+        clauses.append(jobs.c.owner.is_(None))
+    elif owner is not ANY:
+        clauses.append(jobs.c.owner == bindparam("expect_owner"))
+    if generation is not None:
+        clauses.append(jobs.c.generation == bindparam("expect_generation"))
+    return clauses
+
+
+def _compare_shape(
+    expect: frozenset[JobState], owner: str | _Sentinel | None, generation: int | None
+) -> tuple[Hashable, ...]:
+    """What the statement of :func:`_compare` depends on, as a cache key."""
+    return (expect, owner if owner is None or owner is ANY else "=", generation is None)
+
+
+def _compare_params(
+    job_id: str, owner: str | _Sentinel | None, generation: int | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"id": job_id}
+    if isinstance(owner, str):
+        params["expect_owner"] = owner
+    if generation is not None:
+        params["expect_generation"] = generation
+    return params
+
+
 def _acquire_lock_mysql(conn: Connection, name: str, token: str, ttl: float) -> bool:
     """Take or renew a lock on MySQL/MariaDB with one upsert, then read who holds it.
 
@@ -845,20 +1111,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _history_inputs(conn: Connection, job_id: str, change: Transition) -> Mapping[Any, Any] | None:
+    """The :data:`HISTORY_INPUTS` of the job and the database's "now", if ``change``'s compare
+    matches it."""
+    columns = (jobs.c[name] for name in HISTORY_INPUTS)
+    compare = _compare(change.expect, change.expect_owner, change.expect_generation)
+    params = _compare_params(job_id, change.expect_owner, change.expect_generation)
+    row = conn.execute(select(*columns, db_now().label("now")).where(*compare), params).first()
+    return None if row is None else row._mapping
+
+
+def _same(column: ColumnElement[Any], value: Any) -> ColumnElement[bool]:
+    return column.is_(None) if value is None else column == value
+
+
 def _state_in(states: frozenset[JobState]) -> ColumnElement[bool]:
     return jobs.c.state.in_(sorted(s.value for s in states))
-
-
-def _owner_is(owner: str | _Sentinel | None) -> list[ColumnElement[bool]]:
-    if owner is ANY:
-        return []
-    if owner is None:
-        return [jobs.c.owner.is_(None)]
-    return [jobs.c.owner == owner]
-
-
-def _generation_is(generation: int | None) -> list[ColumnElement[bool]]:
-    return [] if generation is None else [jobs.c.generation == generation]
 
 
 def _duration(kind: DurationKind) -> ColumnElement[float]:

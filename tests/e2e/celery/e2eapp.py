@@ -84,7 +84,7 @@ def make_app(
     app.conf.update(
         task_default_queue=queue,
         task_ignore_result=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=int(os.environ.get("E2E_PREFETCH", "1")),
         task_acks_late=os.environ.get("E2E_ACKS_LATE") == "1",
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -27,9 +27,10 @@ from e2eapp import RUNS_SCHEMA, make_app  # noqa: E402
 from tcpproxy import TcpProxy  # noqa: E402
 
 from jobledger.config import Settings  # noqa: E402
+from jobledger.stores.base import Store  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
 from jobledger.testing import wait_for  # noqa: E402 - the e2e tests import it from here
-from ledgerdb import database_url, empty_sql_store  # noqa: E402
+from ledgerdb import database_url, discard_store, empty_store  # noqa: E402
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQ = os.environ.get("JOBLEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -82,10 +83,11 @@ def spawn_worker(
 
 
 class Harness:
-    """A queue of the test's own on ``broker``, a ledger on ``ledger`` (``sqlite`` or
-    ``postgresql``), a runs table, and the workers started. With ``proxied``, the client and
-    the workers reach the ledger through a :class:`TcpProxy` (:attr:`proxy`) the test can cut;
-    :attr:`store` (the test's view) always goes direct."""
+    """A queue of the test's own on ``broker``, a ledger on ``ledger`` (``sqlite``,
+    ``postgresql`` or ``redis``), a runs table, and the workers started. With ``proxied`` (a
+    SQL server's ledger), the client and the workers reach the ledger through a
+    :class:`TcpProxy` (:attr:`proxy`) the test can cut; :attr:`store` (the test's view)
+    always goes direct."""
 
     def __init__(
         self,
@@ -102,10 +104,11 @@ class Harness:
         self.ledger = ledger
         self.queue = f"jl-e2e-{uuid.uuid4().hex[:10]}"
         self.url = database_url(ledger, tmp_path)
-        self.store: SQLStore = empty_sql_store(self.url)
+        self.store: Store = empty_store(self.url)
         self.proxy: TcpProxy | None = None
         self.worker_url = self.url
         if proxied:
+            assert isinstance(self.store, SQLStore), "the proxy forwards to a SQL server"
             parsed = self.store.url
             self.proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
             self.proxy.start()
@@ -185,7 +188,7 @@ class Harness:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.wait(10)
         self.integration.close()
-        self.store.close()
+        discard_store(self.store)
         if self.proxy is not None:
             self.proxy.close()
         _purge(self.broker, self.queue, dict(self.app.conf.broker_transport_options))

@@ -54,7 +54,7 @@ def kill_mid_run(h: Harness, name: str = "victim") -> set[str]:
     return orphaned
 
 
-@pytest.mark.parametrize("ledger", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("ledger", ["sqlite", "postgresql", "redis"])
 def test_sigkill_of_a_whole_worker_loses_no_job(
     make_harness: Callable[..., Harness], ledger: str
 ) -> None:

@@ -50,6 +50,57 @@ def test_ledger_down_while_publishing_and_running(make_harness: Callable[..., Ha
     assert all(done[i] == 1 for i in ids), "a job ran twice or never"
 
 
+def test_jobs_published_during_an_outage_survive_a_broker_that_loses_them(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """A job published while the ledger is down is first only its message. The publishing
+    process records it once the ledger is back, so when the broker then loses the message
+    (a restart without persistence), the lost-message sweep puts it back and it runs."""
+    import redis
+
+    h = make_harness(REDIS, "postgresql", proxied=True, heartbeat_interval=1.0)
+    assert h.proxy is not None
+    h.proxy.pause()
+    ids = [h.app.send_task("e2e.work", args=[i]).id for i in range(5)]
+    assert h.integration.counters["publish_unrecorded"] == len(ids)
+    broker = redis.Redis.from_url(REDIS)
+    assert broker.delete(h.queue) == 1  # the broker loses every message
+    broker.close()
+    h.proxy.resume()
+    wait_for("the publisher to record the jobs", lambda: h.store.count(JobQuery()) == len(ids))
+    h.start_worker("w1", concurrency=2)
+    wait_for("every job to succeed", lambda: done_once(h, ids), timeout=30)
+    wait_for(
+        "the ledger to record them",
+        lambda: h.store.count(JobQuery(states=SUCCEEDED)) == len(ids),
+    )
+    assert {job.generation for job in h.store.iter_jobs(JobQuery())} == {1}  # republished once
+
+
+def test_a_worker_records_a_job_published_during_an_outage_when_it_receives_it(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """The message of a job the ledger could not record says so, and the worker that
+    receives it writes the record before it starts the job (here it waits behind a long one),
+    even when the publisher never does (its retries are dropped here): a message lost from
+    the worker's prefetch then still has a record to be recovered from."""
+    h = make_harness(REDIS, "postgresql", proxied=True, heartbeat_interval=1.0)
+    assert h.proxy is not None
+    h.proxy.pause()
+    blocker = h.app.send_task("e2e.work", args=[-1], kwargs={"seconds": 15}).id
+    ids = [h.app.send_task("e2e.work", args=[i]).id for i in range(3)]
+    h.integration.pending.stop()
+    h.integration.pending.log = type(h.integration.pending.log)()  # the publisher forgets
+    h.proxy.resume()
+    h.start_worker("w1", concurrency=1, E2E_PREFETCH="4")  # the blocker runs, the rest wait
+    wait_for(
+        "the worker to record the prefetched jobs",
+        lambda: h.store.count(JobQuery(ids=frozenset(ids))) == len(ids),
+    )
+    assert not any(r[0] in ids and r[1] == "start" for r in h.runs()), "recorded as they ran"
+    wait_for("every job to succeed", lambda: done_once(h, [blocker, *ids]), timeout=60)
+
+
 def done_once(h: Harness, ids: list[str]) -> bool:
     done = Counter(r[0] for r in h.runs() if r[1] == "done")
     assert all(done[i] <= 1 for i in ids), f"a job ran twice: {done}"

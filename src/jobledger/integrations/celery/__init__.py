@@ -38,6 +38,7 @@ from jobledger.integrations.celery.messages import (
     REPUBLISH_HEADER,
     RESTART_HEADER,
     TRACKED_HEADER,
+    UNRECORDED_HEADER,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "REPUBLISH_HEADER",
     "RESTART_HEADER",
     "TRACKED_HEADER",
+    "UNRECORDED_HEADER",
     "CeleryIntegration",
     "install",
     "install_for_broker",

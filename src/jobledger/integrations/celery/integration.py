@@ -32,6 +32,7 @@ from jobledger.integrations.celery.staging import (
 from jobledger.integrations.celery.worker import WorkerHooks
 from jobledger.model import ORPHAN_OPTION, JobRecord, OrphanPolicy, Republish
 from jobledger.outbox import Outbox
+from jobledger.pending import PendingWrites
 from jobledger.runtime.worker import WorkerRuntime
 from jobledger.stores import Store
 
@@ -56,7 +57,9 @@ class CeleryIntegration:
         self.settings = settings
         self.track_all = track_all
         self.publisher = CeleryPublisher(app)
-        self.runtime = WorkerRuntime(self, settings, store=store, store_factory=store_factory)
+        self.runtime = WorkerRuntime(
+            self, settings, store=store, store_factory=store_factory, wrappers=("celery",)
+        )
         self.recorder = PublishRecorder(self)
         self.hooks = WorkerHooks(self)
         self._receivers: list[tuple[Any, Callable[..., Any]]] = []
@@ -70,6 +73,11 @@ class CeleryIntegration:
     def counters(self) -> SharedCounters:
         """What this worker counted, all its processes together (``WORKER_EVENTS``)."""
         return self.runtime.counters
+
+    @property
+    def pending(self) -> PendingWrites:
+        """This process's ledger writes waiting for the ledger (journaled in a worker)."""
+        return self.runtime.pending
 
     @property
     def outbox(self) -> Outbox:

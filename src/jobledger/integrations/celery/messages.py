@@ -2,7 +2,8 @@
 """A Celery task message and the job record it describes, both ways.
 
 The headers jobledger adds to a message (tracked, enqueue time, generation, republish reason,
-restart) and the ``send_task`` keywords that publish a message again as it was (invariant 10).
+restart, unrecorded) and the ``send_task`` keywords that publish a message again as it was
+(invariant 10).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ RESTART_HEADER = "jobledger_restart"
 GENERATION_HEADER = "jobledger_generation"
 #: Message header saying why jobledger published the job again (a :class:`Republish` value).
 REPUBLISH_HEADER = "jobledger_republish"
+#: Set on a message whose record the ledger could not take at publish (it was down): the
+#: worker that receives it writes the record.
+UNRECORDED_HEADER = "jobledger_unrecorded"
 #: The publish options a record keeps, all that a republish passes on (``send_task``
 #: keywords; ``link``/``link_error``/``chain``/``chord`` are the message's embed).
 REPUBLISH_OPTIONS = (

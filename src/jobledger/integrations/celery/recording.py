@@ -3,10 +3,11 @@
 args, kwargs, queue and the options needed to publish it again, and the headers the worker's
 claim reads (tracked, enqueue time, generation).
 
-A ledger that is down costs a warning and a counter, never the publish (invariant 7); the
-worker creates the missing record at claim. A publish from inside a running job is its retry
-or ``Task.replace``: the job moves to retrying *before* the message exists, and the message
-continues the run's generation.
+A ledger that is down costs a warning and a counter, never the publish (invariant 7): the
+message says so (:data:`UNRECORDED_HEADER`), so the worker that receives it journals the
+record, and this process retries the record in the background. A publish from inside a running
+job is its retry or ``Task.replace``: the job moves to retrying *before* the message exists,
+and the message continues the run's generation.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from jobledger.integrations.celery.messages import (
     ENQUEUED_HEADER,
     GENERATION_HEADER,
     TRACKED_HEADER,
+    UNRECORDED_HEADER,
     queue_name,
     republish_options,
 )
 from jobledger.integrations.celery.staging import SYSTEM
 from jobledger.model import JobRecord
+from jobledger.pending import CreateWrite
 from jobledger.runtime.guard import Run
 
 if TYPE_CHECKING:
@@ -90,13 +93,35 @@ class PublishRecorder:
                 kwargs=dict(kwargs),
                 options=options,
             )
+        except JobLedgerError as exc:
+            self._unrecorded(job_id, name, headers, exc, None)
+            return
+        try:
             if integration.runtime.store.create(record):  # False: it exists (a retry...)
                 recorded = getattr(self._recorded, "ids", None)
                 if recorded is not None:
                     recorded.append(job_id)
         except JobLedgerError as exc:
-            integration.runtime.count("publish_unrecorded")
-            log.warning("job %s (%s) published but not recorded: %s", job_id, name, exc)
+            self._unrecorded(job_id, name, headers, exc, record)
+
+    def _unrecorded(
+        self,
+        job_id: str,
+        name: str,
+        headers: dict[str, Any],
+        exc: JobLedgerError,
+        record: JobRecord | None,
+    ) -> None:
+        """The ledger could not take the record at publish: the message says so, so the
+        worker that receives it writes the record, and this process writes it too once the
+        ledger is back. Either keeps a job the broker then loses recoverable, where before it
+        existed only as its message."""
+        headers[UNRECORDED_HEADER] = True
+        runtime = self.integration.runtime
+        runtime.count("publish_unrecorded")
+        log.warning("job %s (%s) published but not recorded yet: %s", job_id, name, exc)
+        if record is not None:
+            runtime.pending.add(CreateWrite(record))
 
     @contextlib.contextmanager
     def publishing(self) -> Iterator[None]:

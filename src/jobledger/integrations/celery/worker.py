@@ -17,7 +17,11 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
 from jobledger.errors import ConfigError, SchemaMissing
 from jobledger.integrations.celery.consumption import Consumption, held_by_celery, in_flight
-from jobledger.integrations.celery.messages import TRACKED_HEADER, republish_options
+from jobledger.integrations.celery.messages import (
+    TRACKED_HEADER,
+    UNRECORDED_HEADER,
+    republish_options,
+)
 
 if TYPE_CHECKING:
     from jobledger.integrations.celery.integration import CeleryIntegration
@@ -48,6 +52,7 @@ class WorkerHooks:
                 in_flight=in_flight,
                 held=held_by_celery,
                 on_beat=self.consumption.want,
+                worker_name=getattr(sender, "hostname", None),  # a@vm
             )
         except (ConfigError, SchemaMissing) as exc:
             _exit_at_start(str(exc))
@@ -74,14 +79,16 @@ class WorkerHooks:
 
     def on_task_received(self, request: Any = None, **_: Any) -> None:
         """Main process: remember a tracked delivery (to put it back if its pool process
-        dies before claiming it) and beat soon, so the ledger learns this instance holds it."""
+        dies before claiming it) and beat soon, so the ledger learns this instance holds it;
+        journal its record if the publisher could not write it (:data:`UNRECORDED_HEADER`)."""
         headers = getattr(request, "request_dict", None) or {}
         if not headers.get(TRACKED_HEADER) and not self.integration.is_tracked(str(request.name)):
             return
         delivery = request.delivery_info or {}
         properties = getattr(getattr(request, "message", None), "properties", None) or {}
         self.runtime.received(
-            self.integration.delivered(
+            unrecorded=bool(headers.get(UNRECORDED_HEADER)),
+            delivered=self.integration.delivered(
                 job_id=str(request.id),
                 name=str(request.name),
                 queue=delivery.get("routing_key"),
@@ -95,7 +102,7 @@ class WorkerHooks:
                     headers,
                     properties,
                 ),
-            )
+            ),
         )
 
     def on_task_failure(

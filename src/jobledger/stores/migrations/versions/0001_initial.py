@@ -5,24 +5,16 @@ Revises:
 Create Date: 2026-11-23
 """
 
-from typing import Any
-
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import mysql, postgresql
+
+from jobledger.stores.migrations import JOB_ID, LONG_TEXT
+from jobledger.stores.migrations import MYSQL_TABLE as MYSQL
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
-
-MYSQL: dict[str, Any] = {
-    "mysql_engine": "InnoDB",
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
-}
-LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-JOB_ID = sa.String(255).with_variant(postgresql.VARCHAR(255, collation="C"), "postgresql")
 
 
 def stamp(name: str, nullable: bool = True) -> sa.Column[float]:

@@ -12,14 +12,13 @@ a dead instance's prefetched jobs); ``instances.stats`` its own counters, for ``
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import mysql
+
+from jobledger.stores.migrations import LONG_TEXT
 
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
-
-LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 
 
 def upgrade() -> None:

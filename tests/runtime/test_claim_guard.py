@@ -1,9 +1,11 @@
 """The worker runtime's claim guard with a queue-less adapter: what any adapter gets from
-``guard.run`` (claim, skip, each end), written once for every queue system."""
+``guard.run`` (claim, skip, each end) and from ``received`` and the fork guard, written once
+for every queue system."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +14,10 @@ from jobledger.errors import DeliverySkipped
 from jobledger.integrations.base import Published, publish_one_by_one
 from jobledger.lifecycle import Claim
 from jobledger.model import Instance, JobRecord, JobState, Republish
+from jobledger.runtime import forksafe
 from jobledger.runtime.guard import Delivery, End, Run
 from jobledger.runtime.worker import WorkerRuntime
+from jobledger.stores import open_store
 from jobledger.testing import MemoryStore
 
 S = JobState
@@ -110,3 +114,41 @@ def test_outside_a_registered_worker_bodies_run_unguarded(runtime: WorkerRuntime
     runtime.instance_id = None
     assert runtime.guard.run(delivery(), lambda: 7) == 7
     assert runtime.store.get("j") is None and runtime.counters["run_unguarded"] == 1
+
+
+def test_a_failure_is_recorded_with_the_traceback_from_the_tasks_frames(
+    runtime: WorkerRuntime,
+) -> None:
+    def charge_card() -> None:
+        raise ValueError("card declined")
+
+    with pytest.raises(ValueError):
+        runtime.guard.run(delivery(), charge_card)
+    record = runtime.store.get("j")
+    assert record is not None and record.error is not None
+    frames = [line for line in record.error.splitlines() if line.strip().startswith("File ")]
+    assert "in charge_card" in frames[0] and "jobledger" not in frames[0]
+
+
+def test_a_delivery_its_publisher_could_not_record_is_recorded_by_the_worker(
+    runtime: WorkerRuntime,
+) -> None:
+    """The message says the ledger was down at publish: the worker writes (here, outside a
+    worker, through the in-memory pending writes) the record its delivery describes."""
+    delivered = JobRecord(id="u", name="t", system="fake", queue="q", args=[1])
+    runtime.received(delivered)
+    assert runtime.store.get("u") is None  # an ordinary delivery writes nothing
+    runtime.received(delivered, unrecorded=True)
+    runtime.pending.flush()
+    record = runtime.store.get("u")
+    assert record is not None and record.state is S.QUEUED and record.args == [1]
+
+
+def test_only_a_store_that_needs_it_is_fork_guarded(tmp_path: Path) -> None:
+    memory = MemoryStore()
+    assert forksafe.guarded(memory) is memory  # no lock on its calls
+    sqlite = open_store(f"sqlite:///{tmp_path}/ledger.db")
+    try:
+        assert isinstance(forksafe.guarded(sqlite), forksafe.ForkGuardedStore)
+    finally:
+        sqlite.close()

@@ -1,0 +1,17 @@
+# mypy: disable-error-code="import-untyped"
+"""Ledger revision 0005: the seed endpoints' jobs are system sidekiq."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.db import migrations
+
+from jobledger.contrib.django.migrations import downgrade_ledger_to, upgrade_ledger
+
+
+class Migration(migrations.Migration):  # type: ignore[misc]  # Django ships no type hints
+    dependencies: ClassVar[list[tuple[str, str]]] = [("jobledger", "0004_history")]
+    operations: ClassVar[list[Any]] = [
+        migrations.RunPython(upgrade_ledger, downgrade_ledger_to("0004"), atomic=False),
+    ]
