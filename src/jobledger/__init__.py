@@ -20,8 +20,9 @@ from jobledger.errors import (
 )
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import Instance, JobRecord, JobState
-from jobledger.outbox import Outbox, staging_in
+from jobledger.outbox import Outbox
 from jobledger.query import JobQuery, Page
+from jobledger.staging import staging_in
 from jobledger.stores import Store, Transition, open_store
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ from jobledger import __version__
 from jobledger.config import Settings, parse_duration
 from jobledger.errors import ConfigError, IntegrationMissing, JobLedgerError
 from jobledger.history import attempts, first_line, timeline
-from jobledger.integrations.base import EXTRAS
+from jobledger.integrations.base import KNOWN, install_for_broker
 from jobledger.manager import ActionReport, Manager
 from jobledger.model import JobRecord, JobState, OutboxStats
 from jobledger.query import JobQuery
@@ -153,33 +153,32 @@ BrokerUrl = Annotated[
     str | None,
     typer.Option(
         "--broker",
-        help="Celery broker URL: publish jobs by task name, without importing their code.",
+        help="Broker URL of --queue-system: publish jobs by name, without importing their code.",
         metavar="URL",
     ),
 ]
-
-
-RqRedisUrl = Annotated[
-    str | None,
+QueueSystem = Annotated[
+    str,
     typer.Option(
-        "--rq-redis",
-        help="RQ's Redis URL: publish RQ jobs by function name, without importing their code.",
-        metavar="URL",
+        "--queue-system",
+        help=f"Whose broker --broker is: {', '.join(sorted(KNOWN))}.",
+        metavar="NAME",
     ),
 ]
+#: The queue system ``--broker`` means unless ``--queue-system`` says otherwise.
+DEFAULT_QUEUE_SYSTEM = "celery"
 
 
 def _register_integration(
     app_module: str | None,
     broker: str | None,
     database_url: str | None,
-    rq_redis: str | None = None,
+    system: str = DEFAULT_QUEUE_SYSTEM,
 ) -> None:
     """Make ``publish`` work in this process: import ``--app`` (its integration registers
-    itself), for ``--broker`` install the Celery integration on a bare app of that broker,
-    for ``--rq-redis`` the RQ integration on that Redis (invariant 10: a record holds all a
-    publish needs); and the Sidekiq integration where ``JOBLEDGER_SIDEKIQ_REDIS_URL`` is
-    set."""
+    itself), or for ``--broker`` install ``system``'s integration on a bare client of that
+    broker (invariant 10: a record holds all a publish needs); and the Sidekiq integration where
+    ``JOBLEDGER_SIDEKIQ_REDIS_URL`` is set (unless ``--broker`` is Sidekiq's)."""
     if app_module:
         if os.getcwd() not in sys.path:  # as `celery -A` finds a module beside the user
             sys.path.insert(0, os.getcwd())
@@ -187,16 +186,10 @@ def _register_integration(
             importlib.import_module(app_module)
         except Exception as exc:
             raise ConfigError(f"cannot import --app {app_module!r}: {exc}") from None
-    if broker:
-        try:
-            from jobledger.integrations.celery import install_for_broker
-        except ImportError as exc:
-            raise ConfigError(
-                f"--broker needs Celery ({exc}): pip install 'jobledger[celery]'"
-            ) from None
-        install_for_broker(broker, Settings.from_env(database_url=database_url))
     settings = Settings.from_env(database_url=database_url)
-    if settings.sidekiq_redis_url is not None:
+    if broker:
+        install_for_broker(system, broker, settings)
+    if settings.sidekiq_redis_url is not None and not (broker and system == "sidekiq"):
         try:
             from jobledger.integrations.sidekiq import install
         except ImportError as exc:
@@ -205,12 +198,6 @@ def _register_integration(
                 "pip install 'jobledger[sidekiq]'"
             ) from None
         install(settings)
-    if rq_redis:
-        try:
-            from jobledger.integrations.rq import install_for_redis
-        except ImportError as exc:
-            raise ConfigError(f"--rq-redis needs RQ ({exc}): pip install 'jobledger[rq]'") from None
-        install_for_redis(rq_redis, settings)
 
 
 def _command(**options: Any) -> Callable[[F], F]:
@@ -247,9 +234,9 @@ def _manager(
     database_url: str | None,
     app_module: str | None = None,
     broker: str | None = None,
-    rq_redis: str | None = None,
+    system: str = DEFAULT_QUEUE_SYSTEM,
 ) -> Manager:
-    _register_integration(app_module, broker, database_url, rq_redis)
+    _register_integration(app_module, broker, database_url, system)
     settings, store = _open(database_url)
     if app_module or broker:
         return Manager(store, settings=settings)
@@ -585,17 +572,18 @@ def _no_integration(exc: IntegrationMissing) -> str:
     """Why a job was not restarted by a command given neither ``--app`` nor ``--broker``: what
     to pass or set, and the extra to install only if its queue system is not installed."""
     system = exc.system or "?"
-    option = {
-        "celery": "pass --app with your Celery app's module (as for celery -A) or --broker "
-        "with its broker URL",
-        "sidekiq": "set JOBLEDGER_SIDEKIQ_REDIS_URL to your Sidekiq app's Redis",
-        "rq": "pass --rq-redis with RQ's Redis URL (or --app with the module that installs it)",
-    }.get(system, "pass --app with the module that installs its integration")
-    extra = EXTRAS.get(system)
-    module = "redis" if system == "sidekiq" else system
+    known = KNOWN.get(system)
+    if known is None:
+        option = "pass --app with the module that installs its integration"
+    elif known.reach is not None:
+        option = known.reach
+    else:
+        option = f"pass --app with {known.app} or --broker with its broker URL"
+        if system != DEFAULT_QUEUE_SYSTEM:
+            option += f" and --queue-system {system}"
     install = (
-        f"pip install 'jobledger[{extra}]', then "
-        if extra is not None and importlib.util.find_spec(module) is None
+        f"pip install 'jobledger[{known.extra}]', then "
+        if known is not None and importlib.util.find_spec(known.requires or system) is None
         else ""
     )
     return f"no integration for queue system {system!r}: {install}{option}"
@@ -622,13 +610,13 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         force: Force = False,
         app_module: AppModule = None,
         broker: BrokerUrl = None,
-        rq_redis: RqRedisUrl = None,
+        queue_system: QueueSystem = DEFAULT_QUEUE_SYSTEM,
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
         filtered = any((state, queue, name, system, match, older_than))
         query = _query(state, queue, name, match, regex, older_than, system)
-        manager = _manager(database_url, app_module, broker, rq_redis)
+        manager = _manager(database_url, app_module, broker, queue_system)
         try:
             report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)
         except IntegrationMissing as exc:  # nothing selected can be published from here
@@ -642,7 +630,7 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         kept = [
             p
             for p in signature.parameters.values()
-            if p.name not in ("app_module", "broker", "rq_redis", "force")
+            if p.name not in ("app_module", "broker", "queue_system", "force")
         ]
         command.__signature__ = signature.replace(parameters=kept)  # type: ignore[attr-defined]
     _command(name=action)(command)
@@ -700,14 +688,14 @@ def prune(
 def recover(
     app_module: AppModule = None,
     broker: BrokerUrl = None,
-    rq_redis: RqRedisUrl = None,
+    queue_system: QueueSystem = DEFAULT_QUEUE_SYSTEM,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run one recovery sweep now: publish the jobs of dead instances again (same ids)."""
     from jobledger.recovery import Outcome, Recovery
 
-    _register_integration(app_module, broker, database_url, rq_redis)
+    _register_integration(app_module, broker, database_url, queue_system)
     settings, store = _open(database_url)
     report = Recovery.from_settings(store, settings).sweep_once()
     if as_json:
@@ -746,7 +734,7 @@ def relay(
     ] = None,
     app_module: AppModule = None,
     broker: BrokerUrl = None,
-    rq_redis: RqRedisUrl = None,
+    queue_system: QueueSystem = DEFAULT_QUEUE_SYSTEM,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -759,12 +747,12 @@ def relay(
     from jobledger.integrations.base import registry
     from jobledger.relay import Relay, RelayLoop
 
-    _register_integration(app_module, broker, database_url, rq_redis)
+    _register_integration(app_module, broker, database_url, queue_system)
     systems = registry.systems()
     if not systems:
         raise ConfigError(
-            "no queue integration to publish with: pass --app (your Celery app's module), "
-            "--broker (Celery's broker URL) or --rq-redis (RQ's Redis URL)"
+            "no queue integration to publish with: pass --app (the module that installs it) "
+            "or --broker"
         )
     settings, store = _open(database_url)
     if grace is not None:
@@ -882,7 +870,8 @@ def serve(
         ),
     ] = True,
     app_module: AppModule = None,
-    rq_redis: RqRedisUrl = None,
+    broker: BrokerUrl = None,
+    queue_system: QueueSystem = DEFAULT_QUEUE_SYSTEM,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the supervisor: the HTTP API, the dashboard, /metrics and the maintenance loops."""
@@ -892,6 +881,6 @@ def serve(
         raise ConfigError(
             f"the supervisor needs the server extra ({exc}): pip install 'jobledger[server]'"
         ) from None
-    _register_integration(app_module, None, database_url, rq_redis)
+    _register_integration(app_module, broker, database_url, queue_system)
     settings = Settings.from_env(database_url=database_url, server_host=host, server_port=port)
     run_server(settings, maintenance=maintenance)

@@ -66,3 +66,13 @@ class MessageRefused(PublishError):
 class StagingError(JobLedgerError):
     """A job could not be staged in the caller's transaction (no usable transaction holder, no
     ledger tables in that database, an unknown task); nothing was written."""
+
+
+class DeliverySkipped(JobLedgerError):
+    """The claim guard did not run a delivery's body (a duplicate, a stale or stray copy, a
+    cancelled job...): the adapter acknowledges the delivery and stores no result."""
+
+    def __init__(self, message: str, claim: object) -> None:
+        super().__init__(message)
+        #: The :class:`~jobledger.lifecycle.Claim` that said so.
+        self.claim = claim

@@ -23,6 +23,7 @@ from typing import Any
 from jobledger.config import Settings
 from jobledger.errors import JobLedgerError
 from jobledger.model import Instance, InstanceState
+from jobledger.runtime.service import Service
 from jobledger.stores.base import Store
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,13 @@ class Health:
         return self.clock() - self.last_ok <= self.ttl
 
 
-class Heartbeat:
+class Heartbeat(Service):
     """Registers ``instance`` and beats every ``interval`` seconds from a daemon thread.
 
     ``in_flight`` says how many jobs the instance still holds; :meth:`drain` waits for it to reach
     zero, pausing with ``wait`` (default: a :class:`threading.Event`'s ``wait``). The beating
-    thread pauses on an event of its own that :meth:`halt` sets, so stopping is immediate. Tests
+    thread pauses on the service's events, so :meth:`stop` (without deregistering) is
+    immediate. Tests
     inject ``clock`` and ``wait``; nothing here sleeps a fixed time.
     """
 
@@ -115,6 +117,8 @@ class Heartbeat:
         stats: Callable[[], Mapping[str, int]] = dict,
         on_beat: Callable[[bool], object] = lambda can_claim: None,
     ) -> None:
+        super().__init__(f"heartbeat-{instance.nonce}")
+        self.join_timeout = max(1.0, 2 * interval)
         self.store = store
         self.instance = instance
         self.interval = interval
@@ -122,7 +126,6 @@ class Heartbeat:
         self.in_flight = in_flight
         self.holding = holding
         self.stats = stats
-        self._wakeup = threading.Event()
         self._last_beat = float("-inf")
         self.health = health if health is not None else Health(ttl, clock)
         self.failures = 0
@@ -130,9 +133,7 @@ class Heartbeat:
         self.last_error: Exception | None = None
         #: Called after every beat with :attr:`can_claim` (a worker stops or resumes consuming).
         self.on_beat = on_beat
-        self._stopping = threading.Event()
         self._wait = wait if wait is not None else threading.Event().wait
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._was_healthy = True
 
@@ -212,20 +213,16 @@ class Heartbeat:
         if self._thread is not None:
             return
         self.beat()
-        self._stopping.clear()
-        self._thread = threading.Thread(
-            target=self._run, name=f"jobledger-heartbeat-{self.instance.nonce}", daemon=True
-        )
-        self._thread.start()
+        super().start()
 
-    def _run(self) -> None:
+    def serve(self) -> None:
         while True:
             self._wakeup.wait(self.interval)
             # woken early: not sooner than WAKE_GAP after the last beat, so a busy worker
             # beats a few times a second at most, however many jobs it receives
-            self._stopping.wait(max(0.0, self._last_beat + WAKE_GAP - self.health.clock()))
+            self.stopping.wait(max(0.0, self._last_beat + WAKE_GAP - self.health.clock()))
             self._wakeup.clear()
-            if self._stopping.is_set():
+            if self.stopping.is_set():
                 return
             self._last_beat = self.health.clock()
             self.beat()
@@ -234,7 +231,7 @@ class Heartbeat:
         """Beat soon, not at the next interval: what the instance holds changed (a job it
         received is then in the ledger's view before a crash could hide it). Coalesced: the
         wakes within :data:`WAKE_GAP` of a beat make one beat."""
-        self._wakeup.set()
+        super().wake()
 
     def mark_draining(self) -> None:
         """Say ``draining`` from the next beat on (safe to call from a signal handler)."""
@@ -256,10 +253,10 @@ class Heartbeat:
                     self.instance_id,
                     self.in_flight(),
                 )
-                self.halt()
+                self.stop()
                 return False
             self._wait(poll)  # the beating thread keeps running meanwhile
-        self.halt()
+        self.stop()
         try:
             self.store.deregister(self.instance_id)
         except JobLedgerError as exc:
@@ -267,15 +264,3 @@ class Heartbeat:
             return False
         log.info("instance %s drained and deregistered", self.instance_id)
         return True
-
-    def stop(self, timeout: float | None = None) -> bool:
-        """The same as :meth:`drain`: an instance never stops beating while it holds jobs."""
-        return self.drain(timeout)
-
-    def halt(self) -> None:
-        """Stop the beating thread without deregistering (the row ages into death)."""
-        self._stopping.set()
-        self._wakeup.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=max(1.0, 2 * self.interval))

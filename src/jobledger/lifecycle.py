@@ -16,7 +16,7 @@ from jobledger.errors import StoreError
 from jobledger.journal import LOCAL
 from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState, Republish
 from jobledger.pending import PendingWrites, TransitionWrite
-from jobledger.recovery import over_recovery_cap, with_recovery
+from jobledger.poison import RecoveryCap, with_recovery
 from jobledger.stores.base import ANY, KEEP, Store, Transition
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class Lifecycle:
                 "job %s runs on live instance %s: duplicate skipped", current.id, current.owner
             )
             return Claim.RUNNING_ELSEWHERE
-        if self._over_cap(current):
+        if self.cap.reached(current, self.store.now):
             return self._bury(current)
         takeover = Transition(
             to=JobState.STARTED,
@@ -260,30 +260,16 @@ class Lifecycle:
             return Claim.TAKEN_OVER
         return None
 
-    def _over_cap(self, record: JobRecord) -> bool:
-        return over_recovery_cap(
-            record,
-            max_recoveries=self.max_recoveries,
-            window=self.recovery_window,
-            now=self.store.now,
-        )
-
     def _bury(self, current: JobRecord) -> Claim | None:
-        """A takeover would rerun a poison pill: move it started → dead instead, as the sweep
-        would, and skip. None: the job moved meanwhile; judge it again."""
-        error = (
-            f"poison pill: recovered {current.recoveries} times within "
-            f"{self.recovery_window:.0f}s (max {self.max_recoveries}); owner {current.owner} "
-            f"died under it and a redelivery would have run it again. Not run; restart it by "
-            f"hand once fixed."
-        )
-        dead = Transition(
-            to=JobState.DEAD, expect=_STARTED, expect_owner=current.owner, error=error
-        )
-        if not self.store.transition(current.id, dead):
+        """A takeover would rerun a poison pill: bury it, as the sweep would, and skip.
+        None: the job moved meanwhile; judge it again."""
+        if not self.cap.bury(self.store, current, "a redelivery would have run it again"):
             return None
-        log.error("job %s (%s) is DEAD: %s", current.id, current.name, error)
         return Claim.POISON_PILL
+
+    @property
+    def cap(self) -> RecoveryCap:
+        return RecoveryCap(self.max_recoveries, self.recovery_window)
 
     def _as_started(self, record: JobRecord, generation: int | None) -> JobRecord:
         return replace(

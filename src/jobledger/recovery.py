@@ -22,10 +22,8 @@ from typing import Protocol
 from jobledger.config import Settings
 from jobledger.errors import JobLedgerError
 from jobledger.integrations.base import QueueProbe, registry
-from jobledger.loop import Loop
 from jobledger.model import (
     ORPHAN_OPTION,
-    RECENT_RECOVERIES_KEPT,
     Instance,
     JobRecord,
     JobState,
@@ -34,6 +32,7 @@ from jobledger.model import (
     Republish,
     to_epoch,
 )
+from jobledger.poison import RecoveryCap, with_recovery
 from jobledger.query import JobQuery
 from jobledger.stores.base import Store, Transition
 
@@ -58,11 +57,6 @@ class Publisher(Protocol):
 ProbeLookup = Callable[[str], QueueProbe | None]
 
 
-def publish_through_registry(record: JobRecord, *, reason: Republish) -> None:
-    """Publish ``record`` with the integration registered for its queue system."""
-    registry.get(record.system).publish(record, reason=reason)
-
-
 class Outcome(str, enum.Enum):
     """What :meth:`Recovery.recover` did with one orphan."""
 
@@ -80,33 +74,6 @@ def _waiting(stats: QueueStats) -> int:
 
 #: The outcomes that moved a job (what ``jobledger_recoveries_total`` counts).
 MOVED = frozenset({Outcome.REQUEUED, Outcome.DEAD, Outcome.FAILED, Outcome.DISCARDED})
-
-
-def over_recovery_cap(
-    record: JobRecord, *, max_recoveries: int, window: float, now: Callable[[], float]
-) -> bool:
-    """True if recovering ``record`` once more would exceed the poison-pill cap (invariant 6):
-    ``max_recoveries`` recoveries already happened within the last ``window`` seconds.
-
-    Counted from the job's recent recovery times. A record whose recoveries predate those
-    (ledger schema 0001) counts all of them while its latest is within the window, as before.
-    ``now`` (the store's clock) is asked only when needed. Shared by the sweep and by a claim
-    that takes a job over, so neither reruns a poison pill.
-    """
-    if record.recoveries < max_recoveries:
-        return False
-    if max_recoveries == 0:
-        return True
-    if record.recent_recoveries:
-        since = now() - window
-        return sum(1 for t in record.recent_recoveries if t >= since) >= max_recoveries
-    last = to_epoch(record.recovered_at)
-    return last is None or now() - last <= window
-
-
-def with_recovery(record: JobRecord, now: float) -> tuple[float, ...]:
-    """The job's recent recovery times once one more happens at ``now`` (store clock)."""
-    return (*record.recent_recoveries, now)[-RECENT_RECOVERIES_KEPT:]
 
 
 #: An instance silent for this many TTLs, holding no started job, is forgotten by the sweep.
@@ -165,7 +132,7 @@ class Recovery:
         max_recoveries: int,
         recovery_window: float,
         lock_ttl: float = 30.0,
-        publish: Publisher = publish_through_registry,
+        publish: Publisher = registry.publish,
         batch: int = 500,
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
@@ -174,8 +141,7 @@ class Recovery:
     ) -> None:
         self.store = store
         self.ttl = ttl
-        self.max_recoveries = max_recoveries
-        self.recovery_window = recovery_window
+        self.cap = RecoveryCap(max_recoveries, recovery_window)
         self.lock_ttl = lock_ttl
         self.publish = publish
         self.batch = batch
@@ -193,7 +159,7 @@ class Recovery:
         store: Store,
         settings: Settings,
         *,
-        publish: Publisher = publish_through_registry,
+        publish: Publisher = registry.publish,
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
         probe: ProbeLookup | None = None,
@@ -356,25 +322,11 @@ class Recovery:
         chose another :class:`~jobledger.model.OrphanPolicy` is failed or cancelled instead,
         with the reason, and never published.
         """
-        owner = orphan.owner
         policy = self.policy_of(orphan)
         if policy is not OrphanPolicy.REQUEUE:
             return self._settle(orphan, policy, why)
-        if self._over_cap(orphan):
-            error = (
-                f"poison pill: recovered {orphan.recoveries} times within "
-                f"{self.recovery_window:.0f}s (max {self.max_recoveries}); last owner {owner} "
-                f"died under it ({why}). Not re-enqueued; restart it by hand once fixed."
-            )
-            change = Transition(
-                to=JobState.DEAD,
-                expect=_STARTED,
-                expect_owner=owner,
-                expect_generation=orphan.generation,
-                error=error,
-            )
-            if self.store.transition(orphan.id, change):
-                log.error("job %s (%s) is DEAD: %s", orphan.id, orphan.name, error)
+        if self.cap.reached(orphan, self.store.now):
+            if self.cap.bury(self.store, orphan, why):
                 return Outcome.DEAD
             return self._race_lost(orphan)
         return self._republish(orphan, Republish.RECOVERY, why)
@@ -455,14 +407,6 @@ class Recovery:
             return Outcome.REQUEUED
         return self._race_lost(record)
 
-    def _over_cap(self, orphan: JobRecord) -> bool:
-        return over_recovery_cap(
-            orphan,
-            max_recoveries=self.max_recoveries,
-            window=self.recovery_window,
-            now=self.store.now,
-        )
-
     def _race_lost(self, orphan: JobRecord) -> Outcome:
         current = self.store.get(orphan.id)
         log.warning(
@@ -472,34 +416,3 @@ class Recovery:
             current.owner if current else None,
         )
         return Outcome.RACE_LOST
-
-
-class RecoveryLoop(Loop):
-    """Runs :meth:`Recovery.sweep_once` shortly after start, then every ``interval`` seconds.
-
-    ``enabled`` (e.g. the heartbeat's ``can_claim``) is asked before each sweep: an instance
-    that cannot reach the ledger does not sweep.
-    """
-
-    def __init__(
-        self,
-        recovery: Recovery,
-        *,
-        interval: float,
-        first_delay: float | None = None,
-        enabled: Callable[[], bool] = lambda: True,
-    ) -> None:
-        super().__init__(
-            "recovery",
-            interval,
-            self._sweep,
-            first_delay=min(interval, 1.0) if first_delay is None else first_delay,
-        )
-        self.recovery = recovery
-        self.enabled = enabled
-        self.sweeps = 0
-
-    def _sweep(self) -> None:
-        if self.enabled():
-            self.recovery.sweep_once()
-            self.sweeps += 1

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from jobledger.config import Settings
 from jobledger.errors import PublishError
 from jobledger.integrations.base import PublishBatch, Published, registry
-from jobledger.loop import Loop
 from jobledger.model import JobRecord, JobState
 from jobledger.query import JobQuery
+from jobledger.runtime.service import Loop
 from jobledger.stores.base import DEFAULT_LEASE, Store
 
 log = logging.getLogger(__name__)

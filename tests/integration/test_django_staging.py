@@ -24,9 +24,10 @@ import django_project
 from jobledger.errors import PublishError, StagingError
 from jobledger.integrations.base import Published
 from jobledger.model import JobRecord, JobState
-from jobledger.outbox import Outbox, staging_in
+from jobledger.outbox import Outbox
 from jobledger.query import JobQuery
 from jobledger.relay import Relay
+from jobledger.staging import staging_in
 from jobledger.stores.base import Transition
 from jobledger.stores.schema import SCHEMA_REVISION, VERSION_TABLE, jobs, metadata
 from jobledger.stores.sql import SQLStore, parse_url
@@ -735,7 +736,7 @@ def test_import_needs_no_settings(tmp_path: Path) -> None:
 
     code = (
         "import jobledger.contrib.django as d\n"
-        "from jobledger.outbox import holders\n"
+        "from jobledger.staging import holders\n"
         "from django.conf import settings\n"
         "assert not settings.configured\n"
         "assert holders.resolve() is None and not d.in_atomic_block()\n"

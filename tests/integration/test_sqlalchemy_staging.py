@@ -35,9 +35,10 @@ from sqlalchemy.orm import Session
 from jobledger.errors import PublishError, StagingError
 from jobledger.integrations.base import Published
 from jobledger.model import JobRecord, JobState
-from jobledger.outbox import Outbox, staging_in
+from jobledger.outbox import Outbox
 from jobledger.query import JobQuery
 from jobledger.relay import Relay, RelayReport
+from jobledger.staging import staging_in
 from jobledger.stores.sql import SQLStore, parse_url
 from jobledger.testing import MemoryStore
 

@@ -73,7 +73,7 @@ def test_start_registers_synchronously_and_beats(store: SQLStore) -> None:
             done.wait(0.02)
         assert done.is_set(), "the thread did not beat"
     finally:
-        hb.halt()
+        hb.stop()
     assert store.is_alive(hb.instance_id, 1.0)  # halt does not deregister
 
 

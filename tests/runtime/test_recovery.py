@@ -12,7 +12,8 @@ import pytest
 from jobledger.errors import PublishError
 from jobledger.model import Instance, JobRecord, JobState, Republish
 from jobledger.query import JobQuery
-from jobledger.recovery import LOCK_NAME, Outcome, Recovery, RecoveryLoop
+from jobledger.recovery import LOCK_NAME, Outcome, Recovery
+from jobledger.runtime.maintenance import RecoveryLoop
 from jobledger.stores.base import Transition
 from jobledger.stores.sql import SQLStore
 from ledgerdb import database_url, empty_sql_store

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from jobledger.cli import app as cli_app
-from jobledger.loop import Loop
 from jobledger.model import Instance, JobRecord, JobState
+from jobledger.runtime.service import Loop
 from jobledger.server.events import UNTRACKED
 from jobledger.stores.base import Transition
 from jobledger.stores.sql import SQLStore

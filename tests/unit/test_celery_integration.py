@@ -1,7 +1,7 @@
 """The Celery integration in one process: an in-memory broker, a MemoryStore, no worker.
 
 What it publishes (options kept for a republish, the restart header) and what the claim path
-does with a delivery, driven through ``run_guarded`` with a pushed request.
+does with a delivery, driven through ``tasks.run_guarded`` with a pushed request.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from jobledger.integrations.celery import (
     CeleryIntegration,
     install,
 )
+from jobledger.integrations.celery.consumption import held_by_celery
+from jobledger.integrations.celery.tasks import run_guarded
 from jobledger.lifecycle import Claim
 from jobledger.model import ORPHAN_OPTION, Instance, JobRecord, JobState, Republish
+from jobledger.runtime.held import HeldJobs
 from jobledger.testing import MemoryStore
 
 S = JobState
@@ -78,8 +81,8 @@ def make_env() -> Iterator[Callable[..., Env]]:
 
         store = MemoryStore()
         integration = install(app, store=store, settings=Settings(**settings))
-        integration.instance_id = "w:1"
-        integration.health.mark_ok()
+        integration.runtime.instance_id = "w:1"
+        integration.runtime.health.mark_ok()
         made.append(Env(app, store, integration, []))
         return made[-1]
 
@@ -94,7 +97,7 @@ def run(env: Env, job_id: str, body: Callable[[], Any], **request: Any) -> Any:
     task = env.task("t.work")
     task.push_request(id=job_id, args=[1], kwargs={}, delivery_info={"routing_key": "q"}, **request)
     try:
-        return env.integration.run_guarded(task, body)
+        return run_guarded(env.integration, task, body)
     finally:
         task.pop_request()
 
@@ -135,7 +138,7 @@ def test_a_restart_publish_says_so_and_only_it_may_run_the_job_again(
     ran: list[int] = []
     with pytest.raises(Ignore):  # a stray redelivery (no header): acknowledged, not run
         run(env, "j", lambda: ran.append(1))
-    assert ran == [] and env.integration.counters["stray_redeliveries_skipped"] == 1
+    assert ran == [] and env.integration.runtime.counters["stray_redeliveries_skipped"] == 1
     still = env.store.get("j")
     assert still is not None and still.state is state
     run(env, "j", lambda: ran.append(1), **{RESTART_HEADER: True})
@@ -157,7 +160,9 @@ def test_a_retry_the_broker_refused_leaves_the_job_failed(make_env: Callable[...
     def retry_whose_publish_fails() -> None:
         # Celery's retry publishes first: our hook moves the job to retrying, then the broker
         # refuses the message and the error propagates out of the task body.
-        env.integration.on_before_publish(headers={"id": "j", "task": "t.work"}, body=([1], {}))
+        env.integration.recorder.on_before_publish(
+            headers={"id": "j", "task": "t.work"}, body=([1], {})
+        )
         raise ConnectionError("broker refused the retry (test)")
 
     with pytest.raises(ConnectionError):
@@ -176,7 +181,7 @@ def test_task_replace_is_recorded_as_such_and_left_to_the_replacement(
     def replaced() -> None:
         # what Task.replace does: publish another task under this id, then raise Ignore
         headers = {"id": "j", "task": "t.after", "replaced_task_nesting": 1}
-        env.integration.on_before_publish(headers=headers, body=([1], {}))
+        env.integration.recorder.on_before_publish(headers=headers, body=([1], {}))
         raise Ignore("Replaced by new task")
 
     with pytest.raises(Ignore):
@@ -187,7 +192,7 @@ def test_task_replace_is_recorded_as_such_and_left_to_the_replacement(
 
 
 def test_a_worker_recovers_only_celery_jobs(make_env: Callable[..., Env]) -> None:
-    assert make_env().integration.recovery().systems == {"celery"}
+    assert make_env().integration.runtime.recovery().systems == {"celery"}
 
 
 def test_a_delivery_to_a_worker_that_cannot_beat_runs_and_is_not_handed_back(
@@ -196,8 +201,8 @@ def test_a_delivery_to_a_worker_that_cannot_beat_runs_and_is_not_handed_back(
     """Invariant 9 is the consumer's to keep (it stops consuming); a delivery that reached a
     pool process anyway runs once, claimed, instead of being re-published in a loop."""
     env = make_env()
-    env.integration.health = Health(ttl=30.0)  # never beat: past the TTL
-    assert not env.integration.health.can_claim
+    env.integration.runtime.health = Health(ttl=30.0)  # never beat: past the TTL
+    assert not env.integration.runtime.health.can_claim
     assert env.store.create(JobRecord(id="j", name="t.work", system="celery", queue="q"))
     sent = len(env.sent)
     assert run(env, "j", lambda: "ran") == "ran"
@@ -228,7 +233,7 @@ def test_a_stale_delivery_is_skipped_and_the_current_one_runs_and_finishes(
     ran: list[int] = []
     with pytest.raises(Ignore):
         run(env, "j", lambda: ran.append(1), **{GENERATION_HEADER: 1})
-    assert ran == [] and env.integration.counters["stale_deliveries_skipped"] == 1
+    assert ran == [] and env.integration.runtime.counters["stale_deliveries_skipped"] == 1
     run(env, "j", lambda: ran.append(2), **{GENERATION_HEADER: 2})
     done = env.store.get("j")
     assert ran == [2] and done is not None and (done.state, done.generation) == (S.SUCCEEDED, 2)
@@ -327,7 +332,7 @@ def test_replacing_a_job_by_a_chain_hands_its_id_and_generation_to_the_last_step
         **{GENERATION_HEADER: 2},
     )  # fmt: skip
     try:
-        env.integration.run_guarded(step, lambda: ran.append("last step"))
+        run_guarded(env.integration, step, lambda: ran.append("last step"))
     finally:
         step.pop_request()
     done = env.store.get("j")
@@ -344,9 +349,11 @@ def test_a_pool_process_lost_after_its_claim_follows_the_tasks_orphan_policy(
     env.task("t.work").on_orphan = policy
     env.store.heartbeat(Instance(name="w", nonce="1"))
     record = JobRecord(id="j", name="t.work", system="celery", queue="q")
-    assert env.store.create(replace(record, options=env.integration._with_policy("t.work", {})))
-    assert env.integration.lifecycle().claim("j", generation=0) is Claim.CLAIMED
-    env.integration._recover_lost("j", "WorkerLostError", replace(record, generation=0))
+    assert env.store.create(replace(record, options=env.integration.with_policy("t.work", {})))
+    assert env.integration.runtime.lifecycle().claim("j", generation=0) is Claim.CLAIMED
+    env.integration.runtime.outcomes.recover_lost(
+        "j", "WorkerLostError", replace(record, generation=0)
+    )
     after = env.store.get("j")
     assert after is not None and after.state is state
     republished = [s for s in env.sent if s.headers.get("id") == "j"]
@@ -362,7 +369,7 @@ def test_a_pool_process_lost_before_its_claim_has_its_job_requeued(
     env.task("t.work").on_orphan = "fail"
     record = JobRecord(id="j", name="t.work", system="celery", queue="q")
     assert env.store.create(record)
-    env.integration._recover_lost("j", "WorkerLostError", record)
+    env.integration.runtime.outcomes.recover_lost("j", "WorkerLostError", record)
     after = env.store.get("j")
     assert after is not None and (after.state, after.generation) == (S.QUEUED, 1)
     assert after.recoveries == 0  # it never ran: no sign of a poison pill
@@ -400,10 +407,11 @@ def test_a_job_started_here_that_no_process_holds_is_recovered_at_the_second_loo
     from celery.worker import state as worker_state
 
     env = make_env()
+    env.integration.runtime.held = HeldJobs(held_by_celery)  # as a worker registers it
     env.store.heartbeat(Instance(name="w", nonce="1"))
     for job_id in ("lost", "running"):
         assert env.store.create(JobRecord(id=job_id, name="t.work", system="celery", queue="q"))
-        assert env.integration.lifecycle().claim(job_id, generation=0) is Claim.CLAIMED
+        assert env.integration.runtime.lifecycle().claim(job_id, generation=0) is Claim.CLAIMED
 
     @dataclass(eq=False)
     class Held:
@@ -412,9 +420,9 @@ def test_a_job_started_here_that_no_process_holds_is_recovered_at_the_second_loo
     held = Held("running")
     worker_state.active_requests.add(held)
     try:
-        env.integration._audit()  # first look: maybe a claim racing its report
+        env.integration.runtime.audit()  # first look: maybe a claim racing its report
         assert env.store.get("lost").state is S.STARTED  # type: ignore[union-attr]
-        env.integration._audit()
+        env.integration.runtime.audit()
     finally:
         worker_state.active_requests.discard(held)
     lost, running = env.store.get("lost"), env.store.get("running")

@@ -28,7 +28,7 @@ from jobledger.integrations.base import registry
 from jobledger.integrations.dramatiq import LedgerMiddleware, install
 from jobledger.manager import Manager
 from jobledger.model import JobState
-from jobledger.outbox import staging_in
+from jobledger.staging import staging_in
 from jobledger.stores.base import Transition
 from jobledger.stores.sql import SQLStore
 from jobledger.testing import wait_for
@@ -376,7 +376,7 @@ def test_a_worker_that_cannot_beat_stops_fetching(make_env: Callable[..., Env]) 
     try:
         heartbeat = env.middleware.ledger.heartbeat
         assert heartbeat is not None
-        heartbeat.halt()  # the test says what the beats say
+        heartbeat.stop()  # the test says what the beats say
         env.middleware._on_beat(False)  # as after failing past the TTL
         consumers = list(worker.consumers.values())
         wait_for("the consumers to pause", lambda: all(c.paused_event.is_set() for c in consumers))

@@ -26,8 +26,9 @@ from sqlalchemy import create_engine
 from jobledger.errors import PublishError, StagingError, StoreUnavailable
 from jobledger.integrations.base import Published
 from jobledger.model import JobRecord, JobState, to_datetime
-from jobledger.outbox import DEFAULT_BREAKER, Flush, Outbox, hand_over, holders, staging_in
+from jobledger.outbox import DEFAULT_BREAKER, Outbox
 from jobledger.query import JobQuery
+from jobledger.staging import Flush, hand_over, holders, staging_in
 from jobledger.stores.base import StagedBatch, Store
 from jobledger.stores.sql import SQLStore
 from jobledger.testing import ManualClock, MemoryStore
@@ -468,7 +469,7 @@ def slow_import(name, *args, **kwargs):
 importlib.import_module = slow_import
 
 from sqlalchemy import create_engine
-from jobledger.outbox import holders
+from jobledger.staging import holders
 
 engine = create_engine("sqlite://")
 found = {}

@@ -1,28 +1,127 @@
-"""The Integration seam: the glue between the ledger and one queue system.
+"""The Integration seam: the glue between the ledger and one queue system, and the contract an
+adapter keeps.
 
-An integration observes its queue's hooks and turns them into ledger transitions (that part is
-specific to each queue), and it can :meth:`~Integration.publish` a job record back onto its queue
-with the original id, name, args, queue and options, which is all that restart and recovery need
-(invariant 10: no task code required). The core finds integrations through :class:`Registry`.
+**The way back.** An integration can :meth:`~Integration.publish` a job record back onto its
+queue with the original id, name, args, queue and options, which is all that restart and
+recovery need (invariant 10: no task code required); :class:`BatchPublisher` and
+:class:`QueueProbe` are optional. The core finds integrations through :data:`registry`, and
+:data:`KNOWN` says which extra brings each queue system and how the CLI reaches its broker.
+
+**The way in: the adapter contract.** An adapter builds one
+:class:`~jobledger.runtime.worker.WorkerRuntime` (``runtime``) and maps its queue's hooks onto
+it. It must:
+
+1. *At publish* (client side), for every tracked job: create the ``queued`` record
+   (``runtime.store.create``) with name, args, kwargs, queue and every option needed to publish
+   it again, without letting a ledger error stop the publish (count ``publish_unrecorded``);
+   and put in the message the job's fencing generation (0 for a first publish; a retry's
+   message continues the run's, ``runtime.guard.running(job_id).generation``) and, for its own
+   :meth:`~Integration.publish`, the :class:`~jobledger.model.Republish` reason. A publish
+   that raises after its record was written calls ``runtime.outcomes.unpublished``.
+   A publish from inside a running job (its retry) calls ``runtime.guard.retrying`` first.
+2. *In the main process, before any child forks*: ``runtime.register(queues=..., in_flight=...,
+   held=..., on_beat=...)`` (it raises :class:`~jobledger.errors.ConfigError` or
+   :class:`~jobledger.errors.SchemaMissing` when the worker cannot work at all: end the worker
+   with one line); once it consumes, ``runtime.start()``; for each tracked delivery it hands to
+   a child, ``runtime.received(record)``; in a new child, ``runtime.child_started()``.
+3. *Around every body*: ``runtime.guard.run(Delivery(record, generation, republish, restart),
+   body, judge)``, where ``judge`` maps the queue's own exceptions to an
+   :class:`~jobledger.runtime.guard.End` (a retry, a requeue...). It raises
+   :class:`~jobledger.errors.DeliverySkipped` when the body must not run: acknowledge the
+   delivery and store no result.
+4. *For each end a child cannot record*: a child lost under its job
+   (``runtime.outcomes.lost``), killed at a hard time limit (``outcomes.timed_out``), a revoke
+   or expiry (``outcomes.cancelled``).
+5. *At shutdown*: ``runtime.mark_draining()`` when it begins (safe in a signal handler), and
+   ``runtime.drain()`` once the children finished; if the ledger is unreachable
+   (``on_beat(False)``), stop taking jobs until it answers (invariant 9).
+
+What it gets for free: per-process stores, pending writes and the durable journal (a ledger
+outage never loses a claim or an outcome), fork safety, the heartbeat with what the worker
+holds, the claim's generation fencing and poison-pill cap, the recovery sweep, the outbox relay
+and the held-jobs audit, each paused while the ledger is out of reach, and the drain.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from jobledger.errors import IntegrationMissing, MessageRefused, PublishError
+from jobledger.errors import ConfigError, IntegrationMissing, MessageRefused, PublishError
 from jobledger.model import JobRecord, Republish
 
 if TYPE_CHECKING:
-    from jobledger.loop import Loop
+    from jobledger.config import Settings
     from jobledger.recovery import Recovery
+    from jobledger.runtime.service import Loop
 
-#: The extra that brings each known queue system's integration.
-EXTRAS = {"celery": "celery", "rq": "rq", "dramatiq": "dramatiq", "sidekiq": "sidekiq"}
+
+@dataclass(frozen=True)
+class Known:
+    """A queue system jobledger ships an integration for, and what the CLI says about it."""
+
+    #: The pip extra that brings the queue system (``pip install 'jobledger[<extra>]'``).
+    extra: str
+    #: The integration's module. Its ``install_for_broker(url, settings)`` returns an
+    #: integration that publishes by job name alone, for ``--broker``.
+    module: str
+    #: What ``--app`` names for it, for the hint when no integration is registered.
+    app: str
+    #: The module the extra brings, that tells whether the queue system is installed here
+    #: (default: the system's name).
+    requires: str | None = None
+    #: What to do instead of ``--app``/``--broker`` for a command to reach it, where the
+    #: settings do (default: pass one of those).
+    reach: str | None = None
+
+
+#: The queue systems jobledger ships integrations for (an adapter adds its entry with its
+#: extra in ``pyproject.toml``).
+KNOWN: dict[str, Known] = {
+    "celery": Known(
+        extra="celery",
+        module="jobledger.integrations.celery",
+        app="your Celery app's module (as for celery -A)",
+    ),
+    "rq": Known(
+        extra="rq",
+        module="jobledger.integrations.rq",
+        app="a module that installs jobledger's RQ integration",
+    ),
+    "sidekiq": Known(
+        extra="sidekiq",
+        module="jobledger.integrations.sidekiq",
+        app="a module that installs the Sidekiq integration",
+        requires="redis",
+        reach="set JOBLEDGER_SIDEKIQ_REDIS_URL to your Sidekiq app's Redis",
+    ),
+}
+
+
+def install_for_broker(system: str, url: str, settings: Settings) -> Integration:
+    """Install ``system``'s integration on a bare client of the broker at ``url``: enough to
+    publish jobs by name (recovery, restart, the relay) without the task code (invariant 10).
+    :class:`~jobledger.errors.ConfigError` for a system jobledger has no integration for, or
+    whose queue system is not installed."""
+    known = KNOWN.get(system)
+    if known is None:
+        raise ConfigError(
+            f"no integration of jobledger's for queue system {system!r} (known: "
+            f"{', '.join(sorted(KNOWN))})"
+        )
+    try:
+        module = importlib.import_module(known.module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"--broker for {system} needs it installed ({exc}): pip install "
+            f"'jobledger[{known.extra}]'"
+        ) from None
+    integration: Integration = module.install_for_broker(url, settings)
+    return integration
 
 
 @runtime_checkable
@@ -147,11 +246,11 @@ class Registry:
             found = self._by_system.get(system)
         if found is not None:
             return found
-        extra = EXTRAS.get(system)
+        known = KNOWN.get(system)
         how = (
-            f"install it with pip install 'jobledger[{extra}]' and install the integration on "
-            "your app in this process"
-            if extra
+            f"install it with pip install 'jobledger[{known.extra}]' and install the "
+            "integration on your app in this process"
+            if known
             else "register an integration for it in this process"
         )
         raise IntegrationMissing(
@@ -173,6 +272,11 @@ class Registry:
     def systems(self) -> list[str]:
         with self._lock:
             return sorted(self._by_system)
+
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
+        """Publish ``record`` with the integration of its queue system (the one way every
+        recoverer and restart goes through the registry)."""
+        self.get(record.system).publish(record, reason=reason)
 
     def publish_many(self, records: Sequence[JobRecord]) -> Published:
         """Publish ``records`` in order, each run of one queue system through its integration

@@ -22,9 +22,9 @@ from jobledger.config import Settings
 from jobledger.errors import StoreError
 from jobledger.heartbeat import Health
 from jobledger.integrations.base import Registry, registry
-from jobledger.loop import Loop
 from jobledger.manager import Manager
 from jobledger.model import JobRecord
+from jobledger.runtime.service import Service
 from jobledger.serialize import format_seconds
 from jobledger.server import api, dashboard, errors, seed
 from jobledger.server.auth import Auth
@@ -78,7 +78,7 @@ def format_size(size: int) -> str:
     return f"{size / 1024 / 1024:.1f} MB"
 
 
-def _stop_all(loops: list[Loop]) -> None:
+def _stop_all(loops: list[Service]) -> None:
     for loop in loops:
         loop.stop()
 
@@ -112,7 +112,7 @@ def create_app(
         templates=templates(),
     )
     ledger_health = Health(settings.ttl)
-    loops: list[Loop] = [untracked_heartbeat(the_store, settings, metrics, ledger_health)]
+    loops: list[Service] = [untracked_heartbeat(the_store, settings, metrics, ledger_health)]
     if maintenance:
         loops += maintenance_loops(
             the_store, settings, manager, the_registry, metrics, ledger_health

@@ -1,24 +1,23 @@
 """The supervisor's background loops: the recovery sweep, the outbox relay, pruning, and the
 heartbeat of the stand-in owner of HTTP jobs started without an instance.
 
-Each loop is a daemon thread that runs its task after ``first_delay`` and then every
-``interval`` seconds, logs (and counts) a failure and carries on, and stops promptly when asked:
-the wait is an :class:`threading.Event`, so shutdown never waits out an interval. Adding a loop
-is one :class:`Loop` in :func:`maintenance_loops`.
+The recovery and relay loops are the worker runtime's own composition
+(:func:`jobledger.runtime.maintenance.maintenance_loops`), here for every registered queue
+system; each loop is a :class:`~jobledger.runtime.service.Service`, stopped promptly when asked.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from jobledger.config import Settings
 from jobledger.heartbeat import Health
 from jobledger.integrations.base import Registry
-from jobledger.loop import Loop
 from jobledger.manager import Manager
-from jobledger.model import JobRecord, Republish
-from jobledger.recovery import MOVED, Recovery
-from jobledger.relay import Relay, RelayLoop
+from jobledger.runtime.maintenance import RecoveryLoop
+from jobledger.runtime.maintenance import maintenance_loops as maintenance_loops_for
+from jobledger.runtime.service import Loop, Service
 from jobledger.server.events import UNTRACKED
 from jobledger.server.metrics import Metrics
 from jobledger.stores.base import Store
@@ -49,26 +48,11 @@ def maintenance_loops(
     integrations: Registry,
     metrics: Metrics,
     health: Health,
-) -> list[Loop]:
+) -> list[Service]:
     """The loops ``jobledger serve`` runs unless ``--no-maintenance`` (``health``: the one
-    :func:`untracked_heartbeat` keeps)."""
-
-    def publish(record: JobRecord, *, reason: Republish) -> None:
-        integrations.get(record.system).publish(record, reason=reason)
-
-    recovery = Recovery.from_settings(
-        store,
-        settings,
-        publish=publish,
-        ledger_up_for=lambda: health.up_for,
-        probe=integrations.probe,
-    )
-
-    def sweep() -> None:
-        report = recovery.sweep_once()
-        moved = sum(len(report.ids(o)) for o in MOVED)
-        if moved:
-            metrics.count_recoveries(moved)
+    :func:`untracked_heartbeat` keeps): the runtime's recovery and relay loops for every
+    registered system, the process watch of each integration that has one (Sidekiq's), and
+    pruning."""
 
     def prune() -> None:
         counts = manager.prune()
@@ -77,39 +61,31 @@ def maintenance_loops(
             log.info("pruned %s", ", ".join(f"{n} {state}" for state, n in counts.items()))
 
     errors = metrics.ledger_errors.inc
-    relays: list[Loop] = []
-    systems = integrations.systems()
-    if settings.relay and systems:  # staged jobs of other systems wait for their own relays
-        relay = Relay.from_settings(
-            store, settings, publish=integrations.publish_many, systems=systems
-        )
-        relays.append(
-            RelayLoop(
-                relay,
-                interval=settings.relay_interval,
-                max_backoff=settings.relay_max_backoff,
-                on_error=errors,
-            )
-        )
+    loops = maintenance_loops_for(
+        store,
+        replace(settings, relay=settings.relay and bool(integrations.systems())),
+        publish=integrations.publish,
+        publish_many=integrations.publish_many,
+        systems=None,
+        # staged jobs of systems without an integration here wait for their own relays
+        relay_systems=integrations.systems(),
+        ledger_up_for=lambda: health.up_for,
+        probe=integrations.probe,
+        on_error=errors,
+        on_moved=metrics.count_recoveries,
+    )
+    prune_loop = Loop(
+        "prune",
+        settings.prune_interval,
+        prune,
+        first_delay=min(5.0, settings.prune_interval),
+        on_error=errors,
+    )
+    # each integration that watches its own processes (Sidekiq's) pushes their jobs back
+    # through the same recovery as the sweep
+    recovery = next(loop.recovery for loop in loops if isinstance(loop, RecoveryLoop))
     watchers = [
         watch.watch_loop(recovery, on_moved=metrics.count_recoveries, on_error=errors)
         for watch in integrations.watchers()
     ]
-    return [
-        *relays,
-        *watchers,
-        Loop(
-            "recovery",
-            settings.recovery_interval,
-            sweep,
-            first_delay=min(1.0, settings.recovery_interval),
-            on_error=errors,
-        ),
-        Loop(
-            "prune",
-            settings.prune_interval,
-            prune,
-            first_delay=min(5.0, settings.prune_interval),
-            on_error=errors,
-        ),
-    ]
+    return [*loops, *watchers, prune_loop]

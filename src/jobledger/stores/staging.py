@@ -26,7 +26,7 @@ from sqlalchemy.sql.dml import Insert
 
 from jobledger.errors import StagingError
 from jobledger.model import JobRecord
-from jobledger.outbox import Flush, TransactionHolder, hand_over, holders
+from jobledger.staging import Flush, TransactionHolder, hand_over, holders
 from jobledger.stores.rows import creation_row
 from jobledger.stores.schema import db_now, jobs, ledger_id_select
 from jobledger.stores.sql import database_identity

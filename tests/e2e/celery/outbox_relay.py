@@ -5,7 +5,8 @@ It publishes with the real Celery integration of a bare app on ``--broker`` (wha
 relay --broker`` runs), but waits at a start line (``--go`` appears) after connecting, so that
 every relay of the test starts at the same moment, and keeps taking batches until nothing is
 staged (``run_once`` ends its pass at a short batch, which other relays holding the rest make
-likely). A ledger error ends a pass and the next one starts, as in :class:`~jobledger.loop.Loop`
+likely). A ledger error ends a pass and the next one starts, as in a
+:class:`~jobledger.runtime.service.Loop`
 (the relay thread of workers and ``jobledger relay``). It writes what each of its publishes did,
 with the time window the batch was held across, and the ledger errors, to ``--out`` as JSON.
 """

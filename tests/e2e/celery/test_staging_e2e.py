@@ -41,8 +41,8 @@ from sqlalchemy.orm import Session
 from jobledger.errors import StagingError
 from jobledger.integrations.celery_staging import staged_record
 from jobledger.model import JobRecord, JobState
-from jobledger.outbox import staging_in
 from jobledger.query import JobQuery
+from jobledger.staging import staging_in
 from jobledger.stores.sql import parse_url
 
 STAGED = frozenset({JobState.STAGED})

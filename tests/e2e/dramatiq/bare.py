@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from e2eapp import make_broker
+from dramatiq_app import make_broker
 
 from jobledger.config import Settings
 from jobledger.integrations.dramatiq import install

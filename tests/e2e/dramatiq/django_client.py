@@ -18,7 +18,7 @@ django_project.setup({"default": os.environ["JOBLEDGER_DATABASE_URL"]})
 
 from django.core.management import call_command  # noqa: E402
 from django.db import transaction  # noqa: E402
-from e2eapp import make_app  # noqa: E402
+from dramatiq_app import make_app  # noqa: E402
 
 from jobledger.config import Settings  # noqa: E402
 

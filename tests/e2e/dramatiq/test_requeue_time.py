@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from harness import Harness, make_harness_fixture, wait_for  # noqa: F401
+from dramatiq_harness import Harness, make_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
 

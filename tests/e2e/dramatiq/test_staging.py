@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from e2eapp import make_app
-from harness import HERE, Harness, make_harness_fixture, wait_for  # noqa: F401
+from dramatiq_app import make_app
+from dramatiq_harness import HERE, Harness, make_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
 from jobledger.query import JobQuery

@@ -70,7 +70,8 @@ def jobledger_cli(h: RQHarness, *args: str) -> subprocess.CompletedProcess[str]:
     env = h.env("cli")
     env.pop("E2E_RUNS_DB", None)
     return subprocess.run(
-        [sys.executable, "-m", "jobledger", *args, "--rq-redis", REDIS, "--database-url", h.url],
+        [sys.executable, "-m", "jobledger", *args, "--broker", REDIS, "--queue-system", "rq",
+         "--database-url", h.url],
         env=env, cwd=h.tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 

@@ -4,7 +4,7 @@
 Add ``"jobledger.contrib.django"`` to ``INSTALLED_APPS`` and run ``manage.py migrate``; then
 ``Outbox.stage(record)`` inside ``transaction.atomic()`` commits or rolls back the job with the
 block (``using="alias"`` names another database). Importing this module registers the staging
-adapter with :data:`jobledger.outbox.holders` and needs no Django settings yet.
+adapter with :data:`jobledger.staging.holders` and needs no Django settings yet.
 """
 
 from jobledger.contrib.django.staging import (

@@ -35,7 +35,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from jobledger.errors import ConfigError, StagingError
 from jobledger.model import JobRecord
-from jobledger.outbox import Flush, TransactionHolder, hand_over, holders
+from jobledger.staging import Flush, TransactionHolder, hand_over, holders
 from jobledger.stores.schema import jobs, ledger_id_select
 from jobledger.stores.staging import duplicate, staged_insert
 

@@ -159,7 +159,7 @@ class LedgerMiddleware(Middleware):
     ) -> Message[Any]:
         """Stage a message in the transaction of ``using`` (a SQLAlchemy Session or
         Connection, a Django alias; default: the one bound with
-        :func:`jobledger.outbox.staging_in` or the open Django atomic block, else the
+        :func:`jobledger.staging.staging_in` or the open Django atomic block, else the
         ledger's own connection, committed at once), as ``send_with_options`` would send it.
         It is enqueued right after the commit, or by the relay. :class:`StagingError` for an
         untracked actor, bad arguments or no usable transaction; nothing is written then."""

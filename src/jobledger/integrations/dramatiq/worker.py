@@ -29,12 +29,13 @@ from jobledger.heartbeat import Health, Heartbeat, new_instance
 from jobledger.integrations.base import PublishBatch, QueueProbe
 from jobledger.journal import Journal, replay_orphans
 from jobledger.lifecycle import Claim, Lifecycle
-from jobledger.loop import Loop
 from jobledger.model import JobRecord, JobState, Republish
 from jobledger.outbox import Outbox
 from jobledger.pending import PendingWrites, TransitionWrite
-from jobledger.recovery import Publisher, Recovery, RecoveryLoop
+from jobledger.recovery import Publisher, Recovery
 from jobledger.relay import Relay, RelayLoop
+from jobledger.runtime.maintenance import RecoveryLoop
+from jobledger.runtime.service import Loop
 from jobledger.stores import Store, store_for
 from jobledger.stores.base import Transition
 
@@ -230,7 +231,7 @@ class ProcessLedger:
         self.heartbeat.start()
         error = self.heartbeat.last_error
         if isinstance(error, SchemaMissing):
-            self.heartbeat.halt()
+            self.heartbeat.stop()
             raise error
         if error is not None:
             log.error(

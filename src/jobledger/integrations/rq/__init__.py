@@ -34,12 +34,13 @@ __all__ = [
     "TrackedQueue",
     "Worker",
     "install",
-    "install_for_redis",
+    "install_for_broker",
     "integration_for",
 ]
 
 
-def install_for_redis(url: str, settings: Settings | None = None) -> RQIntegration:
+def install_for_broker(url: str, settings: Settings | None = None) -> RQIntegration:
     """The integration on a connection to ``url``: enough to publish RQ jobs by function
-    name (recovery, restart, ``jobledger recover --rq-redis``) without the task code."""
+    name (recovery, restart, ``jobledger recover --broker URL --queue-system rq``) without
+    the task code."""
     return install(Redis.from_url(url), settings)

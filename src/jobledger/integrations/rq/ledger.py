@@ -14,17 +14,17 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import cast
 
 from jobledger.config import Settings
 from jobledger.errors import JobLedgerError, SchemaMissing
-from jobledger.forkguard import ForkGuardedStore, install_fork_hooks
 from jobledger.heartbeat import Health, Heartbeat, new_instance
 from jobledger.integrations.base import PublishBatch
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import JobRecord, JobState, Republish
-from jobledger.recovery import ProbeLookup, Publisher, Recovery, RecoveryLoop
+from jobledger.recovery import ProbeLookup, Publisher, Recovery
 from jobledger.relay import Relay, RelayLoop
+from jobledger.runtime.forksafe import guarded, install_fork_hooks
+from jobledger.runtime.maintenance import RecoveryLoop
 from jobledger.stores import Store, store_for
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,7 @@ class WorkerLedger:
         with self._lock:
             pid = os.getpid()
             store = self._stores.get(pid) or self._factory()
-            if store.serialize_across_fork:  # SQLite only: no lock on the other stores' calls
-                store = cast(Store, ForkGuardedStore(store))
-            self._stores[pid] = store
+            self._stores[pid] = guarded(store)  # SQLite only: no lock on other stores' calls
         instance = new_instance(self.settings, queues)
         self.instance_id = instance.id
         self.heartbeat = Heartbeat(
@@ -117,7 +115,7 @@ class WorkerLedger:
         )
         self.heartbeat.start()
         if isinstance(self.heartbeat.last_error, SchemaMissing):
-            self.heartbeat.halt()
+            self.heartbeat.stop()
             print(f"jobledger: {self.heartbeat.last_error}", file=sys.stderr, flush=True)
             raise SystemExit(1)
         self._loops = [
@@ -135,8 +133,7 @@ class WorkerLedger:
 
     def _relay_loop(self) -> RelayLoop:
         store = self._factory()  # its own: a batch's publishes must not hold up the heartbeat
-        if store.serialize_across_fork:
-            store = cast(Store, ForkGuardedStore(store))
+        store = guarded(store)
         relay = Relay.from_settings(
             store, self.settings, publish=self._publish_many, systems={self.system}
         )

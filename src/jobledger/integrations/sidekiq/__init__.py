@@ -4,12 +4,14 @@ supervisor's seed endpoints; nothing else changes there."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from jobledger.config import Settings
 from jobledger.integrations.base import Registry, registry
 from jobledger.integrations.sidekiq.integration import SidekiqIntegration
 from jobledger.integrations.sidekiq.keys import SYSTEM
 
-__all__ = ["SYSTEM", "SidekiqIntegration", "install"]
+__all__ = ["SYSTEM", "SidekiqIntegration", "install", "install_for_broker"]
 
 
 def install(settings: Settings, into: Registry = registry) -> SidekiqIntegration:
@@ -17,3 +19,9 @@ def install(settings: Settings, into: Registry = registry) -> SidekiqIntegration
     integration = SidekiqIntegration.from_settings(settings)
     into.register(integration)
     return integration
+
+
+def install_for_broker(url: str, settings: Settings) -> SidekiqIntegration:
+    """The integration on the Sidekiq app's Redis at ``url`` (``--broker``, ``--queue-system
+    sidekiq``): :func:`install` with that URL for ``JOBLEDGER_SIDEKIQ_REDIS_URL``."""
+    return install(replace(settings, sidekiq_redis_url=url))

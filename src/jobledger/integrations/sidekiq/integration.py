@@ -15,8 +15,8 @@ from jobledger.errors import ConfigError, PublishError
 from jobledger.integrations.sidekiq.keys import SYSTEM, Keys
 from jobledger.integrations.sidekiq.payload import due_at, to_payload
 from jobledger.integrations.sidekiq.watcher import ProcessWatcher
-from jobledger.loop import Loop
 from jobledger.model import JobRecord, Republish
+from jobledger.runtime.service import Loop
 
 if TYPE_CHECKING:
     from jobledger.recovery import Recovery

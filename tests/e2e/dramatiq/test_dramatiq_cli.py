@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from harness import HERE, Harness, make_harness_fixture, wait_for  # noqa: F401
+from dramatiq_harness import HERE, Harness, make_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
 

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from harness import Harness, Worker, make_harness_fixture, wait_for  # noqa: F401
+from dramatiq_harness import Harness, Worker, make_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
 from jobledger.query import JobQuery

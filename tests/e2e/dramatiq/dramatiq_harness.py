@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE))
 
-from e2eapp import RUNS_SCHEMA, make_app  # noqa: E402
+from dramatiq_app import RUNS_SCHEMA, make_app  # noqa: E402
 
 from jobledger.config import Settings  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
@@ -121,11 +121,11 @@ class Harness:
         return env
 
     def spawn_worker(self, name: str, processes: int = 2, threads: int = 4, **extra: str) -> Worker:
-        """``dramatiq e2eapp`` in a process group of its own (in the test's directory, so
+        """``dramatiq dramatiq_app`` in a process group of its own (in the test's directory, so
         workers share a journal directory); returns at once."""
         log = self.tmp_path / f"{name}.log"
         cmd = [
-            sys.executable, "-m", "dramatiq", "e2eapp:BROKER", "--processes", str(processes),
+            sys.executable, "-m", "dramatiq", "dramatiq_app:BROKER", "--processes", str(processes),
             "--threads", str(threads), "--queues", self.queue, "--worker-shutdown-timeout", "30000",
         ]  # fmt: skip
         with log.open("wb") as out:

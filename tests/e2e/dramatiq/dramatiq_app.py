@@ -1,5 +1,5 @@
 """The Dramatiq broker module the end-to-end tests run in real ``dramatiq`` worker processes
-(and publish from): ``dramatiq e2eapp``.
+(and publish from): ``dramatiq dramatiq_app``.
 
 Each actor writes a row per phase to a runs table of the test's own (a SQLite file), with the
 worker's instance name, its process id and the time, so a test can count how often each job
@@ -125,7 +125,7 @@ def make_app(url: str, queue: str, settings: Settings) -> tuple[Broker, LedgerMi
     return broker, middleware
 
 
-if os.environ.get("E2E_WORKER") == "1":  # imported by ``dramatiq e2eapp``
+if os.environ.get("E2E_WORKER") == "1":  # imported by ``dramatiq dramatiq_app``
     BROKER, MIDDLEWARE = make_app(
         os.environ["E2E_BROKER"], os.environ["E2E_QUEUE"], Settings.from_env()
     )

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from harness import Harness, make_harness_fixture, wait_for  # noqa: F401
+from dramatiq_harness import Harness, make_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
 from jobledger.query import JobQuery
