@@ -654,9 +654,7 @@ def test_restart_fails_only_the_jobs_of_a_system_without_integration(
     assert report.returncode == 1, str(report)
     data = json.loads(report.stdout)
     assert data["done"] == ["failed-1"] and list(data["failed"]) == ["rq-1"]
-    # no pip hint: jobledger ships no rq extra (yet), so none is promised
-    assert "register an integration for it" in data["failed"]["rq-1"]
-    assert "pip install" not in data["failed"]["rq-1"]
+    assert "pip install 'jobledger[rq]'" in data["failed"]["rq-1"]
     assert [entry["id"] for entry in read_log(publish_log)] == ["failed-1"]
     assert store.get("rq-1").state is JobState.FAILED  # type: ignore[union-attr]
 

@@ -20,5 +20,5 @@ def test_sidekiq_installs_on_the_redis_url_given_as_its_broker() -> None:
 
 
 def test_an_unknown_system_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"'rq'.*known: celery, sidekiq"):
-        install_for_broker("rq", "redis://127.0.0.1:1/0", Settings())
+    with pytest.raises(ConfigError, match=r"'beanstalk'.*known: celery, rq, sidekiq"):
+        install_for_broker("beanstalk", "redis://127.0.0.1:1/0", Settings())
