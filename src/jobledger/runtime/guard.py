@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from jobledger.errors import DeliverySkipped, JobLedgerError
-from jobledger.lifecycle import Claim, Lifecycle
+from jobledger.lifecycle import Claim
 from jobledger.model import JobRecord, Republish
 from jobledger.tracebacks import task_traceback
 
@@ -79,6 +79,7 @@ class End(str, enum.Enum):
     RETRYING = "retrying"  # the queue runs it again (the record waits as retrying)
     FAILED = "failed"  # no more tries
     RELEASED = "released"  # back on its queue unrun (a requeueing reject)
+    CANCELLED = "cancelled"  # stopped on purpose (an abort, a stop request)
 
 
 #: The adapter's reading of an exception the body raised: the end and its error text, or None
@@ -103,14 +104,34 @@ class Guard:
     def run(self, delivery: Delivery, body: Callable[[], T], judge: Judge = _failure) -> T:
         """Claim, run ``body`` if the claim says so, record its end; return what it returned
         or raise what it raised. :class:`DeliverySkipped` when the body must not run."""
+        run = self.begin(delivery)
+        if run is None:
+            return body()
+        try:
+            result = body()
+        except Exception as exc:
+            judged = judge(exc, run) or (
+                End.FAILED,
+                task_traceback(exc, wrappers=self.runtime.wrappers),  # from the task's frames
+            )
+            self.end(run, *judged)
+            raise
+        self.end(run, End.SUCCEEDED)
+        return result
+
+    def begin(self, delivery: Delivery) -> Run | None:
+        """The first half of :meth:`run`, for a queue whose hooks surround the body instead
+        of wrapping it (RQ's, Dramatiq's): claim the job before its body runs. The run to pass
+        to :meth:`end` once the body ended; None when the body runs unclaimed (no registered
+        worker here, or a claim that could not even be journaled: nothing to end); or
+        :class:`DeliverySkipped` when it must not run."""
         runtime = self.runtime
         job_id = delivery.job_id
         if runtime.instance_id is None:
             runtime.count("run_unguarded")
-            return body()  # not a worker started with the runtime: nothing to claim as
-        lifecycle = runtime.lifecycle()
+            return None  # not a worker started with the runtime: nothing to claim as
         try:
-            claim = lifecycle.claim(
+            claim = runtime.lifecycle().claim(
                 job_id,
                 delivery.record,
                 restart=delivery.restart,
@@ -120,7 +141,7 @@ class Guard:
         except JobLedgerError as exc:
             runtime.count("claim_unrecorded")
             log.warning("job %s runs unclaimed, the ledger is unavailable: %s", job_id, exc)
-            return body()
+            return None
         if claim is Claim.DEFERRED:
             runtime.count("claim_deferred")
         if not claim.should_run:
@@ -131,20 +152,33 @@ class Guard:
         run = Run(delivery)
         with self._lock:
             self._runs[job_id] = run
+        return run
+
+    def end(self, run: Run, end: End, error: str | None = None) -> None:
+        """The second half of :meth:`run`: record how ``run`` ended, fenced by the generation
+        it claimed (invariant 3), and forget it. A run moved to retrying is finished by its
+        retry's delivery, unless it ends ``FAILED`` (its retry's message did not go)."""
+        with self._lock:
+            if self._runs.get(run.delivery.job_id) is run:
+                del self._runs[run.delivery.job_id]
+        job_id, g = run.delivery.job_id, run.generation
         try:
-            result = body()
-        except Exception as exc:
-            judged = judge(exc, run) or (
-                End.FAILED,
-                task_traceback(exc, wrappers=runtime.wrappers),  # from the task's frames
-            )
-            self._end(lifecycle, run, *judged)
-            raise
-        finally:
-            with self._lock:
-                self._runs.pop(job_id, None)
-        self._end(lifecycle, run, End.SUCCEEDED, None)
-        return result
+            lifecycle = self.runtime.lifecycle()
+            if end is End.RELEASED:
+                lifecycle.release(job_id, generation=g)
+            elif run.retrying:  # its retry's message is out (or failed to go: failed)
+                if end is End.FAILED:
+                    lifecycle.fail_unsent_retry(job_id, error or "failed", generation=g)
+            elif end is End.SUCCEEDED:
+                lifecycle.succeed(job_id, generation=g)
+            elif end is End.CANCELLED:
+                lifecycle.cancel(job_id, error, generation=g)
+            else:
+                will_retry = end is End.RETRYING
+                lifecycle.fail(job_id, error or end.value, will_retry=will_retry, generation=g)
+        except JobLedgerError as exc:  # not a ledger outage (those are deferred): a bug
+            self.runtime.count("finish_unrecorded")
+            log.warning("job %s: its end could not be recorded: %s", job_id, exc)
 
     def running(self, job_id: str) -> Run | None:
         """The run of ``job_id`` in this process, if one is under way."""
@@ -171,20 +205,3 @@ class Guard:
         """A forked child starts with no runs (its parent's are not its own)."""
         with self._lock:
             self._runs.clear()
-
-    def _end(self, lifecycle: Lifecycle, run: Run, end: End, error: str | None) -> None:
-        job_id, g = run.delivery.job_id, run.generation
-        try:
-            if end is End.RELEASED:
-                lifecycle.release(job_id, generation=g)
-            elif run.retrying:  # its retry's message is out (or failed to go: failed)
-                if end is End.FAILED:
-                    lifecycle.fail_unsent_retry(job_id, error or "failed", generation=g)
-            elif end is End.SUCCEEDED:
-                lifecycle.succeed(job_id, generation=g)
-            else:
-                will_retry = end is End.RETRYING
-                lifecycle.fail(job_id, error or end.value, will_retry=will_retry, generation=g)
-        except JobLedgerError as exc:  # not a ledger outage (those are deferred): a bug
-            self.runtime.count("finish_unrecorded")
-            log.warning("job %s: its end could not be recorded: %s", job_id, exc)
