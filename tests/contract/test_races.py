@@ -13,6 +13,7 @@ import pytest
 import race_workers
 from ledger_helpers import job
 
+from jobledger.errors import UniqueKeyHeld
 from jobledger.model import CLAIMABLE_STATES, JobState
 from jobledger.query import JobQuery
 from jobledger.stores.base import Store, Transition
@@ -89,6 +90,23 @@ def test_threads_claiming_the_same_job_have_one_winner(racer: Store) -> None:
         assert record is not None
         assert record.owner == f"w:{outcome.index(True)}"
         assert (record.state, record.attempts) == (JobState.STARTED, 1)
+
+
+def test_threads_creating_jobs_with_one_unique_key_have_one_winner(racer: Store) -> None:
+    """Each round every thread creates a job of its own id with the round's key: exactly one
+    is created, and every other thread is told the winner's id."""
+
+    def attempt(n: int, thread: int) -> str:
+        try:
+            assert racer.create(job(f"job-{n}-{thread}", unique_key=f"key-{n}"))
+        except UniqueKeyHeld as held:
+            return held.holder
+        return f"job-{n}-{thread}"
+
+    for n, outcome in enumerate(fight(JOBS, attempt)):
+        winners = set(outcome)
+        assert len(winners) == 1, f"round {n}: {sorted(winners)}"
+        assert racer.count(JobQuery(ids=frozenset(f"job-{n}-{t}" for t in range(THREADS)))) == 1
 
 
 def test_threads_finishing_against_a_takeover_have_one_winner(racer: Store) -> None:

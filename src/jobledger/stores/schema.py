@@ -29,7 +29,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 #: Alembic's version table for the ledger's own migrations, apart from the application's.
 VERSION_TABLE = "jobledger_alembic_version"
@@ -81,12 +81,17 @@ jobs = Table(
     _stamp("finished_at"),
     _stamp("recovered_at"),
     _stamp("updated_at", nullable=False),
+    Column("unique_key", String(255)),
+    # The key while the job holds it (see ``rows.UNIQUE_HOLD``): a plain unique index, as
+    # MariaDB/MySQL have no partial one, and NULLs (no key, or freed) never collide.
+    Column("unique_hold", String(255)),
     Index("ix_jobledger_jobs_created", "created_at", "id"),
     Index("ix_jobledger_jobs_state_created", "state", "created_at", "id"),
     Index("ix_jobledger_jobs_state_updated", "state", "updated_at"),
     Index("ix_jobledger_jobs_queue_state", "queue", "state", "queued_at"),
     Index("ix_jobledger_jobs_name_state", "name", "state"),
     Index("ix_jobledger_jobs_recovered", "recoveries", "created_at"),
+    Index("ux_jobledger_jobs_unique_hold", "unique_hold", unique=True),
     **_MYSQL_TABLE,
 )
 
