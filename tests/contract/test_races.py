@@ -214,7 +214,7 @@ def test_processes_claiming_the_same_jobs_claim_each_once(
         assert server_store.create(job(job_id))
     owners = [f"proc-{p}:1" for p in range(PROCESSES)]
     for queue, owner in zip(commands, owners, strict=True):
-        queue.put((ledger_url(server_store), owner, job_ids))
+        queue.put((ledger_url(server_store), owner, job_ids, None))
     reports = dict(results.get(timeout=120) for _ in owners)
     assert set(reports) == set(owners)
     assert all(isinstance(won, list) for won in reports.values()), reports
@@ -227,3 +227,19 @@ def test_processes_claiming_the_same_jobs_claim_each_once(
         assert (record.state, record.attempts) == (JobState.STARTED, 1)
         assert record.owner == winners[record.id][0]
     assert server_store.count(JobQuery(states={JobState.STARTED})) == len(job_ids)
+
+
+def test_processes_publishing_one_unique_key_create_one_job(
+    server_store: Store, claimers: tuple[list[Any], Any]
+) -> None:
+    """Every child creates its own 300 jobs holding one key, all at once: one job exists."""
+    commands, results = claimers
+    owners = [f"proc-{p}:1" for p in range(PROCESSES)]
+    for queue, owner in zip(commands, owners, strict=True):
+        ids = [f"{owner}-{n:03d}" for n in range(300)]
+        queue.put((ledger_url(server_store), owner, ids, "invoice:1"))
+    reports = dict(results.get(timeout=120) for _ in owners)
+    assert all(isinstance(won, list) for won in reports.values()), reports
+    won = [job_id for ids in reports.values() for job_id in ids]
+    assert len(won) == 1 and server_store.count(JobQuery()) == 1
+    assert [r.id for r in server_store.iter_jobs(JobQuery())] == won
