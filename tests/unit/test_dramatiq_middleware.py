@@ -410,3 +410,26 @@ def test_a_worker_that_cannot_beat_stops_fetching(make_env: Callable[..., Env]) 
         worker.stop()
     counts = env.middleware.ledger.counters.snapshot()
     assert counts["consuming_stopped"] == counts["consuming_resumed"] == 1
+
+
+def test_with_the_ledger_down_a_unique_message_is_sent_without_the_key(tmp_path: Path) -> None:
+    """Who holds the key cannot be known: the message goes out (at least once beats never),
+    its record written later, without the key."""
+    down = SQLStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout=1)
+    settings = Settings(instance_name="unit", journal_dir=str(tmp_path / "journal"), relay=False)
+    broker = StubBroker()
+    middleware = install(broker, settings, store=down, store_factory=lambda: down)
+    try:
+
+        @dramatiq.actor(broker=broker, queue_name=QUEUE, actor_name="once", tracked=True)
+        def once() -> None:
+            pass
+
+        first = once.send_with_options(unique_key="k")
+        again = once.send_with_options(unique_key="k")
+        assert first.message_id != again.message_id
+        assert broker.queues[QUEUE].qsize() == 2
+        assert middleware.ledger.pending.holds(first.message_id)
+    finally:
+        middleware.close()
+        broker.close()

@@ -30,6 +30,7 @@ from jobledger.integrations.rq.publish import forget_runs
 from jobledger.model import JobRecord, JobState, Republish
 from jobledger.query import JobQuery
 from jobledger.stores.base import Transition
+from jobledger.stores.sql import SQLStore
 from jobledger.testing import MemoryStore
 
 S = JobState
@@ -198,3 +199,19 @@ def test_a_unique_enqueue_goes_out_once_while_its_job_is_unfinished(
     with pytest.raises(StagingError, match="depends_on"):
         queue.enqueue("reports.build", 5, unique_key="report:2", depends_on=third)
     assert store.count(JobQuery()) == 2
+
+
+def test_with_the_ledger_down_a_unique_enqueue_goes_out_without_the_key(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    """Who holds the key cannot be known: the job is enqueued (at least once beats never),
+    its record left to the worker's claim."""
+    integration, _, redis, name = rq_env
+    down = SQLStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout=1)
+    other = Redis.from_url(REDIS)  # an integration of its own, on the ledger that is down
+    install(other, integration.settings, store_factory=lambda: down)
+    queue = Queue(name, connection=other)
+    first = queue.enqueue("reports.build", 1, unique_key="report:1")
+    again = queue.enqueue("reports.build", 2, unique_key="report:1")
+    assert first.id != again.id and queue.count == 2
+    other.close()
