@@ -206,7 +206,7 @@ def test_with_the_ledger_down_a_unique_enqueue_goes_out_without_the_key(
 ) -> None:
     """Who holds the key cannot be known: the job is enqueued (at least once beats never),
     its record left to the worker's claim."""
-    integration, _, redis, name = rq_env
+    integration, _, _, name = rq_env
     down = SQLStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout=1)
     other = Redis.from_url(REDIS)  # an integration of its own, on the ledger that is down
     install(other, integration.settings, store_factory=lambda: down)
