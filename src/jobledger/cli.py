@@ -343,6 +343,8 @@ def _print_report(report: ActionReport, as_json: bool) -> None:
             out.print(f"skipped {job_id}: {why}")
         for job_id, why in report.failed.items():
             out.print(f"[red]failed[/red] {job_id}: {why}")
+    if report.not_found:  # bad input, told once the jobs that exist were seen to
+        _fail(f"the ledger has no job with id {', '.join(report.not_found)}")
     if not report.ok:
         raise typer.Exit(1)
 

@@ -167,10 +167,8 @@ class Heartbeat(Service):
         """One heartbeat write; True if it reached the ledger. Never raises: the beating thread
         must outlive any failure, or a live worker's running jobs would be recovered elsewhere."""
         with self._lock:
+            self._refresh_report()
             try:
-                self.instance = replace(
-                    self.instance, holding=tuple(self.holding()), stats=dict(self.stats())
-                )
                 self.store.heartbeat(self.instance)
             except Exception as exc:
                 self.failures += 1
@@ -186,6 +184,17 @@ class Heartbeat(Service):
             self.health.mark_ok()
             self._report_health()
             return True
+
+    def _refresh_report(self) -> None:
+        """What the beat says the worker holds and counted, read anew. A bug in the adapter's
+        callbacks keeps the last report instead of failing the beat: a worker that beats is
+        alive, and failing the beat would have its running jobs recovered elsewhere."""
+        try:
+            self.instance = replace(
+                self.instance, holding=tuple(self.holding()), stats=dict(self.stats())
+            )
+        except Exception:
+            log.exception("what instance %s holds could not be read", self.instance_id)
 
     def _report_health(self) -> None:
         healthy = self.health.can_claim

@@ -38,6 +38,10 @@ WAITING_STATES = frozenset({JobState.QUEUED, JobState.RETRYING})
 FAILED_STATES = frozenset({JobState.FAILED, JobState.DEAD})
 
 
+#: Why a job named by id was skipped: the ledger has no such job.
+NOT_FOUND = "not found"
+
+
 @dataclass
 class ActionReport:
     """What a restart, cancel or prune did (or, with ``dry_run``, would do), job by job."""
@@ -51,6 +55,11 @@ class ActionReport:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @property
+    def not_found(self) -> list[str]:
+        """The ids named that the ledger has no job for (a typo, or a pruned job)."""
+        return [job_id for job_id, why in self.skipped.items() if why == NOT_FOUND]
 
 
 def workers(store: Store, ttl: float) -> list[Instance]:
@@ -278,7 +287,7 @@ class Manager:
                 found[record.id] = record
             for job_id in wanted:
                 if job_id not in found:
-                    report.skipped[job_id] = "not found"
+                    report.skipped[job_id] = NOT_FOUND
         if query is not None:
             for record in self.store.iter_jobs(query):
                 found.setdefault(record.id, record)

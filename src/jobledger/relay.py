@@ -121,8 +121,9 @@ class Relay:
             if done.error is not None:
                 report.error = done.error
                 break
-            if len(batch.records) < self.batch_size:
-                break
+            cut_short = len(done.ids) + len(done.refused) < len(batch.records)
+            if len(batch.records) < self.batch_size and not cut_short:
+                break  # the backlog is empty (a batch cut short at half its lease is not)
         return report
 
     def _publish(self, records: list[JobRecord]) -> Published:

@@ -148,6 +148,26 @@ def test_an_unexpected_error_does_not_stop_the_beating(store: SQLStore) -> None:
     assert hb.beat() and hb.can_claim
 
 
+def test_a_failing_holding_callback_keeps_the_last_report_and_the_beat(store: SQLStore) -> None:
+    held = [("j1", 0)]
+    broken = False
+
+    def holding() -> list[tuple[str, int]]:
+        if broken:
+            raise RuntimeError("a bug in the adapter's callback")
+        return held
+
+    hb = Heartbeat(
+        store, new_instance(Settings(instance_name="w")), interval=1, ttl=3, holding=holding
+    )
+    assert hb.beat()
+    broken = True
+    assert hb.beat() and hb.can_claim  # alive: the beat went, with the last known report
+    assert hb.failures == 0
+    (found,) = [i for i in store.instances(ttl=3) if i.id == hb.instance_id]
+    assert tuple(found.holding) == (("j1", 0),)
+
+
 def test_health_is_shared_with_a_forked_child() -> None:
     """A prefork child sees the beats its parent's thread records after the fork."""
     import os

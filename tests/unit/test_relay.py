@@ -122,6 +122,27 @@ def test_a_backlog_of_exactly_the_batch_size_ends_with_an_empty_look(
     assert broker.batches == [ids[:10], ids[10:]]
 
 
+def test_a_batch_cut_short_at_half_its_lease_leaves_the_rest_to_the_same_pass(
+    store: MemoryStore, clock: ManualClock
+) -> None:
+    """A slow broker: each slice of a batch takes 0.6 of the lease, so a batch stops after
+    two slices (past half its lease another relay may take its jobs); the pass goes on with
+    the rest instead of ending as if the backlog were empty."""
+    ids = stage(store, 250)
+    published: list[str] = []
+
+    def slow(records: Sequence[JobRecord]) -> Published:
+        clock.advance(0.6)
+        published.extend(r.id for r in records)
+        return Published(ids=[r.id for r in records])
+
+    relay = Relay(store, publish=slow, grace=5.0, batch_size=1000, lease=2.0, clock=clock)
+    report = relay.run_once()
+    assert report.published == 250 and report.batches == 2
+    assert published == ids  # each once, oldest first
+    assert set(states(store, ids)) == {S.QUEUED}
+
+
 def test_a_pass_stops_at_a_refusal_and_marks_only_what_went(
     store: MemoryStore, broker: Broker
 ) -> None:

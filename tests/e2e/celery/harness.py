@@ -212,7 +212,7 @@ def _purge(broker: str, queue: str, options: dict[str, Any]) -> None:
             import redis
 
             client = redis.Redis.from_url(broker)
-            for key in list(client.scan_iter(f"{prefix}*")):
+            for key in list(client.scan_iter(f"{prefix}*", count=1000)):
                 client.delete(key)
             client.close()
     except Exception:  # best effort: the queue name is unique to the test anyway
