@@ -496,6 +496,8 @@ def test_a_second_create_of_the_same_job_is_a_duplicate_not_a_held_key(store: St
     assert not store.create(job("a", unique_key="k"))
     assert not store.create(job("a", unique_key="other"))
     assert store.create(job("b", unique_key="other"))
+    assert store.create(job("c"))
+    assert not store.create(job("c", unique_key="k"))  # its id is taken: that answer first
 
 
 def test_staged_jobs_hold_their_keys_until_refused(store: Store) -> None:

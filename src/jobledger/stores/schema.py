@@ -146,6 +146,12 @@ LEDGER_ID = "jobledger.ledger-id"
 LEDGER_ID_EXPIRES = 1e18
 
 
+def key_holder(key: Any) -> Select[Any]:
+    """The id of the unfinished job that holds unique ``key`` (a value, or a bind parameter
+    for a statement prepared once)."""
+    return select(jobs.c.id).where(jobs.c.unique_hold == key)
+
+
 def ledger_id_select() -> Select[Any]:
     return select(locks.c.token).where(locks.c.name == LEDGER_ID)
 

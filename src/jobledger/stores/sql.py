@@ -95,6 +95,7 @@ from jobledger.stores.schema import (
     instances,
     job_search,
     jobs,
+    key_holder,
     ledger_id_select,
     locks,
 )
@@ -496,28 +497,26 @@ class SQLStore(Store):
             created, uncertain = self._on_hot(insert)
             if created:
                 return True
-            if uncertain:
-                current = self.get(record.id)  # our first try may be the row that is there
-                if current is not None:
-                    return (
-                        current.state is record.state
-                        and current.owner == record.owner
-                        and current.generation == record.generation
-                    )
+            if not uncertain and hold is None:
+                return False
+            current = self.get(record.id)
+            if current is not None:  # the id is taken (after a dropped answer: maybe by us)
+                return (
+                    uncertain
+                    and current.state is record.state
+                    and current.owner == record.owner
+                    and current.generation == record.generation
+                )
             if hold is None:
                 return False
             holder = self._holder(hold)
             if holder is not None and holder != record.id:
                 raise UniqueKeyHeld(hold, holder)
-            if holder is not None or self.get(record.id) is not None:
-                return False  # the id is taken (by this very job, or another)
         raise StoreError(f"unique key {hold!r} kept changing hands while job {record.id} was made")
 
     def _holder(self, key: str) -> str | None:
         """The id of the unfinished job that holds unique ``key``, if any."""
-        prepared = self._prepared(
-            "holder", lambda: select(jobs.c.id).where(jobs.c.unique_hold == bindparam("key"))
-        )
+        prepared = self._prepared("holder", lambda: key_holder(bindparam("key")))
         found, _ = self._on_hot(lambda conn: prepared.run(conn, {"key": key}).scalar())
         return None if found is None else str(found)
 

@@ -18,7 +18,7 @@ import threading
 import weakref
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, event, insert, inspect, select
+from sqlalchemy import Connection, Engine, event, insert, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
@@ -28,7 +28,7 @@ from jobledger.errors import StagingError
 from jobledger.model import JobRecord
 from jobledger.staging import Flush, TransactionHolder, hand_over, holders
 from jobledger.stores.rows import creation_row
-from jobledger.stores.schema import db_now, jobs, ledger_id_select
+from jobledger.stores.schema import db_now, jobs, key_holder, ledger_id_select
 from jobledger.stores.sql import database_identity
 
 #: Keys in ``Connection.info`` (kept per DBAPI connection): ids staged in the open transaction,
@@ -49,7 +49,9 @@ def staged_insert(record: JobRecord, dialect: str) -> Insert:
     a unique key another unfinished job holds, inserts and returns no row (``ON CONFLICT DO
     NOTHING``): a failed statement would abort the caller's whole transaction, and a later
     COMMIT would quietly roll back its data. MySQL and SQLite undo only the failed statement,
-    so a plain INSERT's IntegrityError says the same there; :func:`refusal` then tells which."""
+    so a plain INSERT's IntegrityError says the same there; :func:`refusal` then tells which
+    (from :func:`~jobledger.stores.schema.key_holder`, read in the caller's transaction: a
+    job it staged itself holds its key there too)."""
     row = creation_row(record, db_now())
     if dialect == "postgresql":  # RETURNING: the driver's rowcount of DO NOTHING is unreliable
         statement = postgresql.insert(jobs).values(**row)
@@ -57,16 +59,10 @@ def staged_insert(record: JobRecord, dialect: str) -> Insert:
     return insert(jobs).values(**row)
 
 
-def holder_select(key: str) -> Select[Any]:
-    """The id of the unfinished job that holds unique ``key`` (seen from the caller's
-    transaction: a job it staged itself counts)."""
-    return select(jobs.c.id).where(jobs.c.unique_hold == key)
-
-
 def refusal(record: JobRecord, holder: object) -> str:
     """After ``record``'s staging inserted nothing: the id of the job that holds its unique key
-    (``holder``, what :func:`holder_select` found), which the caller gets back instead; else
-    its id was taken, and :class:`StagingError` says so."""
+    (``holder``, what :func:`~jobledger.stores.schema.key_holder` found), which the caller gets
+    back instead; else its id was taken, and :class:`StagingError` says so."""
     if holder is not None and str(holder) != record.id:
         return str(holder)
     raise StagingError(f"job {record.id} exists already; staging needs a new job id")
@@ -104,7 +100,7 @@ class ConnectionHolder:
             pass  # MySQL, SQLite: only the statement failed, not the transaction
         except sa_exc.SQLAlchemyError as exc:
             raise StagingError(f"staging job {record.id} failed: {exc}") from exc
-        held = None if record.unique_key is None else holder_select(record.unique_key)
+        held = None if record.unique_key is None else key_holder(record.unique_key)
         return refusal(record, None if held is None else self.conn.execute(held).scalar())
 
     def ledger_id(self) -> str | None:

@@ -36,8 +36,8 @@ from sqlalchemy.sql.elements import ClauseElement
 from jobledger.errors import ConfigError, StagingError
 from jobledger.model import JobRecord
 from jobledger.staging import Flush, TransactionHolder, hand_over, holders
-from jobledger.stores.schema import jobs, ledger_id_select
-from jobledger.stores.staging import holder_select, refusal, staged_insert
+from jobledger.stores.schema import jobs, key_holder, ledger_id_select
+from jobledger.stores.staging import refusal, staged_insert
 
 #: Django's database vendor → jobledger's backend name (as in ``database_identity``). MariaDB
 #: is Django's "mysql"; the ledger's ``mysql+pymysql://`` URL says "mysql" for it too.
@@ -127,7 +127,7 @@ class DjangoHolder:
         # nothing inserted (PostgreSQL's ON CONFLICT DO NOTHING: the block goes on)
         holder = None
         if record.unique_key is not None:
-            sql, params = _compile(holder_select(record.unique_key), self.dialect)
+            sql, params = _compile(key_holder(record.unique_key), self.dialect)
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
                 row = cursor.fetchone()
