@@ -47,6 +47,18 @@ def _to(url: str, revision: str, *, up: bool = True) -> None:
     engine.dispose()
 
 
+def _hold_index(url: str) -> dict[str, object] | None:
+    engine = create_engine(parse_url(url))
+    with engine.connect() as conn:
+        found = [
+            dict(i)
+            for i in inspect(conn).get_indexes("jobledger_jobs")
+            if i["name"] == "ux_jobledger_jobs_unique_hold"
+        ]
+    engine.dispose()
+    return found[0] if found else None
+
+
 def _columns(url: str) -> set[str]:
     engine = create_engine(parse_url(url))
     with engine.connect() as conn:
@@ -82,7 +94,12 @@ def test_revision_0006_up_and_down_keeps_the_jobs(url: str) -> None:
     finally:
         store.close()
     assert {"unique_key", "unique_hold"} <= _columns(url)
+    index = _hold_index(url)
+    assert index is not None and index["unique"] and index["column_names"] == ["unique_hold"]
+    if url.startswith("postgresql"):  # no entry for the jobs without a key
+        assert "IS NOT NULL" in str(index["dialect_options"]["postgresql_where"])
     _to(url, "0005", up=False)
+    assert _hold_index(url) is None
     assert not {"unique_key", "unique_hold"} & _columns(url)
     _to(url, "head")
     store = SQLStore(url)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     select,
+    text,
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.ext.compiler import compiles
@@ -82,8 +83,8 @@ jobs = Table(
     _stamp("recovered_at"),
     _stamp("updated_at", nullable=False),
     Column("unique_key", String(255)),
-    # The key while the job holds it (see ``rows.UNIQUE_HOLD``): a plain unique index, as
-    # MariaDB/MySQL have no partial one, and NULLs (no key, or freed) never collide.
+    # The key while the job holds it (see ``rows.UNIQUE_HOLD``): a unique index, in which
+    # NULLs (no key, or freed) never collide.
     Column("unique_hold", String(255)),
     Index("ix_jobledger_jobs_created", "created_at", "id"),
     Index("ix_jobledger_jobs_state_created", "state", "created_at", "id"),
@@ -91,7 +92,15 @@ jobs = Table(
     Index("ix_jobledger_jobs_queue_state", "queue", "state", "queued_at"),
     Index("ix_jobledger_jobs_name_state", "name", "state"),
     Index("ix_jobledger_jobs_recovered", "recoveries", "created_at"),
-    Index("ux_jobledger_jobs_unique_hold", "unique_hold", unique=True),
+    # Partial where the database has it: on PostgreSQL every transition is a non-HOT UPDATE
+    # that adds an entry to each full index, and most jobs hold no key.
+    Index(
+        "ux_jobledger_jobs_unique_hold",
+        "unique_hold",
+        unique=True,
+        postgresql_where=text("unique_hold IS NOT NULL"),
+        sqlite_where=text("unique_hold IS NOT NULL"),
+    ),
     **_MYSQL_TABLE,
 )
 
