@@ -33,7 +33,6 @@ from jobledger.integrations.rq.marks import (
     record_of,
 )
 from jobledger.model import JobRecord, JobState, Republish
-from jobledger.outbox import Outbox
 from jobledger.pending import CreateWrite
 from jobledger.runtime.worker import WorkerRuntime
 from jobledger.stores import Store
@@ -56,16 +55,6 @@ class RQIntegration:
         self.connection = connection
         self.settings = settings
         self.runtime = WorkerRuntime(self, settings, store_factory=store_factory, wrappers=("rq",))
-
-    @property
-    def store(self) -> Store:
-        """This process's ledger store."""
-        return self.runtime.store
-
-    @property
-    def outbox(self) -> Outbox:
-        """This process's outbox: stages jobs and publishes them right after the commit."""
-        return self.runtime.outbox
 
     # -- the way back ---------------------------------------------------------------------
     def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
