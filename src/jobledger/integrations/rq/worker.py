@@ -85,7 +85,7 @@ class _Tracked:
             )
         except (ConfigError, SchemaMissing) as exc:
             print(f"jobledger: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+            raise SystemExit(2) from None
         runtime.start()
         try:
             return bool(super().work(*args, **kwargs))  # type: ignore[misc]
@@ -128,10 +128,12 @@ class _Tracked:
         log.warning("jobledger: the ledger answers again: this worker takes jobs")
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        delivery = self._delivery_of(job) if is_tracked(job) else None
+        runtime = self.jobledger.runtime
+        registered = runtime.instance_id is not None  # else: run as a plain RQ worker would
+        delivery = self._delivery_of(job) if registered and is_tracked(job) else None
         if delivery is not None:
             self._jl_delivery, unrecorded = delivery
-            self.jobledger.runtime.received(self._jl_delivery.record, unrecorded=unrecorded)
+            runtime.received(self._jl_delivery.record, unrecorded=unrecorded)
         try:
             super().execute_job(job, queue)  # type: ignore[misc]
         finally:
