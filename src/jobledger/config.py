@@ -172,9 +172,9 @@ class Settings:
     #: is dropped, logged and counted (its job is recovered and run again once its owner stops).
     journal_limit: int = DEFAULT_JOURNAL_LIMIT
     #: ``JOBLEDGER_ON_ORPHAN``: what a tracked job whose worker died while it ran becomes when
-    #: its task does not say (``@app.task(on_orphan=...)``): ``requeue`` (default, run it
-    #: again), ``fail`` (failed with the reason, for a person) or ``discard`` (cancelled with
-    #: the reason). Recorded with each job at publish.
+    #: its task does not say (``@app.task(on_orphan=...)``, an RQ job's ``meta``): ``requeue``
+    #: (default, run it again), ``fail`` (failed with the reason, for a person) or ``discard``
+    #: (cancelled with the reason). Recorded with each job at publish.
     on_orphan: OrphanPolicy = OrphanPolicy.REQUEUE
     #: ``JOBLEDGER_SIDEKIQ_REDIS_URL``: the Redis of a Sidekiq app (unset: no Sidekiq). Set,
     #: restarts publish Sidekiq jobs there and the supervisor watches its processes' heartbeats.

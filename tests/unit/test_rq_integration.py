@@ -12,25 +12,23 @@ import pytest
 from redis import Redis
 from rq import Queue as PlainQueue
 from rq import Retry
-from rq.job import Job
+from rq.job import Dependency, Job
 
 from jobledger.config import Settings
-from jobledger.errors import StagingError
+from jobledger.errors import ConfigError, StagingError
 from jobledger.integrations.base import registry
 from jobledger.integrations.rq import Queue, RQIntegration, install
 from jobledger.integrations.rq.marks import (
-    GENERATION,
-    REPUBLISH,
+    FIELDS,
     TRACKED,
-    generation_of,
+    UNRECORDED,
+    delivery_of,
     record_of,
-    republish_of,
 )
 from jobledger.integrations.rq.publish import forget_runs
-from jobledger.model import JobRecord, JobState, Republish
+from jobledger.model import JobRecord, JobState, OrphanPolicy, Republish
 from jobledger.query import JobQuery
 from jobledger.stores.base import Transition
-from jobledger.stores.sql import SQLStore
 from jobledger.testing import MemoryStore
 
 S = JobState
@@ -46,10 +44,11 @@ def test_a_job_records_what_publishes_it_again_without_its_code() -> None:
     job = job_named(
         args=[2026], kwargs={"model_id": 4242}, id="given-1", origin="reports", timeout=60,
         result_ttl=10, description="build", meta={"tenant": "a"},
+        depends_on=Dependency(jobs=["first"], allow_failure=True),
     )  # fmt: skip
     job.retries_left, job.retry_intervals = 2, [1, 5]
     at = datetime(2030, 1, 1, tzinfo=timezone.utc)
-    record = record_of(job, at)
+    record = record_of(job, at, policy=OrphanPolicy.FAIL)
     assert record is not None
     assert (record.id, record.name, record.system, record.queue) == (
         "given-1", "reports.build", "rq", "reports"
@@ -58,7 +57,8 @@ def test_a_job_records_what_publishes_it_again_without_its_code() -> None:
     assert record.options == {
         "timeout": 60, "result_ttl": 10, "description": "build",
         "retry": {"max": 2, "intervals": [1, 5]}, "scheduled_at": at.isoformat(),
-        "meta": {"tenant": "a"},
+        "meta": {"tenant": "a"}, "depends_on": {"jobs": ["first"], "allow_failure": True},
+        "on_orphan": "fail",
     }  # fmt: skip
 
 
@@ -66,12 +66,16 @@ def test_a_job_json_cannot_hold_is_not_tracked() -> None:
     assert record_of(job_named(args=[object()])) is None
 
 
-def test_generation_and_reason_are_read_from_the_meta_and_malformed_ones_ignored() -> None:
-    job = job_named(meta={GENERATION: 3, REPUBLISH: "recovery"})
-    assert (generation_of(job), republish_of(job)) == (3, Republish.RECOVERY)
-    bad = job_named(meta={GENERATION: "x", REPUBLISH: "nonsense"})
-    assert (generation_of(bad), republish_of(bad)) == (None, None)
-    assert generation_of(job_named()) is None
+def test_a_delivery_reads_its_hash_fields_and_ignores_malformed_ones() -> None:
+    job = job_named(origin="reports", meta={TRACKED: True})
+    found = delivery_of(job, [b"3", b"recovery", b"1"], OrphanPolicy.REQUEUE)
+    assert found is not None
+    delivery, unrecorded = found
+    assert (delivery.generation, delivery.republish, unrecorded) == (3, Republish.RECOVERY, True)
+    assert delivery.record.generation == 3
+    bad = delivery_of(job, [b"x", b"nonsense", None], OrphanPolicy.REQUEUE)
+    assert bad is not None
+    assert (bad[0].generation, bad[0].republish, bad[1]) == (0, None, False)
 
 
 @pytest.fixture
@@ -132,7 +136,7 @@ def test_an_enqueue_that_raises_leaves_the_record_cancelled(
         Queue(name, connection=down).enqueue("reports.build", 1, job_id="unsent")
     record = store.get("unsent")
     assert record is not None and record.state is JobState.CANCELLED
-    assert "its enqueue failed" in (record.error or "")
+    assert "its publish failed and the caller was told" in (record.error or "")
 
 
 def test_publish_puts_the_job_back_by_name_and_out_of_rqs_registries(
@@ -152,7 +156,8 @@ def test_publish_puts_the_job_back_by_name_and_out_of_rqs_registries(
     assert (job.func_name, job.args, job.kwargs, job.timeout) == (
         "no.such.module.fn", [1], {"a": 2}, 30
     )  # fmt: skip
-    assert job.meta == {"tenant": "a", TRACKED: True, GENERATION: 2, REPUBLISH: "restart"}
+    assert job.meta == {"tenant": "a", TRACKED: True}
+    assert redis.hmget(job.key, *FIELDS) == [b"2", b"restart", None]
     assert queue.get_job_ids() == ["again"]
     assert "again" not in queue.failed_job_registry.get_job_ids()
     assert redis.zrange(queue.started_job_registry.key, 0, -1) == [b"other:exec2"]
@@ -181,6 +186,35 @@ def test_staging_refuses_what_it_could_not_enqueue_the_same_way_later(
         integration.stage(lambda: None)
 
 
+def test_a_misspelt_orphan_policy_fails_the_enqueue_before_anything_is_written(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    _, store, redis, name = rq_env
+    queue = Queue(name, connection=redis)
+    with pytest.raises(ConfigError, match=r"meta on_orphan: unknown orphan policy 'never'"):
+        queue.enqueue("reports.build", 1, job_id="misspelt", meta={"on_orphan": "never"})
+    assert store.get("misspelt") is None and queue.count == 0
+    kept = queue.enqueue("reports.build", 2, meta={"on_orphan": "discard"})
+    assert store.get(kept.id).options["on_orphan"] == "discard"  # type: ignore[union-attr]
+
+
+def test_an_enqueue_the_ledger_did_not_take_is_marked_on_the_job(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    integration, _, redis, name = rq_env
+    down = install(
+        Redis.from_url(REDIS),
+        integration.settings.replace(database_url="postgresql://127.0.0.1:1/none"),
+    )
+    try:
+        job = Queue(name, connection=down.connection).enqueue("reports.build", 1)
+        assert redis.hget(job.key, UNRECORDED) == b"1"
+        assert down.runtime.counters.snapshot()["publish_unrecorded"] == 1
+        assert Job.fetch(job.id, connection=redis).meta[TRACKED] is True
+    finally:
+        down.close()
+
+
 def test_a_unique_enqueue_goes_out_once_while_its_job_is_unfinished(
     rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
 ) -> None:
@@ -205,13 +239,17 @@ def test_with_the_ledger_down_a_unique_enqueue_goes_out_without_the_key(
     rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
 ) -> None:
     """Who holds the key cannot be known: the job is enqueued (at least once beats never),
-    its record left to the worker's claim."""
-    integration, _, _, name = rq_env
-    down = SQLStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout=1)
-    other = Redis.from_url(REDIS)  # an integration of its own, on the ledger that is down
-    install(other, integration.settings, store_factory=lambda: down)
-    queue = Queue(name, connection=other)
-    first = queue.enqueue("reports.build", 1, unique_key="report:1")
-    again = queue.enqueue("reports.build", 2, unique_key="report:1")
-    assert first.id != again.id and queue.count == 2
-    other.close()
+    marked unrecorded, its record written later without the key."""
+    integration, _, redis, name = rq_env
+    down = install(
+        Redis.from_url(REDIS),
+        integration.settings.replace(database_url="postgresql://127.0.0.1:1/none"),
+    )
+    try:
+        queue = Queue(name, connection=down.connection)
+        first = queue.enqueue("reports.build", 1, unique_key="report:1")
+        again = queue.enqueue("reports.build", 2, unique_key="report:1")
+        assert first.id != again.id and queue.count == 2
+        assert redis.hget(first.key, UNRECORDED) == b"1"
+    finally:
+        down.close()

@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,14 +118,22 @@ class RQHarness:
         env.update(extra)
         return env
 
-    def start_worker(self, name: str, worker_class: str | None = None, **env: str) -> RQWorker:
-        """Spawn ``rq worker`` (``env`` over the harness's variables) and wait until it
-        registered its instance in the ledger."""
+    def start_worker(
+        self,
+        name: str,
+        worker_class: str | None = None,
+        *,
+        rq_args: Sequence[str] = (),
+        **env: str,
+    ) -> RQWorker:
+        """Spawn ``rq worker`` (``worker_class`` one of jobledger's, or a dotted path;
+        ``rq_args`` added to its command line; ``env`` over the harness's variables) and wait
+        until it registered its instance in the ledger."""
         cls = worker_class or self.worker_class
         cmd = [
             sys.executable, "-m", "rq.cli", "worker", "--url", REDIS,
-            "--worker-class", f"jobledger.integrations.rq.{cls}",
-            "--name", f"{name}-{self.queue_name}", self.queue_name,
+            "--worker-class", cls if "." in cls else f"jobledger.integrations.rq.{cls}",
+            "--name", f"{name}-{self.queue_name}", *rq_args, self.queue_name,
         ]  # fmt: skip
         log = self.tmp_path / f"{name}.log"
         with log.open("wb") as out:

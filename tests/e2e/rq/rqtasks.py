@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sqlite3
 import time
+from pathlib import Path
+from typing import Any
+
+from rq.job import Job
+from rq.queue import Queue
+
+from jobledger.integrations.rq import Worker
+from jobledger.testing import wait_for
 
 RUNS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS runs (job_id TEXT, phase TEXT, worker TEXT, at REAL, pid INT)"
@@ -62,3 +71,35 @@ def fail_once(i: int) -> int:
 def fail(i: int) -> int:
     record_run(_job_id(), "start")
     raise ValueError(f"job {i} always fails")
+
+
+def outlive_alarm(i: int, seconds: float = 300) -> int:
+    """Ignores RQ's timeout alarm: its work horse outlives the job's timeout until RQ's
+    worker kills it (60 s past the timeout)."""
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    return work(i, seconds)
+
+
+def save_meta_after(go: str) -> str:
+    """Its first run waits for the file ``go`` (the test republishes the job meanwhile), then
+    saves the job's meta as it loaded it, as a body reporting progress does."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    assert job is not None
+    record_run(job.id, "start")
+    if starts(job.id) == 1:
+        wait_for("the test to republish the job", Path(go).exists, timeout=60)
+    job.meta["progress"] = "saved"
+    job.save_meta()
+    record_run(job.id, "done")
+    return job.id
+
+
+class PausingWorker(Worker):
+    """Stops itself (SIGSTOP) once it received a job, before its work horse forks: a worker
+    that dies between the two, for the test to kill there."""
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> Any:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return super().fork_work_horse(job, queue)

@@ -53,7 +53,7 @@ def test_the_relay_enqueues_what_the_fast_path_missed(make_rq: Callable[..., RQH
     h = make_rq("sqlite", "SimpleWorker")
     record_id = h.integration.stage("rqtasks.work", [1], queue=h.queue_name)
     assert h.job(record_id).state is JobState.QUEUED
-    missed = h.integration.outbox.store  # stage a job whose fast path never ran: a crash
+    missed = h.integration.runtime.outbox.store  # stage a job whose fast path never ran: a crash
     from jobledger.model import JobRecord
 
     missed.create(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rqharness import RQHarness, make_rq_fixture, wait_for  # noqa: F401
+from rqharness import REDIS, RQHarness, make_rq_fixture, wait_for  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "celery"))
 from tcpproxy import TcpProxy
@@ -42,3 +43,18 @@ def test_a_worker_cut_off_from_the_ledger_takes_no_job(
         assert len(h.runs()) == 2  # one start, one done
     finally:
         proxy.close()
+
+
+def test_a_worker_on_an_unmigrated_ledger_exits_with_one_line(
+    make_rq: Callable[..., RQHarness], tmp_path: Path
+) -> None:
+    h = make_rq("sqlite", "Worker")
+    env = h.env("w1", JOBLEDGER_DATABASE_URL=f"sqlite:///{tmp_path / 'empty.db'}")
+    done = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "worker", "--url", REDIS, "--worker-class",
+         "jobledger.integrations.rq.Worker", h.queue_name],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "jobledger: the ledger tables are missing" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -2,7 +2,9 @@
 
 Publishers enqueue through a tracked queue (:class:`Queue`, or any queue given to
 :func:`install`); workers run ``rq worker --worker-class jobledger.integrations.rq.Worker``
-(or :class:`SimpleWorker`). Both read the ``JOBLEDGER_*`` settings.
+(or :class:`SimpleWorker`), which map RQ's hooks onto the shared
+:class:`~jobledger.runtime.worker.WorkerRuntime` (:mod:`.worker`). Both read the
+``JOBLEDGER_*`` settings. A job's orphan policy is its meta's ``on_orphan``.
 
 RQ settings that pair with it, and why:
 
@@ -13,7 +15,8 @@ RQ settings that pair with it, and why:
   worker's job after its heartbeat TTL + one sweep, and takes it out of that registry, so
   the two never both put it back;
 - ``Retry`` for failures as usual (invariant 8: retries belong to RQ; the ledger says
-  ``retrying``); a crash is not a failure and needs no ``Retry`` to come back.
+  ``retrying``); a crash is not a failure and needs no ``Retry`` to come back (nor is it
+  retried when the job's orphan policy forbids a second run).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ enqueue path goes through ``create_job`` (``enqueue``, ``enqueue_call``, ``enque
 ``enqueue_in``, ``enqueue_many``, a ``Retry`` kept in the job), and a job made by hand
 (``Job.create`` then ``enqueue_job``/``schedule_job``) is stamped and recorded there. Caller-
 given ids are the record's ids. An enqueue that raises after the record was written leaves
-it ``cancelled`` with the error, as the caller was told.
+it ``cancelled`` with the error, as the caller was told. A job's orphan policy is its meta's
+``on_orphan`` (``queue.enqueue(charge, 7, meta={"on_orphan": "fail"})``), else
+``JOBLEDGER_ON_ORPHAN``; a misspelt one fails the enqueue before anything is written.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from rq.job import Job
 from jobledger.config import Settings
 from jobledger.errors import StagingError, StoreError
 from jobledger.integrations.rq.integration import RQIntegration, integration_for
-from jobledger.integrations.rq.marks import is_tracked, stamp
+from jobledger.integrations.rq.marks import orphan_policy, stamp
 from jobledger.stores import Store
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class TrackedQueue(rq.Queue):
     def create_job(self, *args: Any, **kwargs: Any) -> Job:
         job = super().create_job(*args, **kwargs)
         stamp(job)
+        orphan_policy(job, self.jobledger.settings.on_orphan)  # misspelt: raise before the push
         return job
 
     def enqueue_job(self, job: Job, *args: Any, **kwargs: Any) -> Job:
@@ -47,7 +50,7 @@ class TrackedQueue(rq.Queue):
         try:
             return super().enqueue_job(job, *args, **kwargs)
         except Exception as exc:
-            self.jobledger.unpublished(job.id, exc)
+            self.jobledger.runtime.outcomes.unpublished(job.id, exc)
             raise
 
     def schedule_job(self, job: Job, datetime: datetime, *args: Any, **kwargs: Any) -> Job:
@@ -55,7 +58,7 @@ class TrackedQueue(rq.Queue):
         try:
             return super().schedule_job(job, datetime, *args, **kwargs)
         except Exception as exc:
-            self.jobledger.unpublished(job.id, exc)
+            self.jobledger.runtime.outcomes.unpublished(job.id, exc)
             raise
 
     def enqueue_many(self, job_datas: Any, *args: Any, **kwargs: Any) -> list[Job]:
@@ -66,8 +69,7 @@ class TrackedQueue(rq.Queue):
         return jobs
 
     def _track(self, job: Job, scheduled_at: datetime | None = None) -> None:
-        if not is_tracked(job):
-            stamp(job)
+        stamp(job)
         job.origin = self.name
         self.jobledger.record(job, scheduled_at)
 
@@ -76,8 +78,8 @@ class TrackedQueue(rq.Queue):
         nothing is enqueued and that job is returned (see :meth:`RQIntegration.publish_unique`;
         a handle with only its id while the relay has yet to enqueue it). A unique job takes
         the options a staged one does. A ledger that is down cannot say who holds the key:
-        the job is enqueued as without one (at least once beats never), its record written
-        by the worker's claim."""
+        the job is enqueued as without one (at least once beats never) and marked
+        unrecorded, its record written later without the key."""
         if unique_key is None:
             return super().enqueue(f, *args, **kwargs)
         call = self.parse_args(f, *args, **kwargs)._asdict()

@@ -1,4 +1,5 @@
-"""The RQ integration as the core sees it: publish, count a queue, record at enqueue, stage.
+"""The RQ integration as the core sees it: publish, count a queue, record at enqueue, stage;
+everything queue-agnostic is its :class:`~jobledger.runtime.worker.WorkerRuntime`'s.
 
 One per Redis connection (:func:`integration_for`), registered as the process's ``rq``
 integration so that restart, recovery and the relay publish RQ jobs through it.
@@ -24,12 +25,17 @@ from jobledger.config import Settings
 from jobledger.errors import JobLedgerError, StagingError
 from jobledger.integrations.base import Published, publish_one_by_one, registry
 from jobledger.integrations.rq import publish as _publish
-from jobledger.integrations.rq.ledger import WorkerLedger
-from jobledger.integrations.rq.marks import JOB_OPTIONS, SYSTEM, record_of
+from jobledger.integrations.rq.marks import (
+    JOB_OPTIONS,
+    SYSTEM,
+    UNRECORDED,
+    orphan_policy,
+    record_of,
+)
 from jobledger.model import JobRecord, JobState, Republish
-from jobledger.outbox import Outbox
+from jobledger.pending import CreateWrite
+from jobledger.runtime.worker import WorkerRuntime
 from jobledger.stores import Store
-from jobledger.stores.base import Transition
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +54,7 @@ class RQIntegration:
     ) -> None:
         self.connection = connection
         self.settings = settings
-        self.ledger = WorkerLedger(
-            settings,
-            system=SYSTEM,
-            publish=self.publish,
-            publish_many=self.publish_many,
-            probe=lambda system: self if system == SYSTEM else None,
-            store_factory=store_factory,
-        )
-        self.unrecorded = 0  # enqueues the ledger did not take (invariant 7)
-        self._outbox: Outbox | None = None
+        self.runtime = WorkerRuntime(self, settings, store_factory=store_factory, wrappers=("rq",))
 
     # -- the way back ---------------------------------------------------------------------
     def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
@@ -83,39 +80,34 @@ class RQIntegration:
             return None
 
     # -- the way in: at enqueue ---------------------------------------------------------
-    def record(self, job: Job, scheduled_at: Any = None) -> None:
-        """Write ``job``'s queued record; a ledger that is down costs a warning, never the
-        enqueue (invariant 7): the worker creates the record at its claim."""
-        record = record_of(job, scheduled_at)
+    def record(self, job: Job, scheduled_at: Any = None) -> bool:
+        """Write ``job``'s queued record (with its orphan policy: a misspelt one raises
+        :class:`~jobledger.errors.ConfigError` before anything is written). A ledger that is
+        down costs a warning and a counter, never the enqueue (invariant 7): the job's hash
+        is marked :data:`~jobledger.integrations.rq.marks.UNRECORDED`, so the worker that
+        receives it journals the record, and this process writes it once the ledger is back.
+        False if the job is not tracked (see :func:`record_of`)."""
+        policy = orphan_policy(job, self.settings.on_orphan)
+        record = record_of(job, scheduled_at, policy=policy)
         if record is None:
-            return
+            return False
         try:
-            self.ledger.store.create(record)  # False: it exists (a retry, a republish)
+            self.runtime.store.create(record)  # False: it exists (a retry, a republish)
         except JobLedgerError as exc:
-            self.unrecorded += 1
-            log.warning("job %s (%s) enqueued but not recorded: %s", job.id, record.name, exc)
+            self.runtime.count("publish_unrecorded")
+            log.warning("job %s (%s) enqueued but not recorded yet: %s", job.id, record.name, exc)
+            self.connection.hset(job.key, UNRECORDED, 1)
+            self.runtime.pending.add(CreateWrite(record))
+        return True
 
-    def unpublished(self, job_id: str, exc: BaseException) -> None:
-        """The enqueue raised after the record was written: the caller was told the job was
-        not queued, so the record says so too (cancelled, with the error)."""
-        change = Transition(
-            to=JobState.CANCELLED,
-            expect=frozenset({JobState.QUEUED}),
-            expect_owner=None,
-            expect_generation=0,
-            error=f"not queued: its enqueue failed and the caller was told ({exc!r})",
-        )
-        try:
-            self.ledger.store.transition(job_id, change)
-        except JobLedgerError as err:
-            log.warning("job %s: its failed enqueue could not be recorded: %s", job_id, err)
-
-    # -- staging (the outbox) -------------------------------------------------------------
-    @property
-    def outbox(self) -> Outbox:
-        if self._outbox is None:
-            self._outbox = Outbox(self.ledger.store, publish=self.publish_many)
-        return self._outbox
+    def close(self) -> None:
+        """Leave the registry, stop replaying pending writes and close this process's
+        stores (tests; a process done with this connection)."""
+        registry.unregister(self.system, self)
+        with _lock:
+            if _by_connection.get(self.connection) is self:
+                del _by_connection[self.connection]
+        self.runtime.close()
 
     def stage(
         self,
@@ -137,7 +129,7 @@ class RQIntegration:
         :class:`StagingError` for any other. With ``unique_key``, while an unfinished job
         holds the key nothing is staged and that job's id is returned."""
         record = self._staged(func, args, kwargs, queue, job_id, unique_key, options)
-        return self.outbox.stage(record, using)
+        return self.runtime.outbox.stage(record, using)
 
     def publish_unique(
         self,
@@ -155,7 +147,7 @@ class RQIntegration:
         the job enqueued, or of the unfinished job that holds the key (nothing enqueued).
         :class:`~jobledger.errors.StoreError` if the ledger cannot say who holds the key."""
         record = self._staged(func, args, kwargs, queue, job_id, unique_key, options)
-        return self.outbox.publish_now(record)
+        return self.runtime.outbox.publish_now(record)
 
     def _staged(
         self,

@@ -4,8 +4,11 @@ No task code is imported (invariant 10): RQ keeps the function as a dotted name,
 made from a string is. First the job leaves the lists and registries where an earlier
 message or run left it (queue, intermediate queue, started, failed, scheduled), so RQ's own
 cleanup does not later fail a job jobledger has put back and ``rq info`` counts it once, as
-queued; then its hash is written anew (status queued, the record's generation and the
-republish reason in its meta) and its id pushed.
+queued, and its hash takes the record's generation and the republish reason
+(:data:`~jobledger.integrations.rq.marks.FIELDS`); then its hash is written anew (status
+queued) and its id pushed, or deferred again behind the dependencies it was enqueued with
+that have not finished (RQ enqueues it once they have; one that finished or that Redis no
+longer holds does not hold it back).
 (One transaction cannot hold both: RQ's enqueue watches keys in the pipeline it is given.)
 """
 
@@ -17,10 +20,17 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry
+from rq.job import Dependency
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from jobledger.errors import PublishError
-from jobledger.integrations.rq.marks import JOB_OPTIONS, stamp
+from jobledger.integrations.rq.marks import (
+    GENERATION,
+    JOB_OPTIONS,
+    REPUBLISH,
+    UNRECORDED,
+    stamp,
+)
 from jobledger.model import JobRecord, Republish
 
 
@@ -38,12 +48,19 @@ def publish(connection: Redis, record: JobRecord, reason: Republish | None = Non
             job_id=record.id,
             meta=dict(options.get("meta") or {}),
             retry=_retry(options.get("retry")),
+            depends_on=_depends_on(options.get("depends_on")),
             **{k: options[k] for k in JOB_OPTIONS if options.get(k) is not None},
         )
-        stamp(job, record.generation, reason)
+        stamp(job)
         at = _scheduled_at(options)
         with connection.pipeline() as pipe:
             forget_runs(queue, record.id, pipe)
+            pipe.hset(job.key, GENERATION, record.generation)
+            if reason is None:
+                pipe.hdel(job.key, REPUBLISH)
+            else:
+                pipe.hset(job.key, REPUBLISH, reason.value)
+            pipe.hdel(job.key, UNRECORDED)
             pipe.execute()
         if at is not None:
             queue.schedule_job(job, at)
@@ -81,6 +98,12 @@ def _retry(value: Any) -> Retry | None:
     if not isinstance(value, dict) or not value.get("max"):
         return None
     return Retry(max=int(value["max"]), interval=list(value.get("intervals") or [0]))
+
+
+def _depends_on(value: Any) -> Dependency | None:
+    if not isinstance(value, dict) or not value.get("jobs"):
+        return None
+    return Dependency(jobs=list(value["jobs"]), allow_failure=bool(value.get("allow_failure")))
 
 
 def _scheduled_at(options: dict[str, Any]) -> datetime | None:
