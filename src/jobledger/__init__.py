@@ -17,6 +17,7 @@ from jobledger.errors import (
     StagingError,
     StoreError,
     StoreUnavailable,
+    UniqueKeyHeld,
 )
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import Instance, JobRecord, JobState
@@ -49,6 +50,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "Transition",
+    "UniqueKeyHeld",
     "__version__",
     "open_store",
     "staging_in",

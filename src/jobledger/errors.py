@@ -36,6 +36,16 @@ class SchemaMissing(StoreError):
     """The ledger tables are missing or older than this version of jobledger."""
 
 
+class UniqueKeyHeld(JobLedgerError):
+    """A job was created with a ``unique_key`` that another job, not yet finished, holds:
+    nothing was written. ``holder`` is that job's id (what a unique publish returns)."""
+
+    def __init__(self, key: str, holder: str) -> None:
+        super().__init__(f"unique key {key!r} is held by job {holder}, which has not finished")
+        self.key = key
+        self.holder = holder
+
+
 class JobNotFound(JobLedgerError, LookupError):
     """No job with that id is in the ledger."""
 

@@ -198,6 +198,7 @@ class Manager:
                 report.done.append(record.id)
                 continue
             after = replace(record, generation=record.generation + 1)
+            self.integrations.republishing(after, Republish.RESTART)
             try:
                 integration.publish(after, reason=Republish.RESTART)
             except PublishError as exc:

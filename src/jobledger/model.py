@@ -316,9 +316,21 @@ class JobRecord:
     finished_at: datetime | None = None
     recovered_at: datetime | None = None
     updated_at: datetime | None = None
+    #: What makes the job unique (issue 11): while it is unfinished, no other job with this key
+    #: can be created (a second publish returns this job's id). Held from its creation until
+    #: the move that ends it; a restart runs it again without taking the key back.
+    unique_key: str | None = None
 
     def __post_init__(self) -> None:
         validate_job_id(self.id)
+        if self.unique_key is not None and (
+            not isinstance(self.unique_key, str)
+            or not self.unique_key
+            or len(self.unique_key) > NAME_MAX_LENGTH
+        ):
+            raise ConfigError(
+                f"a unique key must be 1-{NAME_MAX_LENGTH} characters: {self.unique_key!r}"
+            )
         object.__setattr__(self, "state", JobState.parse(self.state))
         for label in ("name", "system", "queue"):
             value = getattr(self, label)

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection
 
-from jobledger.errors import JobLedgerError, PublishError, StagingError
+from jobledger.errors import JobLedgerError, PublishError, StagingError, UniqueKeyHeld
 from jobledger.integrations.base import PublishBatch, Published, registry
 from jobledger.model import JobRecord, JobState
 from jobledger.staging import TransactionHolder, holders
@@ -50,7 +50,8 @@ class Outbox:
 
     ``publish`` sends a batch (default: each job's integration from the registry); the fast
     path of a transaction that staged many jobs publishes them ``batch_size`` at a time.
-    ``counters`` says what happened (``staged``, ``published``, ``left_to_relay``).
+    ``counters`` says what happened (``staged``, ``published``, ``left_to_relay``, and
+    ``unique_held``: jobs not staged because an unfinished job held their unique key).
     """
 
     def __init__(
@@ -73,21 +74,40 @@ class Outbox:
     def stage(self, record: JobRecord, using: object | None = None) -> str:
         """Stage ``record`` in the transaction of ``using`` (see :meth:`Holders.resolve`) and
         return its id. Without a transaction it is written through the ledger's own
-        connection and published at once. :class:`StagingError` if it cannot be staged (a
+        connection and published at once (:meth:`publish_now`). A record whose
+        ``unique_key`` an unfinished job holds is not staged: that job's id is returned.
+        :class:`StagingError` if it cannot be staged (a
         :class:`~jobledger.errors.StoreError` if that connection fails); nothing is written
         then."""
         record = dataclasses.replace(record, state=JobState.STAGED)
         holder = holders.resolve(using)
         if holder is None:
-            if not self.store.create(record):
-                raise StagingError(f"job {record.id} exists already; staging needs a new job id")
-            self.counters["staged"] += 1
-            self.flush([record.id])
-            return record.id
+            return self.publish_now(record)
         self._check_database(holder)
-        holder.insert(record)
+        held_by = holder.insert(record)
+        if held_by is not None:
+            self.counters["unique_held"] += 1
+            return held_by
         self.counters["staged"] += 1
         holder.after_commit(record.id, self.flush)
+        return record.id
+
+    def publish_now(self, record: JobRecord) -> str:
+        """Write ``record`` staged through the ledger's own connection, then publish it at
+        once (the fast path; the relay if the broker is down) and return its id: a job in the
+        ledger before its message exists, which is what makes a unique publish atomic. A
+        record whose ``unique_key`` an unfinished job holds writes and publishes nothing, and
+        that job's id is returned."""
+        record = dataclasses.replace(record, state=JobState.STAGED)
+        try:
+            created = self.store.create(record)
+        except UniqueKeyHeld as held:
+            self.counters["unique_held"] += 1
+            return held.holder
+        if not created:
+            raise StagingError(f"job {record.id} exists already; staging needs a new job id")
+        self.counters["staged"] += 1
+        self.flush([record.id])
         return record.id
 
     def _check_database(self, holder: TransactionHolder) -> None:

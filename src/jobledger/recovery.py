@@ -378,6 +378,7 @@ class Recovery:
 
     def _republish(self, record: JobRecord, reason: Republish, why: str) -> Outcome:
         after = replace(record, generation=record.generation + 1)
+        registry.republishing(after, reason)
         try:
             self.publish(after, reason=reason)  # invariant 1: publish first
         except JobLedgerError as exc:

@@ -31,11 +31,12 @@ class TransactionHolder(Protocol):
     #: checked against the ledger's, since jobs staged elsewhere would never be published.
     database: str | None
 
-    def insert(self, record: JobRecord) -> None:
+    def insert(self, record: JobRecord) -> str | None:
         """Write ``record`` (state ``staged``, times from the database clock) through the
-        caller's connection, inside its transaction; :class:`StagingError` if it cannot (no
-        ledger tables in that database, a closed or failed transaction), with nothing
-        written."""
+        caller's connection, inside its transaction; None when written. The id of the
+        unfinished job that holds the record's ``unique_key`` instead, with nothing written;
+        :class:`StagingError` if it cannot (its id taken, no ledger tables in that database,
+        a closed or failed transaction), with nothing written."""
 
     def after_commit(self, job_id: str, flush: Flush) -> None:
         """See that ``flush`` is called with ``job_id`` after the outermost transaction commits,

@@ -53,7 +53,7 @@ JOB_FIELDS = {
     "attempts", "recoveries", "restarts", "generation", "recent_recoveries", "history", "error",
     "created_at", "staged_at",
     "first_queued_at", "queued_at", "started_at", "finished_at", "recovered_at", "updated_at",
-    "queued_to_finished", "started_to_finished", "runs",
+    "queued_to_finished", "started_to_finished", "runs", "unique_key",
 }  # fmt: skip
 
 
@@ -192,6 +192,7 @@ def test_jobs_json_lines_carry_every_field(cli: Cli, ledger: Ledger) -> None:
         "error": None,
         "queued_to_finished": None,
         "started_to_finished": None,
+        "unique_key": None,
     }
     assert epoch(alice["created_at"]) == pytest.approx(now - 999, abs=1e-3)
     assert epoch(alice["queued_at"]) == pytest.approx(now - 60, abs=1e-3)

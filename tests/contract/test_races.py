@@ -13,6 +13,7 @@ import pytest
 import race_workers
 from ledger_helpers import job
 
+from jobledger.errors import UniqueKeyHeld
 from jobledger.model import CLAIMABLE_STATES, JobState
 from jobledger.query import JobQuery
 from jobledger.stores.base import Store, Transition
@@ -89,6 +90,23 @@ def test_threads_claiming_the_same_job_have_one_winner(racer: Store) -> None:
         assert record is not None
         assert record.owner == f"w:{outcome.index(True)}"
         assert (record.state, record.attempts) == (JobState.STARTED, 1)
+
+
+def test_threads_creating_jobs_with_one_unique_key_have_one_winner(racer: Store) -> None:
+    """Each round every thread creates a job of its own id with the round's key: exactly one
+    is created, and every other thread is told the winner's id."""
+
+    def attempt(n: int, thread: int) -> str:
+        try:
+            assert racer.create(job(f"job-{n}-{thread}", unique_key=f"key-{n}"))
+        except UniqueKeyHeld as held:
+            return held.holder
+        return f"job-{n}-{thread}"
+
+    for n, outcome in enumerate(fight(JOBS, attempt)):
+        winners = set(outcome)
+        assert len(winners) == 1, f"round {n}: {sorted(winners)}"
+        assert racer.count(JobQuery(ids=frozenset(f"job-{n}-{t}" for t in range(THREADS)))) == 1
 
 
 def test_threads_finishing_against_a_takeover_have_one_winner(racer: Store) -> None:
@@ -196,7 +214,7 @@ def test_processes_claiming_the_same_jobs_claim_each_once(
         assert server_store.create(job(job_id))
     owners = [f"proc-{p}:1" for p in range(PROCESSES)]
     for queue, owner in zip(commands, owners, strict=True):
-        queue.put((ledger_url(server_store), owner, job_ids))
+        queue.put((ledger_url(server_store), owner, job_ids, None))
     reports = dict(results.get(timeout=120) for _ in owners)
     assert set(reports) == set(owners)
     assert all(isinstance(won, list) for won in reports.values()), reports
@@ -209,3 +227,19 @@ def test_processes_claiming_the_same_jobs_claim_each_once(
         assert (record.state, record.attempts) == (JobState.STARTED, 1)
         assert record.owner == winners[record.id][0]
     assert server_store.count(JobQuery(states={JobState.STARTED})) == len(job_ids)
+
+
+def test_processes_publishing_one_unique_key_create_one_job(
+    server_store: Store, claimers: tuple[list[Any], Any]
+) -> None:
+    """Every child creates its own 300 jobs holding one key, all at once: one job exists."""
+    commands, results = claimers
+    owners = [f"proc-{p}:1" for p in range(PROCESSES)]
+    for queue, owner in zip(commands, owners, strict=True):
+        ids = [f"{owner}-{n:03d}" for n in range(300)]
+        queue.put((ledger_url(server_store), owner, ids, "invoice:1"))
+    reports = dict(results.get(timeout=120) for _ in owners)
+    assert all(isinstance(won, list) for won in reports.values()), reports
+    won = [job_id for ids in reports.values() for job_id in ids]
+    assert len(won) == 1 and server_store.count(JobQuery()) == 1
+    assert [r.id for r in server_store.iter_jobs(JobQuery())] == won

@@ -23,7 +23,7 @@ from ledger_helpers import (
     started,
 )
 
-from jobledger.errors import ConfigError, InvalidTransition
+from jobledger.errors import ConfigError, InvalidTransition, UniqueKeyHeld
 from jobledger.model import (
     CLAIMABLE_STATES,
     ERROR_MAX_LENGTH,
@@ -389,6 +389,132 @@ def test_the_generation_is_compared_and_set_by_transition_and_delete(store: Stor
     assert store.transition("job-1", claim("w:1"))  # no generation asked: any
     assert not store.delete("job-1", only(S.STARTED), "w:1", expect_generation=2)
     assert store.delete("job-1", only(S.STARTED), "w:1", expect_generation=3)
+
+
+# -- unique keys -------------------------------------------------------------------------------
+
+UNFINISHED_MOVES = [
+    Transition(to=S.STARTED, expect=CLAIMABLE_STATES, owner="w:1"),
+    Transition(to=S.RETRYING, expect=only(S.STARTED), expect_owner="w:1", error="boom"),
+    Transition(to=S.QUEUED, expect=only(S.RETRYING)),
+    Transition(to=S.STARTED, expect=CLAIMABLE_STATES, owner="w:2"),
+]
+ENDINGS = [
+    Transition(to=S.SUCCEEDED, expect=only(S.STARTED), expect_owner="w:1"),
+    Transition(to=S.FAILED, expect=only(S.STARTED), expect_owner="w:1", error="boom"),
+    Transition(to=S.DEAD, expect=only(S.STARTED), error="recovered too often"),
+    Transition(to=S.CANCELLED, expect=only(S.STARTED)),
+]
+
+
+def refused_by(store: Store, record: JobRecord) -> str:
+    """Create ``record``, which must be refused for its unique key; the holder named."""
+    with pytest.raises(UniqueKeyHeld) as refused:
+        store.create(record)
+    assert refused.value.key == record.unique_key
+    assert store.get(record.id) is None
+    return refused.value.holder
+
+
+@pytest.mark.parametrize("first", [S.STAGED, S.QUEUED])
+def test_an_unfinished_job_holds_its_unique_key_through_every_move(
+    store: Store, first: JobState
+) -> None:
+    assert store.create(job("a", unique_key="charge:1", state=first))
+    assert store.create(job("other", unique_key="charge:2"))  # another key is free
+    assert store.create(job("plain"))  # no key: nothing to hold
+    assert refused_by(store, job("b", unique_key="charge:1")) == "a"
+    for move in UNFINISHED_MOVES:
+        assert store.transition("a", move)
+        assert refused_by(store, job("b", unique_key="charge:1", state=S.STAGED)) == "a"
+    a = store.get("a")
+    assert a is not None and a.unique_key == "charge:1"
+    assert store.count(JobQuery()) == 3
+
+
+@pytest.mark.parametrize("ending", ENDINGS, ids=lambda t: t.to.value)
+def test_the_move_that_ends_a_job_frees_its_key(store: Store, ending: Transition) -> None:
+    assert store.create(started("a", "w:1", unique_key="k"))
+    assert refused_by(store, job("b", unique_key="k")) == "a"
+    assert store.transition("a", ending)
+    assert store.create(job("b", unique_key="k"))
+    a = store.get("a")
+    assert a is not None and (a.state, a.unique_key) == (ending.to, "k")  # kept, to be seen
+    assert refused_by(store, job("c", unique_key="k")) == "b"
+
+
+def test_deleting_a_job_frees_its_key_and_a_lost_compare_does_not(store: Store) -> None:
+    assert store.create(job("a", unique_key="k"))
+    assert not store.delete("a", only(S.STARTED))
+    assert refused_by(store, job("b", unique_key="k")) == "a"
+    assert store.delete("a", only(S.QUEUED))
+    assert store.create(job("b", unique_key="k"))
+
+
+def test_a_lost_compare_and_set_frees_nothing(store: Store) -> None:
+    assert store.create(started("a", "w:1", unique_key="k"))
+    finish = Transition(to=S.SUCCEEDED, expect=only(S.STARTED), expect_owner="w:other")
+    assert not store.transition("a", finish)
+    assert refused_by(store, job("b", unique_key="k")) == "a"
+
+
+def test_a_recovered_job_keeps_its_key_and_a_restarted_one_does_not_take_it_back(
+    store: Store,
+) -> None:
+    """A recovery (or a person's restart of a job whose owner died) is the same job going on:
+    it keeps the key. A restart of a job that ended runs it again without the key, which a
+    newer job may hold by then."""
+    assert store.create(started("a", "w:1", unique_key="k"))
+    recover = Transition(
+        to=S.QUEUED,
+        expect=only(S.STARTED),
+        expect_owner="w:1",
+        expect_generation=0,
+        generation=1,
+        reason="recovery",
+    )
+    assert store.transition("a", recover)
+    assert refused_by(store, job("b", unique_key="k")) == "a"
+    assert store.transition("a", claim("w:2"))
+    rescue = Transition(to=S.QUEUED, expect=only(S.STARTED), generation=2, reason="restart")
+    assert store.transition("a", rescue)
+    assert refused_by(store, job("b", unique_key="k")) == "a"
+
+    assert store.transition("a", claim("w:1"))
+    assert store.transition("a", ENDINGS[1])
+    assert store.create(job("b", unique_key="k"))
+    restart = Transition(to=S.QUEUED, expect=only(S.FAILED), generation=3, reason="restart")
+    assert store.transition("a", restart)
+    assert store.transition("a", claim("w:4"))
+    assert refused_by(store, job("c", unique_key="k")) == "b"
+    assert store.transition("a", Transition(to=S.SUCCEEDED, expect=only(S.STARTED)))
+    assert refused_by(store, job("c", unique_key="k")) == "b"  # a's end frees nothing of b's
+
+
+def test_a_second_create_of_the_same_job_is_a_duplicate_not_a_held_key(store: Store) -> None:
+    assert store.create(job("a", unique_key="k"))
+    assert not store.create(job("a", unique_key="k"))
+    assert not store.create(job("a", unique_key="other"))
+    assert store.create(job("b", unique_key="other"))
+    assert store.create(job("c"))
+    assert not store.create(job("c", unique_key="k"))  # its id is taken: that answer first
+
+
+def test_staged_jobs_hold_their_keys_until_refused(store: Store) -> None:
+    for name in ("a", "b"):
+        assert store.create(job(name, unique_key=f"k-{name}", state=S.STAGED))
+    with store.staged_batch(limit=10) as batch:
+        batch.mark_queued(["a"])
+        batch.mark_refused({"b": "no such queue"})
+    assert refused_by(store, job("c", unique_key="k-a")) == "a"
+    assert store.create(job("c", unique_key="k-b"))  # b failed: its key is free
+
+
+def test_a_unique_key_is_bounded(store: Store) -> None:
+    for bad in ("", "k" * 256):
+        with pytest.raises(ConfigError, match="unique key"):
+            job("a", unique_key=bad)
+    assert store.create(job("a", unique_key="k" * 255))
 
 
 def test_a_heartbeat_carries_what_the_instance_holds_and_counted(store: Store) -> None:

@@ -663,6 +663,25 @@ def test_a_duplicate_id_is_refused_and_the_block_goes_on(env: Env) -> None:
     assert env.recorder.batches == [[record.id]]
 
 
+def test_a_held_unique_key_stages_nothing_and_the_block_goes_on(env: Env) -> None:
+    """The holder's id comes back and nothing is written, in the block that staged the
+    holder and in a later one; the block's own rows commit."""
+    from django.db import transaction
+
+    from django_project.shop.models import Order
+
+    first, second = job(unique_key="order:9"), job(unique_key="order:9")
+    with transaction.atomic(using=env.alias):
+        assert env.outbox.stage(first, using=env.alias) == first.id
+        assert env.outbox.stage(second, using=env.alias) == first.id
+        Order.objects.using(env.alias).create(id="o-1")
+    with transaction.atomic(using=env.alias):
+        assert env.outbox.stage(second, using=env.alias) == first.id
+        Order.objects.using(env.alias).create(id="o-2")
+    assert orders(env) == {"o-1", "o-2"}
+    assert env.recorder.batches == [[first.id]]
+
+
 # -- the ledger URL from Django's settings ---------------------------------------------------
 
 

@@ -144,6 +144,28 @@ def test_a_session_commit_publishes_the_job_once(
     assert relay_pass(sql_store, broker) == RelayReport()
 
 
+def test_a_held_unique_key_stages_nothing_and_the_transaction_lives_on(
+    app_engine: Engine, outbox: Outbox, broker: Broker, sql_store: SQLStore
+) -> None:
+    """The holder's id comes back, with nothing written: on PostgreSQL a failed INSERT would
+    have aborted the caller's transaction, so its business row must still commit. A job staged
+    earlier in the same transaction holds its key there too; a taken job id is refused."""
+    assert outbox.stage(job("held", unique_key="order:1")) == "held"  # own connection
+    with Session(app_engine) as session:
+        session.execute(orders.insert().values(id="order-1", total=10))
+        assert outbox.stage(job("job-1", unique_key="order:1"), using=session) == "held"
+        assert outbox.stage(job("job-2", unique_key="order:2"), using=session) == "job-2"
+        assert outbox.stage(job("job-3", unique_key="order:2"), using=session) == "job-2"
+        with pytest.raises(StagingError, match="exists already"):
+            outbox.stage(job("job-2", unique_key="order:3"), using=session)
+        session.execute(orders.insert().values(id="order-2", total=20))
+        session.commit()
+    assert order_ids(app_engine) == {"order-1", "order-2"}
+    assert sorted(broker.published) == ["held", "job-2"]
+    assert {r.id for r in sql_store.iter_jobs(JobQuery())} == {"held", "job-2"}
+    assert outbox.counters["unique_held"] == 2
+
+
 def test_a_session_rollback_leaves_no_job_and_publishes_nothing(
     app_engine: Engine, outbox: Outbox, broker: Broker, sql_store: SQLStore
 ) -> None:

@@ -74,3 +74,13 @@ def test_an_instance_page_shows_what_it_holds(client: TestClient, store: SQLStor
     assert page.status_code == 200
     assert 'data-job-id="held-1"' in page.text and "reports.build" in page.text
     assert client.get("/instances/nobody:0").status_code == 404
+
+
+def test_a_job_shows_its_unique_key_on_its_page_and_in_the_api(
+    client: TestClient, store: SQLStore
+) -> None:
+    store.create(JobRecord(id="unique-1", name="t", unique_key="invoice:<42>"))
+    store.create(JobRecord(id="plain-1", name="t"))
+    assert 'id="unique-key">invoice:&lt;42&gt;<' in client.get("/jobs/unique-1").text
+    assert 'id="unique-key"' not in client.get("/jobs/plain-1").text
+    assert client.get("/api/v1/jobs/unique-1").json()["unique_key"] == "invoice:<42>"

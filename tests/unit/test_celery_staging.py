@@ -19,12 +19,19 @@ from celery import Celery, Task, chain, chord, group, signals
 from kombu import Queue
 
 from jobledger.config import Settings
-from jobledger.errors import PublishError, StagingError
+from jobledger.errors import ConfigError, PublishError, StagingError
 from jobledger.integrations.base import Published
-from jobledger.integrations.celery import TRACKED_HEADER, CeleryIntegration, install
+from jobledger.integrations.celery import (
+    TRACKED_HEADER,
+    UNRECORDED_HEADER,
+    CeleryIntegration,
+    install,
+)
 from jobledger.integrations.celery_staging import STAGED_OPTIONS, signature_parts, staged_record
 from jobledger.model import JobRecord, JobState
 from jobledger.query import JobQuery
+from jobledger.stores.base import Transition
+from jobledger.stores.sql import SQLStore
 from jobledger.testing import MemoryStore
 
 S = JobState
@@ -503,6 +510,69 @@ def test_with_the_broker_down_the_job_stays_staged_for_the_relay(
     done = env.integration.publish_many([record])
     assert done.ids == [] and isinstance(done.error, PublishError)
     assert "127.0.0.1:1" in str(done.error) or "refused" in str(done.error).lower()
+
+
+def test_a_unique_publish_goes_out_once_while_its_job_is_unfinished(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    tracked = env.task("t.tracked")
+    first = tracked.apply_async((1,), unique_key="order:7")
+    again = tracked.apply_async((2,), unique_key="order:7", countdown=5)
+    assert again.id == first.id and len(env.sent) == 1  # the existing job's handle, no message
+    other = tracked.apply_async((3,), unique_key="order:8")
+    staged = tracked.apply_staged((4,), unique_key="order:7")
+    assert other.id != first.id and staged.id == first.id and len(env.sent) == 2
+    record = env.store.get(first.id)
+    assert record is not None and (record.state, record.args) == (S.QUEUED, [1])
+    assert record.unique_key == "order:7"
+    assert env.integration.outbox.counters["unique_held"] == 2
+    ended = Transition(to=S.CANCELLED, expect=frozenset({S.QUEUED}))
+    assert env.store.transition(first.id, ended)
+    third = tracked.apply_async((5,), unique_key="order:7")
+    assert third.id != first.id and len(env.sent) == 3
+
+
+def test_a_unique_publish_needs_a_tracked_task_and_options_a_staged_job_keeps(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    with pytest.raises(StagingError, match="not tracked"):  # nothing would ever free the key
+        env.task("t.plain").apply_async((1,), unique_key="k")
+    with pytest.raises(StagingError, match="headers"):
+        env.task("t.tracked").apply_async((1,), unique_key="k", headers={"x": 1})
+    with pytest.raises(StagingError, match="by keyword"):
+        env.task("t.tracked").apply_async((1,), None, "job-1", unique_key="k")
+    with pytest.raises(ConfigError, match="unique key"):
+        env.task("t.tracked").apply_async((1,), unique_key="k" * 256)
+    assert env.store.count(JobQuery()) == 0 and env.sent == []
+
+
+def test_with_the_ledger_down_a_unique_publish_goes_out_unrecorded() -> None:
+    """Who holds the key cannot be known: the job is published (at least once beats never)
+    and says it is unrecorded, so its record is written later, without the key."""
+    app = make_app()
+
+    @app.task(name="t.tracked", tracked=True, shared=False)
+    def tracked(n: int) -> int:
+        return n
+
+    store = SQLStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout=1)
+    integration = install(app, store=store, settings=Settings())
+    sent: list[dict[str, Any]] = []
+
+    def capture(headers: Any = None, **_: Any) -> None:
+        sent.append(dict(headers or {}))
+
+    signals.before_task_publish.connect(capture, weak=False)
+    try:
+        result = tracked.apply_async((1,), unique_key="k", task_id="job-1")
+        assert integration.pending.holds("job-1")  # its record, written once the ledger is back
+    finally:
+        signals.before_task_publish.disconnect(capture)
+        integration.close()
+    assert result.id == "job-1"
+    assert [h["id"] for h in sent] == ["job-1"] and sent[0][UNRECORDED_HEADER] is True
 
 
 def test_publish_many_sends_in_order_through_one_connection(make_env: Callable[..., Env]) -> None:

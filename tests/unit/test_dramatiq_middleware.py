@@ -311,6 +311,28 @@ def test_an_untracked_actor_cannot_be_staged(make_env: Callable[..., Env]) -> No
         env.middleware.stage("plain")
 
 
+def test_a_unique_message_is_sent_once_while_its_job_is_unfinished(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    work = env.broker.get_actor("work")
+    first = work.send_with_options(args=(0.0,), unique_key="sync:1")
+    again = work.send_with_options(args=(0.5,), unique_key="sync:1", delay=1000)
+    with env.store.engine.begin() as conn:  # staged in a transaction: the holder is seen there
+        staged = env.middleware.stage("work", (0.0,), using=conn, unique_key="sync:1")
+    assert again.message_id == staged.message_id == first.message_id
+    assert again.args == (0.0,)  # the existing job's message, as the ledger records it
+    assert env.broker.queues[QUEUE].qsize() == 1
+    env.run_all()
+    assert env.runs == [first.message_id] and env.state(first.message_id) is S.SUCCEEDED
+    third = work.send_with_options(unique_key="sync:1")  # the success freed the key
+    assert third.message_id != first.message_id
+    env.run_all()
+    assert env.runs == [first.message_id, third.message_id]
+    record = env.store.get(third.message_id)
+    assert record is not None and record.unique_key == "sync:1"
+
+
 def test_a_middleware_after_retries_stops_the_worker(make_env: Callable[..., Env]) -> None:
     env = make_env()
     env.broker.middleware.remove(env.middleware)
@@ -388,3 +410,26 @@ def test_a_worker_that_cannot_beat_stops_fetching(make_env: Callable[..., Env]) 
         worker.stop()
     counts = env.middleware.ledger.counters.snapshot()
     assert counts["consuming_stopped"] == counts["consuming_resumed"] == 1
+
+
+def test_with_the_ledger_down_a_unique_message_is_sent_without_the_key(tmp_path: Path) -> None:
+    """Who holds the key cannot be known: the message goes out (at least once beats never),
+    its record written later, without the key."""
+    down = SQLStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout=1)
+    settings = Settings(instance_name="unit", journal_dir=str(tmp_path / "journal"), relay=False)
+    broker = StubBroker()
+    middleware = install(broker, settings, store=down, store_factory=lambda: down)
+    try:
+
+        @dramatiq.actor(broker=broker, queue_name=QUEUE, actor_name="once", tracked=True)
+        def once() -> None:
+            pass
+
+        first = once.send_with_options(unique_key="k")
+        again = once.send_with_options(unique_key="k")
+        assert first.message_id != again.message_id
+        assert broker.queues[QUEUE].qsize() == 2
+        assert middleware.ledger.pending.holds(first.message_id)
+    finally:
+        middleware.close()
+        broker.close()

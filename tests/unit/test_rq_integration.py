@@ -27,7 +27,11 @@ from jobledger.integrations.rq.marks import (
 )
 from jobledger.integrations.rq.publish import forget_runs
 from jobledger.model import JobRecord, JobState, OrphanPolicy, Republish
+from jobledger.query import JobQuery
+from jobledger.stores.base import Transition
 from jobledger.testing import MemoryStore
+
+S = JobState
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -207,5 +211,45 @@ def test_an_enqueue_the_ledger_did_not_take_is_marked_on_the_job(
         assert redis.hget(job.key, UNRECORDED) == b"1"
         assert down.runtime.counters.snapshot()["publish_unrecorded"] == 1
         assert Job.fetch(job.id, connection=redis).meta[TRACKED] is True
+    finally:
+        down.close()
+
+
+def test_a_unique_enqueue_goes_out_once_while_its_job_is_unfinished(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    integration, store, redis, name = rq_env
+    queue = Queue(name, connection=redis)
+    first = queue.enqueue("reports.build", 1, unique_key="report:1", job_timeout=60)
+    again = queue.enqueue("reports.build", 2, unique_key="report:1")
+    staged = integration.stage("reports.build", [3], queue=name, unique_key="report:1")
+    assert again.id == first.id == staged and queue.count == 1
+    assert (list(again.args), again.timeout) == ([1], 60)  # the existing job, as RQ has it
+    record = store.get(first.id)
+    assert record is not None and (record.state, record.unique_key) == (S.QUEUED, "report:1")
+    assert store.transition(first.id, Transition(to=S.CANCELLED, expect=frozenset({S.QUEUED})))
+    third = queue.enqueue("reports.build", 4, unique_key="report:1")
+    assert third.id != first.id and queue.count == 2
+    with pytest.raises(StagingError, match="depends_on"):
+        queue.enqueue("reports.build", 5, unique_key="report:2", depends_on=third)
+    assert store.count(JobQuery()) == 2
+
+
+def test_with_the_ledger_down_a_unique_enqueue_goes_out_without_the_key(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    """Who holds the key cannot be known: the job is enqueued (at least once beats never),
+    marked unrecorded, its record written later without the key."""
+    integration, _, redis, name = rq_env
+    down = install(
+        Redis.from_url(REDIS),
+        integration.settings.replace(database_url="postgresql://127.0.0.1:1/none"),
+    )
+    try:
+        queue = Queue(name, connection=down.connection)
+        first = queue.enqueue("reports.build", 1, unique_key="report:1")
+        again = queue.enqueue("reports.build", 2, unique_key="report:1")
+        assert first.id != again.id and queue.count == 2
+        assert redis.hget(first.key, UNRECORDED) == b"1"
     finally:
         down.close()

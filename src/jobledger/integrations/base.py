@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
     from jobledger.config import Settings
     from jobledger.recovery import Recovery
     from jobledger.runtime.service import Loop
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,10 @@ class ProcessWatch(Protocol):
 #: Publishes a batch of jobs; what the relay and the outbox's fast path call.
 PublishBatch = Callable[[Sequence[JobRecord]], Published]
 
+#: Called with a job record (its new generation) and why, just before recovery, a requeue or
+#: a restart publishes the job again: see :meth:`Registry.on_republish`.
+RepublishHook = Callable[[JobRecord, Republish], None]
+
 
 def publish_one_by_one(
     publish: Callable[[JobRecord], None], records: Sequence[JobRecord]
@@ -226,7 +233,35 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_system: dict[str, Integration] = {}
+        self._hooks: list[RepublishHook] = []
         self._lock = threading.Lock()
+
+    def on_republish(self, hook: RepublishHook) -> RepublishHook:
+        """Call ``hook(record, reason)`` before every republish of a job by this process's
+        recovery sweep, requeue or restart: where an external lock library (celery-once,
+        celery-singleton) holds a lock for the job that the dead run will never release, the
+        hook clears it (see :mod:`jobledger.contrib.celery_once`). A hook that raises is
+        logged and the republish goes on: a lock must not keep a job from being recovered.
+        Returns ``hook`` (usable as a decorator)."""
+        with self._lock:
+            if hook not in self._hooks:
+                self._hooks.append(hook)
+        return hook
+
+    def remove_republish_hook(self, hook: RepublishHook) -> None:
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+    def republishing(self, record: JobRecord, reason: Republish) -> None:
+        """Run the :meth:`on_republish` hooks for ``record``, before it is published again."""
+        with self._lock:
+            hooks = list(self._hooks)
+        for hook in hooks:
+            try:
+                hook(record, reason)
+            except Exception:
+                log.exception("the republish hook %r failed for job %s", hook, record.id)
 
     def register(self, integration: Integration) -> None:
         """Make ``integration`` the one for its system (replacing an earlier one)."""

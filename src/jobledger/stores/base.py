@@ -10,6 +10,9 @@ the same suite. What every implementation promises:
   number of concurrent callers whose expectations match the same row, exactly one wins.
 - **The database's clock.** Timestamps, heartbeats, ages and orphan judgements use the store's
   own clock (:meth:`Store.now`), never the caller's, so a skewed host creates no false orphans.
+- **Unique keys.** A job created with a ``unique_key`` holds it while it is unfinished; a
+  second create with the key writes nothing and names the holder, and the move that ends the
+  job (or its deletion) frees the key in the same compare-and-set.
 - **Token-checked locks.** A lock is held by a token until it expires; only the holder renews or
   releases it.
 """
@@ -214,6 +217,11 @@ class Store(Protocol):
     # -- jobs ------------------------------------------------------------------------------
     def create(self, record: JobRecord) -> bool:
         """Insert ``record``; False (and nothing changed) if a job with its id exists.
+
+        A record with a ``unique_key`` holds the key until a move takes it to a final state (or
+        it is deleted); while another unfinished job holds the key, nothing is written and
+        :class:`~jobledger.errors.UniqueKeyHeld` names that job. Of concurrent creates with one
+        key, exactly one wins.
 
         Timestamps the record carries are kept; ``created_at`` and the phase time of its state
         default to the store's clock, and ``updated_at`` (what ``older_than`` measures) to that

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
+from jobledger.errors import UniqueKeyHeld
 from jobledger.model import (
     DurationStats,
     Instance,
@@ -50,6 +51,7 @@ from jobledger.stores.base import (
     holding,
 )
 from jobledger.stores.rows import (
+    UNIQUE_HOLD,
     creation_row,
     duration_start,
     history_after,
@@ -78,6 +80,8 @@ class MemoryStore(Store):
         self._jobs: dict[str, Row] = {}
         #: (created_at, id) of every job, ascending: the index keyset pages walk, newest first.
         self._order: list[tuple[float, str]] = []
+        #: unique key → the unfinished job that holds it (its row's ``unique_hold``).
+        self._holds: dict[str, str] = {}
         self._instances: dict[str, Row] = {}
         self._locks: dict[str, tuple[str, float]] = {}
 
@@ -99,7 +103,13 @@ class MemoryStore(Store):
         with self._lock:
             if record.id in self._jobs:
                 return False
-            row = self._jobs[record.id] = creation_row(record, self.now())
+            row = creation_row(record, self.now())
+            hold = row[UNIQUE_HOLD]
+            if hold is not None:
+                if hold in self._holds:
+                    raise UniqueKeyHeld(hold, self._holds[hold])
+                self._holds[hold] = record.id
+            self._jobs[record.id] = row
             bisect.insort(self._order, _position_key(row))
             return True
 
@@ -124,6 +134,8 @@ class MemoryStore(Store):
             )
             if history_event(change) is not None:
                 values["history"] = history_after(row, change, at)
+            if UNIQUE_HOLD in values:
+                self._free(row)
             row.update(values)
             return True
 
@@ -351,7 +363,13 @@ class MemoryStore(Store):
     def _remove(self, job_id: str) -> None:
         """Forget a job and its place in the order (lock held)."""
         row = self._jobs.pop(job_id)
+        self._free(row)
         del self._order[bisect.bisect_left(self._order, _position_key(row))]
+
+    def _free(self, row: Row) -> None:
+        """Free the unique key the job holds, if any (lock held)."""
+        if row[UNIQUE_HOLD] is not None:
+            del self._holds[row[UNIQUE_HOLD]]
 
     def _matching(self, query: JobQuery) -> Iterable[Row]:
         """The rows ``query`` selects, in no order (the lock must be held while iterating)."""

@@ -64,6 +64,12 @@ _HISTORY_TARGETS = {
 #: write that appends the entry, so the entry is of the row it changes.
 HISTORY_INPUTS = ("state", "owner", "started_at", "attempts", "history")
 
+#: The row field that holds a job's ``unique_key`` while the job holds it (it is not final):
+#: set at creation, emptied by the move to a final state (:func:`transition_values`), so the
+#: key is freed in the compare-and-set that ends the job. Every store refuses a second job
+#: whose key another's ``unique_hold`` has (SQL: a unique index; NULLs never collide).
+UNIQUE_HOLD = "unique_hold"
+
 #: The row fields the argument search looks in (``match``).
 SEARCH_FIELDS = ("args", "kwargs", "tags")
 
@@ -104,6 +110,8 @@ def record_to_row(record: JobRecord) -> dict[str, Any]:
         "finished_at": to_epoch(record.finished_at),
         "recovered_at": to_epoch(record.recovered_at),
         "updated_at": to_epoch(record.updated_at),
+        "unique_key": record.unique_key,
+        UNIQUE_HOLD: None if record.state.is_final else record.unique_key,
     }
 
 
@@ -140,6 +148,8 @@ def transition_values(
     if not change.to.is_final and change.expect & FINAL_STATES:
         values["finished_at"] = None  # a restarted job is not finished: no stale finish time
     values[PHASE_STAMP[change.to]] = at
+    if change.to.is_final:
+        values[UNIQUE_HOLD] = None  # the key is free once the job ends: in this very move
     if change.to is JobState.QUEUED:
         values["first_queued_at"] = if_empty("first_queued_at")
         values["owner"] = None
@@ -253,6 +263,7 @@ def record_from_row(row: Mapping[Any, Any]) -> JobRecord:
         finished_at=to_datetime(row["finished_at"]),
         recovered_at=to_datetime(row["recovered_at"]),
         updated_at=to_datetime(row["updated_at"]),
+        unique_key=row.get("unique_key"),
     )
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     select,
+    text,
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.ext.compiler import compiles
@@ -29,7 +30,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 #: Alembic's version table for the ledger's own migrations, apart from the application's.
 VERSION_TABLE = "jobledger_alembic_version"
@@ -81,12 +82,25 @@ jobs = Table(
     _stamp("finished_at"),
     _stamp("recovered_at"),
     _stamp("updated_at", nullable=False),
+    Column("unique_key", String(255)),
+    # The key while the job holds it (see ``rows.UNIQUE_HOLD``): a unique index, in which
+    # NULLs (no key, or freed) never collide.
+    Column("unique_hold", String(255)),
     Index("ix_jobledger_jobs_created", "created_at", "id"),
     Index("ix_jobledger_jobs_state_created", "state", "created_at", "id"),
     Index("ix_jobledger_jobs_state_updated", "state", "updated_at"),
     Index("ix_jobledger_jobs_queue_state", "queue", "state", "queued_at"),
     Index("ix_jobledger_jobs_name_state", "name", "state"),
     Index("ix_jobledger_jobs_recovered", "recoveries", "created_at"),
+    # Partial where the database has it: on PostgreSQL every transition is a non-HOT UPDATE
+    # that adds an entry to each full index, and most jobs hold no key.
+    Index(
+        "ux_jobledger_jobs_unique_hold",
+        "unique_hold",
+        unique=True,
+        postgresql_where=text("unique_hold IS NOT NULL"),
+        sqlite_where=text("unique_hold IS NOT NULL"),
+    ),
     **_MYSQL_TABLE,
 )
 
@@ -139,6 +153,12 @@ locks = Table(
 LEDGER_ID = "jobledger.ledger-id"
 #: The ``expires_at`` of that row: never.
 LEDGER_ID_EXPIRES = 1e18
+
+
+def key_holder(key: Any) -> Select[Any]:
+    """The id of the unfinished job that holds unique ``key`` (a value, or a bind parameter
+    for a statement prepared once)."""
+    return select(jobs.c.id).where(jobs.c.unique_hold == key)
 
 
 def ledger_id_select() -> Select[Any]:

@@ -44,7 +44,13 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.dml import Insert, Update
 
 from jobledger.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
-from jobledger.errors import ConfigError, SchemaMissing, StoreError, StoreUnavailable
+from jobledger.errors import (
+    ConfigError,
+    SchemaMissing,
+    StoreError,
+    StoreUnavailable,
+    UniqueKeyHeld,
+)
 from jobledger.model import DurationStats, Instance, JobRecord, JobState, QueueStats, nearest_rank
 from jobledger.query import (
     Cursor,
@@ -70,6 +76,7 @@ from jobledger.stores.base import (
 from jobledger.stores.rows import (
     HISTORY_INPUTS,
     SEARCH_FIELDS,
+    UNIQUE_HOLD,
     creation_row,
     duration_start,
     history_after,
@@ -88,6 +95,7 @@ from jobledger.stores.schema import (
     instances,
     job_search,
     jobs,
+    key_holder,
     ledger_id_select,
     locks,
 )
@@ -103,6 +111,10 @@ _DEFAULT_DRIVERS = {"postgresql": "psycopg", "mysql": "pymysql", "mariadb": "pym
 
 #: SQLite's busy timeout while migrating (seconds): other writers may hold the lock a while.
 _SQLITE_MIGRATE_BUSY = 30.0
+
+#: How often a create with a unique key inserts again when the key's holder ended between
+#: the refused insert and the read of who holds it.
+_KEY_TRIES = 5
 
 #: How often a move that appends history reads again when another move changed the job
 #: between its read and its write.
@@ -457,7 +469,9 @@ class SQLStore(Store):
         """One autocommit ``INSERT … ON CONFLICT DO NOTHING`` (MySQL/MariaDB: a plain INSERT
         whose duplicate-key error is the answer). A queued record with ``synchronous_publish``
         off commits without waiting for PostgreSQL's WAL flush (see
-        :attr:`~jobledger.config.Settings.synchronous_publish`)."""
+        :attr:`~jobledger.config.Settings.synchronous_publish`). A record that holds a unique
+        key and was not inserted reads who holds the key (the unique index decided: exactly
+        one of concurrent creates wins); a holder that ended meanwhile means: insert again."""
         row = creation_row(record, _NOW)
         stamped = tuple(name for name, value in row.items() if value is _NOW)
         relaxed = (
@@ -478,16 +492,33 @@ class SQLStore(Store):
                     return False
                 raise
 
-        created, uncertain = self._on_hot(insert)
-        if created or not uncertain:
-            return created
-        current = self.get(record.id)  # our first try may be the row that is there
-        return (
-            current is not None
-            and current.state is record.state
-            and current.owner == record.owner
-            and current.generation == record.generation
-        )
+        hold = row[UNIQUE_HOLD]
+        for _ in range(_KEY_TRIES):
+            created, uncertain = self._on_hot(insert)
+            if created:
+                return True
+            if not uncertain and hold is None:
+                return False
+            current = self.get(record.id)
+            if current is not None:  # the id is taken (after a dropped answer: maybe by us)
+                return (
+                    uncertain
+                    and current.state is record.state
+                    and current.owner == record.owner
+                    and current.generation == record.generation
+                )
+            if hold is None:
+                return False
+            holder = self._holder(hold)
+            if holder is not None and holder != record.id:
+                raise UniqueKeyHeld(hold, holder)
+        raise StoreError(f"unique key {hold!r} kept changing hands while job {record.id} was made")
+
+    def _holder(self, key: str) -> str | None:
+        """The id of the unfinished job that holds unique ``key``, if any."""
+        prepared = self._prepared("holder", lambda: key_holder(bindparam("key")))
+        found, _ = self._on_hot(lambda conn: prepared.run(conn, {"key": key}).scalar())
+        return None if found is None else str(found)
 
     def get(self, job_id: str) -> JobRecord | None:
         prepared = self._prepared("get", lambda: select(jobs).where(jobs.c.id == bindparam("id")))
@@ -986,10 +1017,9 @@ def _insert_statement(dialect: str, row: Mapping[str, Any], relaxed: bool) -> In
         if relaxed:
             setting = select(func.set_config("synchronous_commit", "off", True)).subquery()
             source = select(*values.values()).select_from(setting)
-            return statement.from_select(list(values), source).on_conflict_do_nothing(
-                index_elements=[jobs.c.id]
-            )
-        return statement.values(values).on_conflict_do_nothing(index_elements=[jobs.c.id])
+            return statement.from_select(list(values), source).on_conflict_do_nothing()
+        # no conflict target: a held unique key inserts nothing either (create tells which)
+        return statement.values(values).on_conflict_do_nothing()
     if dialect == "sqlite":
         return sqlite.insert(jobs).values(values).on_conflict_do_nothing()
     return insert(jobs).values(values)

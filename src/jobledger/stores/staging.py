@@ -28,7 +28,7 @@ from jobledger.errors import StagingError
 from jobledger.model import JobRecord
 from jobledger.staging import Flush, TransactionHolder, hand_over, holders
 from jobledger.stores.rows import creation_row
-from jobledger.stores.schema import db_now, jobs, ledger_id_select
+from jobledger.stores.schema import db_now, jobs, key_holder, ledger_id_select
 from jobledger.stores.sql import database_identity
 
 #: Keys in ``Connection.info`` (kept per DBAPI connection): ids staged in the open transaction,
@@ -45,20 +45,27 @@ _watch_lock = threading.Lock()
 
 def staged_insert(record: JobRecord, dialect: str) -> Insert:
     """The INSERT that stages ``record``, times from the database clock (also what the Django
-    adapter runs, compiled for its connection). On PostgreSQL a job id that exists already
-    inserts and returns no row (``ON CONFLICT DO NOTHING``) and the caller refuses the job: a
-    failed statement would abort the caller's whole transaction, and a later COMMIT would
-    quietly roll back its data. MySQL and SQLite undo only the failed statement, so a plain
-    INSERT's IntegrityError says the same there."""
+    adapter runs, compiled for its connection). On PostgreSQL a job id that exists already, or
+    a unique key another unfinished job holds, inserts and returns no row (``ON CONFLICT DO
+    NOTHING``): a failed statement would abort the caller's whole transaction, and a later
+    COMMIT would quietly roll back its data. MySQL and SQLite undo only the failed statement,
+    so a plain INSERT's IntegrityError says the same there; :func:`refusal` then tells which
+    (from :func:`~jobledger.stores.schema.key_holder`, read in the caller's transaction: a
+    job it staged itself holds its key there too)."""
     row = creation_row(record, db_now())
     if dialect == "postgresql":  # RETURNING: the driver's rowcount of DO NOTHING is unreliable
         statement = postgresql.insert(jobs).values(**row)
-        return statement.on_conflict_do_nothing(index_elements=["id"]).returning(jobs.c.id)
+        return statement.on_conflict_do_nothing().returning(jobs.c.id)
     return insert(jobs).values(**row)
 
 
-def duplicate(record: JobRecord) -> StagingError:
-    return StagingError(f"job {record.id} exists already; staging needs a new job id")
+def refusal(record: JobRecord, holder: object) -> str:
+    """After ``record``'s staging inserted nothing: the id of the job that holds its unique key
+    (``holder``, what :func:`~jobledger.stores.schema.key_holder` found), which the caller gets
+    back instead; else its id was taken, and :class:`StagingError` says so."""
+    if holder is not None and str(holder) != record.id:
+        return str(holder)
+    raise StagingError(f"job {record.id} exists already; staging needs a new job id")
 
 
 class ConnectionHolder:
@@ -82,17 +89,19 @@ class ConnectionHolder:
                 )
             _has_tables.add(engine)
 
-    def insert(self, record: JobRecord) -> None:
+    def insert(self, record: JobRecord) -> str | None:
         self._check()
         dialect = self.conn.dialect.name
         try:
             result = self.conn.execute(staged_insert(record, dialect))
-            if dialect == "postgresql" and result.first() is None:
-                raise duplicate(record)
+            if dialect != "postgresql" or result.first() is not None:
+                return None
         except sa_exc.IntegrityError:
-            raise duplicate(record) from None
+            pass  # MySQL, SQLite: only the statement failed, not the transaction
         except sa_exc.SQLAlchemyError as exc:
             raise StagingError(f"staging job {record.id} failed: {exc}") from exc
+        held = None if record.unique_key is None else key_holder(record.unique_key)
+        return refusal(record, None if held is None else self.conn.execute(held).scalar())
 
     def ledger_id(self) -> str | None:
         self._check()

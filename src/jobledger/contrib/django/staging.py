@@ -36,8 +36,8 @@ from sqlalchemy.sql.elements import ClauseElement
 from jobledger.errors import ConfigError, StagingError
 from jobledger.model import JobRecord
 from jobledger.staging import Flush, TransactionHolder, hand_over, holders
-from jobledger.stores.schema import jobs, ledger_id_select
-from jobledger.stores.staging import duplicate, staged_insert
+from jobledger.stores.schema import jobs, key_holder, ledger_id_select
+from jobledger.stores.staging import refusal, staged_insert
 
 #: Django's database vendor → jobledger's backend name (as in ``database_identity``). MariaDB
 #: is Django's "mysql"; the ledger's ``mysql+pymysql://`` URL says "mysql" for it too.
@@ -105,7 +105,7 @@ class DjangoHolder:
     def __repr__(self) -> str:
         return f"DjangoHolder({self.alias!r})"
 
-    def insert(self, record: JobRecord) -> None:
+    def insert(self, record: JobRecord) -> str | None:
         connection = self.connection
         if connection.needs_rollback:
             raise StagingError(
@@ -117,16 +117,22 @@ class DjangoHolder:
         try:
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
-                inserted = (
-                    cursor.fetchone() is not None if self.dialect.name == "postgresql" else True
-                )
+                if self.dialect.name != "postgresql" or cursor.fetchone() is not None:
+                    return None
         except IntegrityError:  # MySQL, SQLite: only the statement failed, not the block
-            raise duplicate(record) from None
+            pass
         except DatabaseError as exc:  # the block may be broken (PostgreSQL): Django's rule
             transaction.set_rollback(True, using=self.alias)
             raise StagingError(f"staging job {record.id} failed: {exc}") from exc
-        if not inserted:  # PostgreSQL's ON CONFLICT DO NOTHING: the block goes on
-            raise duplicate(record)
+        # nothing inserted (PostgreSQL's ON CONFLICT DO NOTHING: the block goes on)
+        holder = None
+        if record.unique_key is not None:
+            sql, params = _compile(key_holder(record.unique_key), self.dialect)
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                row = cursor.fetchone()
+            holder = None if row is None else row[0]
+        return refusal(record, holder)
 
     def ledger_id(self) -> str | None:
         self._check_tables()

@@ -17,7 +17,7 @@ from celery.result import AsyncResult
 
 from jobledger.config import Settings
 from jobledger.counters import SharedCounters
-from jobledger.errors import ConfigError, StagingError
+from jobledger.errors import ConfigError, StagingError, StoreError
 from jobledger.integrations.base import Published, registry
 from jobledger.integrations.celery import tasks
 from jobledger.integrations.celery.messages import TRACKED_HEADER, delivered_record
@@ -178,6 +178,7 @@ class CeleryIntegration:
         kwargs: Mapping[str, Any] | None = None,
         *,
         using: object | None = None,
+        unique_key: str | None = None,
         **options: Any,
     ) -> AsyncResult:
         """Stage ``task`` (a task of this app, or its name) in the transaction of ``using``
@@ -185,17 +186,60 @@ class CeleryIntegration:
         :func:`jobledger.staging_in` or the open Django atomic block, else the ledger's
         own connection, committed at once). Returns the job's result handle at once; the job
         is published right after the commit (or by the relay), with its countdown or eta kept.
-        ``options`` are ``apply_async``'s. :class:`~jobledger.errors.StagingError` for an
-        unknown task, a bad option or no usable transaction; nothing is written then."""
+        ``options`` are ``apply_async``'s. With ``unique_key``, while an unfinished job holds
+        the key nothing is staged and that job's handle is returned.
+        :class:`~jobledger.errors.StagingError` for an unknown task, a bad option or no usable
+        transaction; nothing is written then."""
+        record = self._staged(task, args, kwargs, options, unique_key)
+        return self.app.AsyncResult(self.outbox.stage(record, using))
+
+    def publish_unique(
+        self,
+        task: Task | str,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        unique_key: str,
+        **options: Any,
+    ) -> AsyncResult:
+        """``apply_async(..., unique_key=...)``: the record, holding the key, is written
+        before the message exists (the ledger's compare decides, so of concurrent publishes
+        one goes out), then published at once (:meth:`Outbox.publish_now`). While an
+        unfinished job holds the key, nothing is published and that job's handle is
+        returned. A ledger that is down cannot say who holds the key: the task is published
+        as without a key (unrecorded, its record written later without the key), since
+        running a job twice beats dropping it. Options are those a staged task takes."""
+        record = self._staged(task, args, kwargs, options, unique_key)
+        try:
+            return self.app.AsyncResult(self.outbox.publish_now(record))
+        except StoreError as exc:  # the publish hook counts it unrecorded
+            log.warning(
+                "job %s (%s): the ledger is unavailable, so unique key %r is not checked; "
+                "published without it: %s",
+                record.id,
+                record.name,
+                unique_key,
+                exc,
+            )
+        found = self.app.tasks[record.name] if isinstance(task, str) else task
+        return found.apply_async(args, kwargs, **{**options, "task_id": record.id})
+
+    def _staged(
+        self,
+        task: Task | str,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+        unique_key: str | None,
+    ) -> JobRecord:
+        """The staged record of a call, its orphan policy and unique key included."""
         record = staged_record(self.app, task, args, kwargs, options)
         if not self.is_tracked(record.name):
             raise StagingError(
                 f"task {record.name} is not tracked, so no worker would claim or finish its "
                 "staged job: declare it @app.task(tracked=True) (or install with track_all=True)"
             )
-        record = replace(record, options=self.with_policy(record.name, dict(record.options)))
-        self.outbox.stage(record, using)
-        return self.app.AsyncResult(record.id)
+        policy = self.with_policy(record.name, dict(record.options))
+        return replace(record, options=policy, unique_key=unique_key)
 
     def stage_signature(self, signature: Signature, *, using: object | None = None) -> AsyncResult:
         """Stage a signature (``task.s(...)``, ``task.signature(..., countdown=60)``)."""

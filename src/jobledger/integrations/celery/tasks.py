@@ -163,7 +163,8 @@ def _integration_of(task: Task) -> CeleryIntegration:
 
 def _stage(self: Task, *args: Any, **kwargs: Any) -> AsyncResult:
     """``task.stage(*args, **kwargs)``: ``delay``, but the job commits with the open
-    transaction (see :meth:`CeleryIntegration.stage`)."""
+    transaction (see :meth:`CeleryIntegration.stage`). Give a unique key with
+    ``apply_staged(..., unique_key=...)``: here every keyword is the task's."""
     return _integration_of(self).stage(self, args, kwargs)
 
 
@@ -201,6 +202,19 @@ def add_task_methods() -> None:
         **options: Any,
     ) -> Any:
         integration = by_app.get(self._get_app())
+        unique_key = options.pop("unique_key", None)
+        if unique_key is not None:
+            if integration is None:
+                integration = _integration_of(self)  # says how to install jobledger
+            if more:
+                raise StagingError(
+                    f"{self.name}.apply_async(unique_key=...) takes its options by keyword"
+                )
+            if self.app.conf.task_always_eager:  # runs here and now: nothing to hold
+                return original(self, args, kwargs, **options)
+            if integration.stages_apply_async(self, options):
+                return integration.stage(self, args, kwargs, unique_key=unique_key, **options)
+            return integration.publish_unique(self, args, kwargs, unique_key, **options)
         if integration is None:
             return original(self, args, kwargs, *more, **options)
         if not more and integration.stages_apply_async(self, options):

@@ -30,26 +30,32 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, NoReturn
 
 from dramatiq import Actor, Broker, Message, Middleware, Worker
 from dramatiq.middleware import Retries, Shutdown, SkipMessage, TimeLimitExceeded
 
 from jobledger.config import Settings
-from jobledger.errors import ConfigError, JobLedgerError, StagingError
+from jobledger.errors import ConfigError, JobLedgerError, StagingError, StoreError
 from jobledger.integrations.base import registry
 from jobledger.integrations.dramatiq.messages import (
     GENERATION_OPTION,
     SYSTEM,
     TRACKED_OPTION,
     generation_of,
+    message_of,
     record_of,
     republish_of,
 )
 from jobledger.integrations.dramatiq.publish import DramatiqPublisher
-from jobledger.integrations.dramatiq.staging import staged_message, staged_record
+from jobledger.integrations.dramatiq.staging import (
+    add_unique_option,
+    staged_message,
+    staged_record,
+)
 from jobledger.integrations.dramatiq.worker import Delivery, End, ProcessLedger, Run, Skipped
-from jobledger.model import ORPHAN_OPTION, OrphanPolicy
+from jobledger.model import ORPHAN_OPTION, JobRecord, OrphanPolicy
 from jobledger.pending import CreateWrite
 from jobledger.stores import Store
 
@@ -155,14 +161,54 @@ class LedgerMiddleware(Middleware):
         *,
         delay: int | None = None,
         using: object | None = None,
+        unique_key: str | None = None,
         **options: Any,
     ) -> Message[Any]:
         """Stage a message in the transaction of ``using`` (a SQLAlchemy Session or
         Connection, a Django alias; default: the one bound with
         :func:`jobledger.staging.staging_in` or the open Django atomic block, else the
         ledger's own connection, committed at once), as ``send_with_options`` would send it.
-        It is enqueued right after the commit, or by the relay. :class:`StagingError` for an
-        untracked actor, bad arguments or no usable transaction; nothing is written then."""
+        It is enqueued right after the commit, or by the relay. With ``unique_key``, while an
+        unfinished job holds the key nothing is staged and that job's message is returned.
+        :class:`StagingError` for an untracked actor, bad arguments or no usable transaction;
+        nothing is written then."""
+        message, record = self._staged(actor, args, kwargs, delay, options, unique_key)
+        return self._as_sent(message, self.ledger.outbox.stage(record, using))
+
+    def send_unique(
+        self,
+        actor: Actor[Any, Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        delay: int | None,
+        unique_key: str,
+        options: Mapping[str, Any],
+    ) -> Message[Any]:
+        """``actor.send_with_options(..., unique_key=...)``: the record, holding the key, is
+        written before the message exists, then enqueued at once
+        (:meth:`~jobledger.outbox.Outbox.publish_now`). While an unfinished job holds the key
+        nothing is enqueued, and that job's message (as the ledger records it) is returned. A
+        ledger that is down cannot say who holds the key: the message is enqueued as without
+        one (at least once beats never), its record written later without the key."""
+        message, record = self._staged(actor, args, kwargs, delay, options, unique_key)
+        try:
+            job_id = self.ledger.outbox.publish_now(record)
+        except StoreError as exc:
+            log.warning("job %s (%s): unique key %r not checked, the ledger is unavailable: %s",
+                        record.id, record.name, unique_key, exc)  # fmt: skip
+            return self.broker.enqueue(message, delay=delay)
+        return self._as_sent(message, job_id)
+
+    def _staged(
+        self,
+        actor: Actor[Any, Any] | str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        delay: int | None,
+        options: Mapping[str, Any],
+        unique_key: str | None,
+    ) -> tuple[Message[Any], JobRecord]:
+        """The message ``send_with_options`` would send, and its staged record."""
         message = staged_message(self.broker, actor, args, kwargs, options)
         if not self.is_tracked(message.actor_name, {}):
             raise StagingError(
@@ -171,8 +217,14 @@ class LedgerMiddleware(Middleware):
                 "track_all=True)"
             )
         record = staged_record(message, delay, self.orphan_options(message.actor_name))
-        self.ledger.outbox.stage(record, using)
-        return message
+        return message, replace(record, unique_key=unique_key)
+
+    def _as_sent(self, message: Message[Any], job_id: str) -> Message[Any]:
+        """``message``, or the message of job ``job_id`` that holds its unique key."""
+        if job_id == message.message_id:
+            return message
+        holder = self.ledger.store.get(job_id)
+        return message.copy(message_id=job_id) if holder is None else message_of(holder, None)[0]
 
     # -- running ------------------------------------------------------------------------------
     def before_process_message(self, broker: Broker, message: Any) -> None:
@@ -346,4 +398,5 @@ def install(
     first = broker.middleware[0] if broker.middleware else None
     broker.add_middleware(middleware, before=type(first) if first is not None else None)
     registry.register(middleware.publisher)
+    add_unique_option()
     return middleware

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 from dramatiq import Actor, Broker, Message
@@ -68,3 +69,43 @@ def staged_record(message: Message[Any], delay: int | None, extra: Mapping[str, 
     if delay:
         options[ETA_OPTION] = int(time.time() * 1000) + int(delay)
     return replace(record, options=options, state=JobState.STAGED)
+
+
+_added = False
+
+
+def add_unique_option() -> None:
+    """Give every actor's ``send_with_options`` a ``unique_key`` option (once per process):
+    its message goes through the ledger of the actor's broker
+    (:meth:`~jobledger.integrations.dramatiq.middleware.LedgerMiddleware.send_unique`).
+    Without the option, or on a broker without jobledger, it sends as before."""
+    global _added
+    if _added:
+        return
+    _added = True
+    original = Actor.send_with_options
+
+    def send_with_options(
+        self: Actor[Any, Any],
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: timedelta | int | None = None,
+        unique_key: str | None = None,
+        **options: Any,
+    ) -> Message[Any]:
+        if unique_key is None:
+            return original(self, args=args, kwargs=kwargs, delay=delay, **options)
+        from jobledger.integrations.dramatiq.middleware import LedgerMiddleware
+
+        ledger = next((m for m in self.broker.middleware if isinstance(m, LedgerMiddleware)), None)
+        if ledger is None:
+            raise StagingError(
+                f"actor {self.actor_name}: unique_key needs jobledger on its broker; call "
+                "jobledger.integrations.dramatiq.install(broker) before declaring actors"
+            )
+        if isinstance(delay, timedelta):
+            delay = int(delay.total_seconds() * 1000)
+        return ledger.send_unique(self, args, kwargs, delay, unique_key, options)
+
+    Actor.send_with_options = send_with_options  # type: ignore[method-assign]

@@ -13,18 +13,23 @@ it ``cancelled`` with the error, as the caller was told. A job's orphan policy i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import rq
 from redis import Redis
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from jobledger.config import Settings
+from jobledger.errors import StagingError, StoreError
 from jobledger.integrations.rq.integration import RQIntegration, integration_for
 from jobledger.integrations.rq.marks import orphan_policy, stamp
 from jobledger.stores import Store
+
+log = logging.getLogger(__name__)
 
 
 class TrackedQueue(rq.Queue):
@@ -68,6 +73,41 @@ class TrackedQueue(rq.Queue):
         job.origin = self.name
         self.jobledger.record(job, scheduled_at)
 
+    def enqueue(self, f: Any, *args: Any, unique_key: str | None = None, **kwargs: Any) -> Job:
+        """``rq.Queue.enqueue``; with ``unique_key``, while an unfinished job holds the key
+        nothing is enqueued and that job is returned (see :meth:`RQIntegration.publish_unique`;
+        a handle with only its id while the relay has yet to enqueue it). A unique job takes
+        the options a staged one does. A ledger that is down cannot say who holds the key:
+        the job is enqueued as without one (at least once beats never) and marked
+        unrecorded, its record written later without the key."""
+        if unique_key is None:
+            return super().enqueue(f, *args, **kwargs)
+        call = self.parse_args(f, *args, **kwargs)._asdict()
+        named = {"timeout", "description", "result_ttl", "ttl", "failure_ttl"}
+        beyond = sorted(
+            k
+            for k, v in call.items()
+            if v and k not in named | {"func", "args", "kwargs", "job_id"}
+        )
+        if beyond:
+            raise StagingError(
+                f"option(s) {', '.join(beyond)} cannot be given with unique_key; a unique RQ "
+                "job takes job_id, job_timeout, description, result_ttl, ttl, failure_ttl"
+            )
+        options = {k: call[k] for k in named if call[k] is not None}
+        try:
+            job_id = self.jobledger.publish_unique(
+                call["func"], call["args"], call["kwargs"], queue=self.name,
+                job_id=call["job_id"], unique_key=unique_key, **options,
+            )  # fmt: skip
+        except StoreError as exc:
+            log.warning("unique key %r not checked, the ledger is unavailable: %s", unique_key, exc)
+            return super().enqueue(f, *args, **kwargs)
+        try:
+            return Job.fetch(job_id, connection=self.connection)
+        except NoSuchJobError:
+            return Job(job_id, connection=self.connection)
+
     def enqueue_staged(
         self,
         f: Any,
@@ -77,7 +117,8 @@ class TrackedQueue(rq.Queue):
         **options: Any,
     ) -> str:
         """``enqueue``, staged in the transaction of ``using`` (or the open one): the job is
-        enqueued only once that transaction commits (see :meth:`RQIntegration.stage`)."""
+        enqueued only once that transaction commits (see :meth:`RQIntegration.stage`, which
+        takes ``unique_key`` too)."""
         return self.jobledger.stage(
             f, args, options.pop("kwargs", None), queue=self.name, job_id=job_id, using=using,
             **options,

@@ -118,6 +118,7 @@ class RQIntegration:
         queue: str = "default",
         job_id: str | None = None,
         using: object | None = None,
+        unique_key: str | None = None,
         **options: Any,
     ) -> str:
         """Stage a call of ``func`` in the transaction of ``using`` (a SQLAlchemy Session or
@@ -125,7 +126,40 @@ class RQIntegration:
         connection, committed at once) and return its job id. It is enqueued on ``queue``
         right after the commit, or by the relay. ``options`` are ``create_job``'s
         (``timeout``, ``result_ttl``, ``ttl``, ``failure_ttl``, ``description``);
-        :class:`StagingError` for any other."""
+        :class:`StagingError` for any other. With ``unique_key``, while an unfinished job
+        holds the key nothing is staged and that job's id is returned."""
+        record = self._staged(func, args, kwargs, queue, job_id, unique_key, options)
+        return self.runtime.outbox.stage(record, using)
+
+    def publish_unique(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        *,
+        queue: str,
+        job_id: str | None,
+        unique_key: str,
+        **options: Any,
+    ) -> str:
+        """``enqueue(..., unique_key=...)``: the record, holding the key, is written before
+        the job exists in RQ, then enqueued at once (:meth:`Outbox.publish_now`); the id of
+        the job enqueued, or of the unfinished job that holds the key (nothing enqueued).
+        :class:`~jobledger.errors.StoreError` if the ledger cannot say who holds the key."""
+        record = self._staged(func, args, kwargs, queue, job_id, unique_key, options)
+        return self.runtime.outbox.publish_now(record)
+
+    def _staged(
+        self,
+        func: Callable[..., Any] | str,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        queue: str,
+        job_id: str | None,
+        unique_key: str | None,
+        options: Mapping[str, Any],
+    ) -> JobRecord:
+        """The staged record of a call (see :meth:`stage`)."""
         unknown = sorted(set(options) - set(JOB_OPTIONS))
         if unknown:
             raise StagingError(
@@ -142,8 +176,7 @@ class RQIntegration:
         record = record_of(job)
         if record is None:
             raise StagingError(f"{name}: its arguments cannot be kept as JSON")
-        self.runtime.outbox.stage(replace(record, state=JobState.STAGED), using)
-        return record.id
+        return replace(record, state=JobState.STAGED, unique_key=unique_key)
 
 
 _by_connection: weakref.WeakKeyDictionary[Redis, RQIntegration] = weakref.WeakKeyDictionary()

@@ -16,6 +16,9 @@ a cluster's shards; one shard serves it.)
 ``P:owners``                  set of instances holding started jobs
 ``P:instance:<id>``           hash, an instance's row; expires after a long silence
 ``P:beats``                   score = last heartbeat, member = instance id
+``P:unique:<key>``            string, the id of the unfinished job that holds unique key
+                              ``<key>`` (set by the create script, deleted by the move that
+                              ends the job or by its deletion)
 ``P:lock:<name>``             string, the holder's token, with a TTL (``SET NX PX``)
 ``P:meta``                    hash: ``ledger_id``, ``schema``
 """

@@ -31,7 +31,7 @@ import redis
 from redis import exceptions as redis_errors
 
 from jobledger.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
-from jobledger.errors import SchemaMissing, StoreError, StoreUnavailable
+from jobledger.errors import SchemaMissing, StoreError, StoreUnavailable, UniqueKeyHeld
 from jobledger.model import DurationStats, Instance, JobRecord, JobState, QueueStats
 from jobledger.query import (
     Cursor,
@@ -102,7 +102,7 @@ _INTEGERS = frozenset({"attempts", "recoveries", "restarts", "generation", "pid"
 _JOB_FIELDS = [
     *("id", "system", "name", "queue", "args", "kwargs", "tags", "options", "state", "owner"),
     *("attempts", "recoveries", "restarts", "generation", "recent_recoveries", "error"),
-    "history",
+    *("history", "unique_key", "unique_hold"),
     *sorted(_TIMES - {"heartbeat_at"}),
 ]
 T = TypeVar("T")
@@ -253,12 +253,16 @@ class RedisStore(Store):
 
     # -- jobs ------------------------------------------------------------------------------
     def create(self, record: JobRecord) -> bool:
-        return bool(self._run("create", [self.keys.job(record.id)], _creation_args(record)))
+        created = self._run("create", [self.keys.job(record.id)], _creation_args(record))
+        if isinstance(created, list):  # [holder]: the unique key is held
+            raise UniqueKeyHeld(str(record.unique_key), _text(created[0]))
+        return bool(created)
 
     def create_many(self, records: Iterable[JobRecord], *, chunk: int = 1000) -> int:
         """:meth:`create` of many records, ``chunk`` per round trip (one script call each, so
-        each is as atomic as one ``create``); how many were created. For loading a ledger
-        (an import, a benchmark), where a round trip per job is most of the cost."""
+        each is as atomic as one ``create``; a held unique key creates nothing); how many were
+        created. For loading a ledger (an import, a benchmark), where a round trip per job is
+        most of the cost."""
         self._ready()
         created = 0
         for part in _chunks(records, chunk):
@@ -267,7 +271,7 @@ class RedisStore(Store):
                 for record in part:
                     args = [self.keys.prefix, *_creation_args(record)]
                     self._scripts.run("create", [self.keys.job(record.id)], args, pipe)
-                created += sum(int(won) for won in pipe.execute())
+                created += sum(won == 1 for won in pipe.execute())
         return created
 
     def get(self, job_id: str) -> JobRecord | None:

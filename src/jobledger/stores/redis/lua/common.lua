@@ -105,3 +105,12 @@ local function expected(f, states, owner, generation)
   end
   return f.owner == string.sub(owner, 2)
 end
+
+-- Free the unique key the job at ``key`` holds, if any (its ``unique_hold``): called by the
+-- move that ends the job and by its deletion, in the same script, so no key outlives its job.
+local function release_hold(key, id)
+  local held = redis.call('HGET', key, 'unique_hold')
+  if held and redis.call('GET', k('unique', held)) == id then
+    redis.call('DEL', k('unique', held))
+  end
+end

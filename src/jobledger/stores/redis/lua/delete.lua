@@ -5,6 +5,7 @@ local f = load_meta(key)
 if not f or not expected(f, ARGV[3], ARGV[4], ARGV[5]) then
   return 0
 end
+release_hold(key, id)
 unindex_state(id, f)
 redis.call('ZREM', k('order'), member(id, f))
 redis.call('DEL', key)

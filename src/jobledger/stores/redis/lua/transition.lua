@@ -26,6 +26,9 @@ for i = 7, #ARGV, 3 do
   elseif op == 's' then
     f[name] = value
   elseif op == 'd' then
+    if name == 'unique_hold' then
+      release_hold(key, id) -- the move that ends the job frees its key
+    end
     f[name] = nil
   elseif op == 'n' then
     f[name] = at

@@ -1,0 +1,112 @@
+"""Revision 0006 (unique keys) on each SQL database holding jobs: the upgrade keeps them
+(without a key), keys are held and refused afterwards, and a downgrade to 0005 gives back
+the older schema with the jobs still there."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, inspect, text
+
+from jobledger.errors import UniqueKeyHeld
+from jobledger.model import JobRecord, JobState
+from jobledger.query import JobQuery
+from jobledger.stores import migrations
+from jobledger.stores.base import Transition
+from jobledger.stores.sql import SQLStore, parse_url
+from ledgerdb import MYSQL_URL, POSTGRES_URL, SQL_BACKENDS
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of this test's own on each SQL backend (it migrates down and up)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    name = f"jl_test_unique_{uuid.uuid4().hex[:8]}"
+    server = parse_url({"postgresql": POSTGRES_URL, "mariadb": MYSQL_URL}[request.param])
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    yield server.set(database=name).render_as_string(hide_password=False)
+    force = " WITH (FORCE)" if request.param == "postgresql" else ""
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
+    admin.dispose()
+
+
+def _to(url: str, revision: str, *, up: bool = True) -> None:
+    engine = create_engine(parse_url(url))
+    with engine.begin() as conn:
+        config = migrations.alembic_config(conn)
+        (command.upgrade if up else command.downgrade)(config, revision)
+    engine.dispose()
+
+
+def _hold_index(url: str) -> dict[str, object] | None:
+    engine = create_engine(parse_url(url))
+    with engine.connect() as conn:
+        found = [
+            dict(i)
+            for i in inspect(conn).get_indexes("jobledger_jobs")
+            if i["name"] == "ux_jobledger_jobs_unique_hold"
+        ]
+    engine.dispose()
+    return found[0] if found else None
+
+
+def _columns(url: str) -> set[str]:
+    engine = create_engine(parse_url(url))
+    with engine.connect() as conn:
+        found = {c["name"] for c in inspect(conn).get_columns("jobledger_jobs")}
+    engine.dispose()
+    return found
+
+
+def test_revision_0006_up_and_down_keeps_the_jobs(url: str) -> None:
+    _to(url, "0005")
+    engine = create_engine(parse_url(url))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobledger_jobs (id, system, name, queue, args, kwargs, tags, "
+                "options, state, attempts, recoveries, restarts, created_at, queued_at, "
+                "updated_at) VALUES ('old', 'celery', 't', 'q', '[]', '{}', '{}', '{}', "
+                "'queued', 0, 0, 0, 1, 1, 1)"
+            )
+        )
+    engine.dispose()
+    store = SQLStore(url)
+    try:
+        store.migrate()
+        old = store.get("old")
+        assert old is not None and old.unique_key is None
+        assert store.create(JobRecord(id="a", name="t", unique_key="k"))
+        with pytest.raises(UniqueKeyHeld):
+            store.create(JobRecord(id="b", name="t", unique_key="k"))
+        done = Transition(to=JobState.CANCELLED, expect=frozenset({JobState.QUEUED}))
+        assert store.transition("a", done)
+        assert store.create(JobRecord(id="b", name="t", unique_key="k"))
+    finally:
+        store.close()
+    assert {"unique_key", "unique_hold"} <= _columns(url)
+    index = _hold_index(url)
+    assert index is not None and index["unique"] and index["column_names"] == ["unique_hold"]
+    if url.startswith("postgresql"):  # no entry for the jobs without a key
+        assert "IS NOT NULL" in str(index["dialect_options"]["postgresql_where"])
+    _to(url, "0005", up=False)
+    assert _hold_index(url) is None
+    assert not {"unique_key", "unique_hold"} & _columns(url)
+    _to(url, "head")
+    store = SQLStore(url)
+    try:
+        assert {r.id for r in store.iter_jobs(JobQuery())} == {"old", "a", "b"}
+        assert store.create(
+            JobRecord(id="c", name="t", unique_key="k")
+        )  # the downgrade dropped the holds
+    finally:
+        store.close()
