@@ -96,7 +96,7 @@ class IntegrationContract:
     def test_a_job_runs_once_and_succeeds(self, harness: IntegrationHarness) -> None:
         h = harness
         h.start_workers(["w1"])
-        ids = [h.enqueue("work", n, 0.0) for n in range(10)]
+        ids = [h.enqueue("work", n, 0.0) for n in range(6)]
         records = wait_final(h, ids, self.settle)
         for n, job_id in enumerate(ids):
             record = records[job_id]
@@ -115,8 +115,9 @@ class IntegrationContract:
         h = harness
         h.start_workers(["w1", "w2"])
         hung = h.enqueue("hangs_first_time", 0)
-        ids = [hung, *(h.enqueue("work", n, 0.2) for n in range(1, 9))]
+        ids = [hung, *(h.enqueue("work", n, 0.2) for n in range(1, 7))]
         victim = wait_for("the hanging job to be claimed", lambda: running_on(h, hung))
+        wait_for("its body to start", lambda: h.executions(hung))  # else it never hung
         survivor = "w2" if victim == "w1" else "w1"
         killed_at = time.time()
         h.kill_worker(victim)
