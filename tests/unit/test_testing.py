@@ -18,8 +18,7 @@ from jobledger.testing import (  # the plugin's fixtures, as a user's conftest w
     ledger_integration,
     ledger_store,
 )
-from jobledger.testing.contract import ExecutionLog, record_run
-from jobledger.testing.contract.executions import ENV
+from jobledger.testing.executions import ENV, ExecutionLog, record_run
 
 __all__ = ["ledger_clock", "ledger_integration", "ledger_store"]
 

@@ -17,7 +17,7 @@ from celery import Celery
 from jobledger.config import Settings
 from jobledger.integrations.celery import CeleryIntegration, install
 from jobledger.model import JobRecord, Republish
-from jobledger.testing.contract import FIRST_FAILURE, ExecutionLog, record_run
+from jobledger.testing.executions import FIRST_FAILURE, ExecutionLog, record_run
 
 
 def has_run_before(job_id: str) -> bool:

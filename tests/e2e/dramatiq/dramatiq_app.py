@@ -23,7 +23,7 @@ from dramatiq.middleware import CurrentMessage
 from jobledger.config import Settings
 from jobledger.integrations.dramatiq import LedgerMiddleware, install
 from jobledger.model import JobRecord, Republish
-from jobledger.testing.contract import FIRST_FAILURE, ExecutionLog, record_run
+from jobledger.testing.executions import FIRST_FAILURE, ExecutionLog, record_run
 
 
 def starts(job_id: str) -> int:

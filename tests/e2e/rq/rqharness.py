@@ -29,7 +29,7 @@ from jobledger.integrations.rq import Queue, RQIntegration, install  # noqa: E40
 from jobledger.model import JobRecord, JobState  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
 from jobledger.testing import wait_for  # noqa: E402 - the tests import it from here
-from jobledger.testing.contract.executions import ENV, ExecutionLog, Run  # noqa: E402
+from jobledger.testing.executions import ENV, ExecutionLog, Run  # noqa: E402
 from ledgerdb import database_url, empty_sql_store  # noqa: E402
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

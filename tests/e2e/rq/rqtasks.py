@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from jobledger.testing.contract import FIRST_FAILURE, ExecutionLog, record_run
+from jobledger.testing.executions import FIRST_FAILURE, ExecutionLog, record_run
 
 
 def _job_id() -> str:

@@ -5,18 +5,15 @@ party's pass them too (``pip install 'jobledger[testing]'``: pytest and hypothes
   ``store`` fixture.
 - :class:`IntegrationContract` (:mod:`~jobledger.testing.contract.integration`): subclass it
   and give it a ``harness`` fixture, an :class:`IntegrationHarness` over real worker
-  processes of your queue system.
+  processes of your queue system. Its task bodies write their runs with
+  :func:`~jobledger.testing.executions.record_run` (that module needs no pytest).
 """
 
 from __future__ import annotations
 
-from jobledger.testing.contract.executions import ExecutionLog, Run, record_run
-from jobledger.testing.contract.integration import (
-    FIRST_FAILURE,
-    IntegrationContract,
-    IntegrationHarness,
-)
+from jobledger.testing.contract.integration import IntegrationContract, IntegrationHarness
 from jobledger.testing.contract.store import StoreContract
+from jobledger.testing.executions import FIRST_FAILURE, ExecutionLog, Run, record_run
 
 __all__ = [
     "FIRST_FAILURE",

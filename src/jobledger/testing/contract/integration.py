@@ -10,7 +10,7 @@ asserts invariants, not timings a slow machine moves: every job it enqueued ends
 it must, no body ran after its job was recorded succeeded, a recovered job keeps its id.
 
 The worker processes must define three tasks, each writing its runs to the test's
-:class:`~jobledger.testing.contract.executions.ExecutionLog` (``record_run(job_id, "start")``
+:class:`~jobledger.testing.executions.ExecutionLog` (``record_run(job_id, "start")``
 first, ``record_run(job_id, "done")`` when it returns):
 
 - ``work(n, seconds)``: sleeps ``seconds``, then returns;
@@ -33,12 +33,9 @@ from jobledger.model import FINAL_STATES, JobRecord, JobState
 from jobledger.query import JobQuery
 from jobledger.stores.base import Store
 from jobledger.testing import wait_for
-from jobledger.testing.contract.executions import Run
+from jobledger.testing.executions import FIRST_FAILURE, Run
 
 __all__ = ["FIRST_FAILURE", "IntegrationContract", "IntegrationHarness"]
-
-#: What ``fails_first_time`` raises with.
-FIRST_FAILURE = "fails on its first run"
 
 
 class IntegrationHarness(Protocol):

@@ -3,7 +3,8 @@ job's body ran without trusting the ledger it is testing.
 
 A SQLite file (WAL) that every worker process of every queue system can write: the test
 creates it (:meth:`ExecutionLog.create`) and names it to the workers in
-``JOBLEDGER_EXECUTION_LOG``; a task body calls :func:`record_run` with its job's id.
+``JOBLEDGER_EXECUTION_LOG``; a task body calls :func:`record_run` with its job's id. Worker
+processes import this module without pytest (:mod:`jobledger.testing.contract` needs it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from jobledger.errors import ConfigError
 
 #: The environment variable that names the log to the worker processes.
 ENV = "JOBLEDGER_EXECUTION_LOG"
+#: What the integration contract's ``fails_first_time`` task raises with.
+FIRST_FAILURE = "fails on its first run"
 #: The phases a task body records: its start, its end; a recoverer's publish, a body that is
 #: not tracked.
 START, DONE, PUBLISHED, UNTRACKED = "start", "done", "published", "untracked"
