@@ -23,9 +23,9 @@ from jobledger.errors import ConfigError
 ENV = "JOBLEDGER_EXECUTION_LOG"
 #: What the integration contract's ``fails_first_time`` task raises with.
 FIRST_FAILURE = "fails on its first run"
-#: The phases a task body records: its start, its end; a recoverer's publish, a body that is
-#: not tracked.
-START, DONE, PUBLISHED, UNTRACKED = "start", "done", "published", "untracked"
+#: The phase a body records as it starts: an execution (it records "done" as it returns;
+#: the e2e apps also record "published" for a recoverer's publish, "untracked" for others).
+START = "start"
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS runs (job_id TEXT, phase TEXT, worker TEXT, at REAL, pid INT)"
 
