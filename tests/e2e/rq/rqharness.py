@@ -206,15 +206,27 @@ class RQHarness:
 
     def check_queue(self, records: Collection[JobRecord]) -> None:
         """RQ's own view agrees: a succeeded job is finished and a failed one failed in RQ,
-        and no job is left in the started registry (for RQ's cleanup to fail it later)."""
+        and no job is left in the started registry (for RQ's cleanup to fail it later). RQ
+        writes its bookkeeping after jobledger's outcome: it may lag the ledger a moment."""
         statuses = {JobState.SUCCEEDED: JobStatus.FINISHED, JobState.FAILED: JobStatus.FAILED}
-        started = set(self.queue.started_job_registry.get_job_ids())
-        failed = set(self.queue.failed_job_registry.get_job_ids())
-        for record in records:
-            status = Job.fetch(record.id, connection=self.redis).get_status()
-            assert status == statuses[record.state], (record, status)
-            assert record.id not in started, f"{record.id} left in RQ's started registry"
-            assert (record.id in failed) is (record.state is JobState.FAILED), (record, failed)
+
+        def disagreement() -> str | None:
+            started = set(self.queue.started_job_registry.get_job_ids())
+            failed = set(self.queue.failed_job_registry.get_job_ids())
+            for record in records:
+                status = Job.fetch(record.id, connection=self.redis).get_status()
+                if status != statuses[record.state]:
+                    return f"{record.id} is {record.state.value} in the ledger, {status} in RQ"
+                if record.id in started:
+                    return f"{record.id} left in RQ's started registry"
+                if (record.id in failed) is not (record.state is JobState.FAILED):
+                    return f"{record.id} ({record.state.value}): in RQ's failed registry? {failed}"
+            return None
+
+        try:
+            wait_for("RQ to agree with the ledger", lambda: disagreement() is None, timeout=10)
+        except TimeoutError:
+            raise AssertionError(disagreement()) from None
 
     def close(self) -> None:
         for worker in self.workers:

@@ -78,8 +78,9 @@ class IntegrationHarness(Protocol):
         """The starts of ``job_id``'s body, in order, from the test's own execution log."""
 
     def check_queue(self, records: Collection[JobRecord]) -> None:
-        """Raise AssertionError if the queue system's own bookkeeping disagrees with these
-        final records (RQ's registries, say); do nothing where it keeps none."""
+        """Return once the queue system's own bookkeeping (RQ's registries, say) agrees with
+        these final records, which it may lag a moment; raise AssertionError, saying how it
+        disagrees, if it does not within a deadline. Do nothing where it keeps none."""
 
 
 class IntegrationContract:
