@@ -14,13 +14,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from ledger_helpers import CLOCK_SLACK, epoch, job, started
 
 import jobledger
 from jobledger.lifecycle import Claim, Lifecycle
 from jobledger.model import Instance, JobState
 from jobledger.stores.sql import SQLStore
 from jobledger.testing import wait_for
+from jobledger.testing.contract.records import CLOCK_SLACK, epoch, job, started
 
 SKEWS = [-600.0, 600.0]
 REAL_TIME = time.time

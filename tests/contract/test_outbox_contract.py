@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from ledger_helpers import CLOCK_SLACK, dt, epoch, ids, job
 
 from jobledger.errors import ConfigError
 from jobledger.model import CLAIMABLE_STATES, JobRecord, JobState
@@ -28,6 +27,7 @@ from jobledger.stores.memory import MemoryStore
 from jobledger.stores.sql import SQLStore
 from jobledger.stores.staging import staged_insert
 from jobledger.testing import ManualClock, wait_for
+from jobledger.testing.contract.records import CLOCK_SLACK, dt, epoch, ids, job
 from ledgerdb import LEDGER_BACKENDS, ledger_url
 
 S = JobState

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import pytest
 import race_workers
-from ledger_helpers import job
 
 from jobledger.errors import UniqueKeyHeld
 from jobledger.model import CLAIMABLE_STATES, JobState
@@ -20,6 +19,7 @@ from jobledger.stores.base import Store, Transition
 from jobledger.stores.redis import RedisStore
 from jobledger.stores.schema import locks
 from jobledger.stores.sql import SQLStore
+from jobledger.testing.contract.records import job
 from ledgerdb import LEDGER_BACKENDS, ledger_url
 
 T = TypeVar("T")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from jobledger.errors import PublishError
+from jobledger.errors import ConfigError, PublishError
 from jobledger.integrations.base import Integration, Registry
 from jobledger.model import JobRecord
 from jobledger.testing import (  # the plugin's fixtures, as a user's conftest would get them
@@ -15,6 +18,7 @@ from jobledger.testing import (  # the plugin's fixtures, as a user's conftest w
     ledger_integration,
     ledger_store,
 )
+from jobledger.testing.executions import ENV, ExecutionLog, record_run
 
 __all__ = ["ledger_clock", "ledger_integration", "ledger_store"]
 
@@ -61,3 +65,32 @@ def test_wait_for_returns_the_first_truthy_value_and_names_what_timed_out() -> N
     assert wait_for("the third answer", lambda: next(answers), timeout=5) == "ready"
     with pytest.raises(TimeoutError, match="waiting for never"):
         wait_for("never", lambda: False, timeout=0.05)
+
+
+def test_the_execution_log_counts_runs_across_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Task bodies in forked processes write the log the test named; the test reads each
+    job's executions, in order, with the process that ran it."""
+    log = ExecutionLog.create(tmp_path / "runs.db")
+    monkeypatch.setenv(ENV, log.path)
+    monkeypatch.setenv("JOBLEDGER_INSTANCE_NAME", "w1")
+    record_run("a", "start")
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's exit status is the assertion
+        record_run("a", "start")
+        record_run("a", "done")
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    record_run("b", "published")
+    runs = log.executions("a")
+    assert [(r.job_id, r.phase, r.worker) for r in runs] == [("a", "start", "w1")] * 2
+    assert [r.pid for r in runs] == [os.getpid(), child]
+    assert [r.phase for r in log.runs()] == ["start", "start", "done", "published"]
+    assert log.executions("b") == []
+
+
+def test_an_execution_log_nobody_named_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(ConfigError, match=f"{ENV} is not set"):
+        record_run("a", "start")

@@ -2,8 +2,9 @@
 
 Lifecycle, recovery, the manager, the CLI and the server are written once against
 :class:`Store`; the SQL store (SQLite, PostgreSQL, MariaDB/MySQL) and the in-memory store of
-:mod:`jobledger.testing` implement it, and ``tests/contract`` runs every implementation through
-the same suite. What every implementation promises:
+:mod:`jobledger.testing` implement it, and every implementation passes the same suite,
+:class:`jobledger.testing.contract.StoreContract` (``tests/contract`` runs it for each).
+What every implementation promises:
 
 - **Compare-and-set.** :meth:`Store.transition` changes a job only if it is in one of the
   expected states (and, if asked, held by the expected owner), and says whether it did. Of any

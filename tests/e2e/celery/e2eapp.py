@@ -1,15 +1,14 @@
 """The Celery app the end-to-end tests run in real worker processes (and publish from).
 
-Each task body writes a row per phase to a runs table of the test's own (a SQLite file), with
-the worker's instance name and the time, so a test can count how often each job ran.
+Each task body writes a row per phase to the test's execution log (a SQLite file), with the
+worker's instance name, its pid and the time, so a test can count how often each job ran. The
+``work``, ``hangs_first_time`` and ``fails_first_time`` tasks are the integration contract's
+(:mod:`jobledger.testing.contract.integration`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sqlite3
-import threading
 import time
 from typing import Any
 
@@ -18,50 +17,11 @@ from celery import Celery
 from jobledger.config import Settings
 from jobledger.integrations.celery import CeleryIntegration, install
 from jobledger.model import JobRecord, Republish
-
-RUNS_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS runs (job_id TEXT, phase TEXT, worker TEXT, at REAL, pid INT)"
-)
-
-
-#: Held around every write to the runs table and around every fork: the worker's main process
-#: writes "published" rows from a thread while billiard forks pool processes, and a child
-#: forked mid-write inherits SQLite's record of a lock its own connections then wait on.
-_RUNS_LOCK = threading.Lock()
-os.register_at_fork(
-    before=_RUNS_LOCK.acquire,
-    after_in_parent=_RUNS_LOCK.release,
-    after_in_child=_RUNS_LOCK.release,
-)
-
-
-def record_run(job_id: str, phase: str) -> None:
-    with (
-        _RUNS_LOCK,
-        contextlib.closing(sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60)) as conn,
-        conn,
-    ):
-        conn.execute(
-            "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
-            (
-                job_id,
-                phase,
-                os.environ.get("JOBLEDGER_INSTANCE_NAME", "client"),
-                time.time(),
-                os.getpid(),
-            ),
-        )
+from jobledger.testing.executions import FIRST_FAILURE, ExecutionLog, record_run
 
 
 def has_run_before(job_id: str) -> bool:
-    with (
-        _RUNS_LOCK,
-        contextlib.closing(sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60)) as conn,
-    ):
-        found = conn.execute(
-            "SELECT count(*) FROM runs WHERE job_id = ? AND phase = 'start'", (job_id,)
-        ).fetchone()
-    return bool(found[0] > 1)
+    return len(ExecutionLog.from_env().executions(job_id)) > 1
 
 
 def transport_options(queue: str, visibility_timeout: float | None) -> dict[str, Any]:
@@ -104,6 +64,14 @@ def make_app(
         record_run(self.request.id, "start")
         if not has_run_before(self.request.id):
             time.sleep(120)  # until the test kills this pool process
+        record_run(self.request.id, "done")
+        return n
+
+    @app.task(name="e2e.fails_first_time", bind=True, tracked=True, shared=False)
+    def fails_first_time(self: Any, n: int) -> int:
+        record_run(self.request.id, "start")
+        if not has_run_before(self.request.id):
+            raise ValueError(f"job {n} {FIRST_FAILURE}")
         record_run(self.request.id, "done")
         return n
 

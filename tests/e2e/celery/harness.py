@@ -1,4 +1,6 @@
 """Real Celery workers as subprocesses, a SQLite ledger, and deadlines instead of sleeps.
+:class:`Harness` is also the integration contract's harness for Celery
+(:class:`jobledger.testing.contract.IntegrationHarness`).
 
 The fixtures live here, not in a conftest.py, so that the root conftest keeps its module name;
 test modules import them.
@@ -9,11 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,13 +24,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE))
 
-from e2eapp import RUNS_SCHEMA, make_app  # noqa: E402
+from e2eapp import make_app  # noqa: E402
 from tcpproxy import TcpProxy  # noqa: E402
 
 from jobledger.config import Settings  # noqa: E402
+from jobledger.model import JobRecord  # noqa: E402
 from jobledger.stores.base import Store  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
 from jobledger.testing import wait_for  # noqa: E402 - the e2e tests import it from here
+from jobledger.testing.executions import ENV, ExecutionLog, Run  # noqa: E402
 from ledgerdb import database_url, discard_store, empty_store  # noqa: E402
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -115,11 +118,8 @@ class Harness:
             self.worker_url = self.proxy.url_for(self.url)
         self.heartbeat_interval = heartbeat_interval
         self.visibility_timeout = visibility_timeout
-        self.runs_db = str(tmp_path / "runs.db")
-        with sqlite3.connect(self.runs_db) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(RUNS_SCHEMA)
-        os.environ["E2E_RUNS_DB"] = self.runs_db
+        self.log = ExecutionLog.create(tmp_path / "runs.db")
+        os.environ[ENV] = self.log.path  # the client's publishes write there too
         self.settings = Settings(
             database_url=self.worker_url,
             instance_name="client",
@@ -135,7 +135,7 @@ class Harness:
             PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src")]),
             E2E_BROKER=self.broker,
             E2E_QUEUE=self.queue,
-            E2E_RUNS_DB=self.runs_db,
+            JOBLEDGER_EXECUTION_LOG=self.log.path,
             JOBLEDGER_DATABASE_URL=self.worker_url,
             JOBLEDGER_INSTANCE_NAME=name,
             JOBLEDGER_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
@@ -150,7 +150,16 @@ class Harness:
     def start_worker(self, name: str, concurrency: int = 4, **extra: str) -> Worker:
         """Spawn a worker and wait until it registered in the ledger and is ready."""
         worker = self.spawn_worker(name, concurrency, **extra)
-        proc = worker.proc
+        self._await_ready(worker)
+        return worker
+
+    def start_workers(self, names: Sequence[str]) -> None:
+        """Spawn a worker (2 pool processes) per name, then wait until each is ready."""
+        for worker in [self.spawn_worker(name, 2) for name in names]:
+            self._await_ready(worker)
+
+    def _await_ready(self, worker: Worker) -> None:
+        proc, name = worker.proc, worker.name
         wait_for(
             f"worker {name} to register",
             lambda: (
@@ -159,7 +168,6 @@ class Harness:
             ),
         )
         wait_for(f"worker {name} to be ready", lambda: "ready." in worker.output() or _died(worker))
-        return worker
 
     def spawn_worker(self, name: str, concurrency: int = 4, **extra: str) -> Worker:
         """Spawn a worker (in the test's directory, so workers share a journal directory) and
@@ -171,15 +179,45 @@ class Harness:
         self.workers.append(worker)
         return worker
 
-    def runs(self) -> list[tuple[str, str, str, float]]:
-        with sqlite3.connect(self.runs_db, timeout=60) as conn:
-            return list(conn.execute("SELECT job_id, phase, worker, at FROM runs"))
+    def runs(self) -> list[Run]:
+        return self.log.runs()
 
     def pids(self, job_id: str) -> list[int]:
         """The pool processes that started ``job_id``, in order."""
-        with sqlite3.connect(self.runs_db, timeout=60) as conn:
-            query = "SELECT pid FROM runs WHERE job_id = ? AND phase = 'start' ORDER BY at"
-            return [int(row[0]) for row in conn.execute(query, (job_id,))]
+        return [run.pid for run in self.log.executions(job_id)]
+
+    # -- the integration contract's harness ---------------------------------------------------
+    system = "celery"
+
+    def enqueue(self, task: str, *args: Any) -> str:
+        return str(self.app.send_task(f"e2e.{task}", args=list(args)).id)
+
+    def deliver_again(self, job_id: str) -> None:
+        record = self.store.get(job_id)
+        assert record is not None, job_id
+        self.app.send_task(record.name, args=record.args, kwargs=record.kwargs, task_id=job_id)
+
+    def worker(self, name: str) -> Worker:
+        return next(w for w in self.workers if w.name == name)
+
+    def kill_worker(self, name: str) -> None:
+        worker = self.worker(name)
+        worker.kill(signal.SIGKILL)
+        worker.wait(10)
+
+    def kill_work_process(self, job_id: str) -> None:
+        os.kill(self.pids(job_id)[-1], signal.SIGKILL)
+
+    def terminate(self, name: str) -> int:
+        worker = self.worker(name)
+        worker.warm_shutdown()
+        return worker.wait(60)
+
+    def executions(self, job_id: str) -> list[Run]:
+        return self.log.executions(job_id)
+
+    def check_queue(self, records: Collection[JobRecord]) -> None:
+        """Celery keeps no per-job state of its own here (results are ignored)."""
 
     def close(self) -> None:
         for worker in self.workers:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -52,72 +51,6 @@ def kill_mid_run(h: Harness, name: str = "victim") -> set[str]:
     assert orphaned
     worker.wait(10)
     return orphaned
-
-
-@pytest.mark.parametrize("ledger", ["sqlite", "postgresql", "redis"])
-def test_sigkill_of_a_whole_worker_loses_no_job(
-    make_harness: Callable[..., Harness], ledger: str
-) -> None:
-    h = make_harness(RABBITMQ, ledger)
-    # acks_late: early acks (at the pool's accept, before the claim) lose a job to a kill
-    # that lands between the two, and the ledger could only show it stuck in queued
-    h.start_worker("victim", concurrency=4, E2E_ACKS_LATE="1")
-    h.start_worker("survivor", concurrency=4, E2E_ACKS_LATE="1")
-    ids = [h.app.send_task("e2e.work", args=[i], kwargs={"seconds": 0.4}).id for i in range(80)]
-    orphaned = kill_mid_run(h)
-    killed_at = time.time()
-
-    wait_for(
-        "every job to succeed",
-        lambda: h.store.count(JobQuery(states=SUCCEEDED)) == len(ids),
-        timeout=45,
-    )
-    jobs = {j.id: j for j in h.store.iter_jobs(JobQuery())}
-    runs = h.runs()
-    done = Counter(r[0] for r in runs if r[1] == "done")
-    assert all(done[i] >= 1 for i in ids), "a job never ran to completion"
-    for job_id, job in jobs.items():  # no run started after the job's success was recorded
-        assert job.finished_at is not None
-        succeeded_at = job.finished_at.timestamp()
-        late = [r for r in runs if r[0] == job_id and r[1] == "start" and r[3] > succeeded_at]
-        assert not late, f"job {job_id} ran again after it succeeded: {late}"
-    recovered = {j.id for j in jobs.values() if j.recoveries}
-    assert orphaned <= recovered  # the jobs the victim held were recovered...
-    bound = h.settings.ttl + h.settings.recovery_interval + 2.0  # + slack for one sweep
-    for job_id in orphaned:  # ...within TTL + sweep interval + slack, and finished elsewhere
-        job = jobs[job_id]
-        assert job.owner and job.owner.startswith("survivor:")
-        assert job.recovered_at is not None
-        assert job.recovered_at.timestamp() - killed_at < bound
-
-
-def test_sigkill_of_one_pool_process_recovers_its_job(redis_harness: Harness) -> None:
-    h = redis_harness
-    worker = h.start_worker("w1", concurrency=2)
-    job_id = h.app.send_task("e2e.hangs_first_time", args=[7]).id
-    others = [h.app.send_task("e2e.work", args=[i], kwargs={"seconds": 0.1}).id for i in range(6)]
-    child = wait_for("the job to start in a pool process", lambda: h.pids(job_id))[0]
-    assert child != worker.proc.pid
-    os.kill(child, signal.SIGKILL)  # only that child: the main process and its sibling live on
-
-    wait_for(
-        "the killed job to succeed",
-        lambda: (job := h.store.get(job_id)) is not None and job.state is JobState.SUCCEEDED,
-        timeout=30,
-    )
-    job = h.store.get(job_id)
-    assert job is not None and job.recoveries == 1 and job.attempts == 2
-    assert job.owner and job.owner.startswith("w1:")  # recovered by its own worker, at once
-    pids = h.pids(job_id)
-    assert len(pids) == 2 and pids[1] != child
-    phases = [r[1] for r in h.runs() if r[0] == job_id]
-    assert sorted(phases) == ["done", "published", "start", "start"]
-    wait_for(
-        "the other jobs to succeed",
-        lambda: h.store.count(JobQuery(states=SUCCEEDED, ids=frozenset(others))) == len(others),
-    )
-    assert worker.proc.poll() is None  # the worker itself survived
-    assert "WorkerLostError" in worker.output()
 
 
 def test_racing_recoverers_publish_each_orphan_once(make_harness: Callable[..., Harness]) -> None:

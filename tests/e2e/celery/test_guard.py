@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 
 import pytest
@@ -15,21 +14,6 @@ from jobledger.query import JobQuery
 def state_of(h: Harness, job_id: str) -> JobState | None:
     job = h.store.get(job_id)
     return None if job is None else job.state
-
-
-def test_the_same_task_id_delivered_three_times_runs_once(redis_harness: Harness) -> None:
-    h = redis_harness
-    worker = h.start_worker("w1", concurrency=4)
-    job_id = str(uuid.uuid4())
-    # The second arrives while the first runs: a live instance holds it. The job outlasts
-    # Lifecycle.own_redelivery_grace, so the duplicate is judged while it still runs.
-    for _ in range(2):
-        h.app.send_task("e2e.work", args=[1], kwargs={"seconds": 4.0}, task_id=job_id)
-    wait_for("the job to succeed", lambda: state_of(h, job_id) is JobState.SUCCEEDED)
-    h.app.send_task("e2e.work", args=[1], task_id=job_id)  # after success
-    wait_for("the late duplicate to be skipped", lambda: "already_succeeded" in worker.output())
-    assert "running_elsewhere" in worker.output()
-    assert [r[1] for r in h.runs() if r[0] == job_id] == ["start", "done"]
 
 
 def test_retries_then_success_and_retries_exhausted(redis_harness: Harness) -> None:

@@ -1,17 +1,17 @@
 """The Dramatiq broker module the end-to-end tests run in real ``dramatiq`` worker processes
 (and publish from): ``dramatiq dramatiq_app``.
 
-Each actor writes a row per phase to a runs table of the test's own (a SQLite file), with the
+Each actor writes a row per phase to the test's execution log (a SQLite file), with the
 worker's instance name, its process id and the time, so a test can count how often each job
-ran. The broker (``E2E_BROKER``: a Redis or AMQP URL) and the queue (``E2E_QUEUE``) come from
-the environment; Redis keys live under a namespace of the test's own.
+ran; ``e2e.work``, ``e2e.hangs_first_time`` and ``e2e.fails_first_time`` are the integration
+contract's (:mod:`jobledger.testing.contract.integration`). The broker (``E2E_BROKER``: a
+Redis or AMQP URL) and the queue (``E2E_QUEUE``) come from the environment; Redis keys live
+under a namespace of the test's own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sqlite3
 import time
 
 import dramatiq
@@ -23,33 +23,11 @@ from dramatiq.middleware import CurrentMessage
 from jobledger.config import Settings
 from jobledger.integrations.dramatiq import LedgerMiddleware, install
 from jobledger.model import JobRecord, Republish
-
-RUNS_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS runs (job_id TEXT, phase TEXT, worker TEXT, at REAL, pid INT)"
-)
-
-
-def record_run(job_id: str, phase: str) -> None:
-    with (
-        contextlib.closing(sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60)) as conn,
-        conn,
-    ):
-        conn.execute(
-            "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
-            (
-                job_id,
-                phase,
-                os.environ.get("JOBLEDGER_INSTANCE_NAME", "client"),
-                time.time(),
-                os.getpid(),
-            ),
-        )
+from jobledger.testing.executions import FIRST_FAILURE, ExecutionLog, record_run
 
 
 def starts(job_id: str) -> int:
-    with contextlib.closing(sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60)) as conn:
-        query = "SELECT count(*) FROM runs WHERE job_id = ? AND phase = 'start'"
-        return int(conn.execute(query, (job_id,)).fetchone()[0])
+    return len(ExecutionLog.from_env().executions(job_id))
 
 
 def make_broker(url: str, queue: str) -> Broker:
@@ -84,6 +62,19 @@ def make_app(url: str, queue: str, settings: Settings) -> tuple[Broker, LedgerMi
         record_run(current_id(), "start")
         if starts(current_id()) == 1:
             time.sleep(120)  # until the test kills this worker process
+        record_run(current_id(), "done")
+
+    @dramatiq.actor(
+        broker=broker,
+        actor_name="e2e.fails_first_time",
+        queue_name=queue,
+        tracked=True,
+        max_retries=0,
+    )
+    def fails_first_time(n: int) -> None:
+        record_run(current_id(), "start")
+        if starts(current_id()) == 1:
+            raise ValueError(f"job {n} {FIRST_FAILURE}")
         record_run(current_id(), "done")
 
     @dramatiq.actor(

@@ -1,5 +1,7 @@
 """Real ``dramatiq`` workers as subprocesses (N processes of T threads each), a SQLite or
 PostgreSQL ledger, a runs table of the test's own, and deadlines instead of sleeps.
+:class:`Harness` is also the integration contract's harness for Dramatiq
+(:class:`jobledger.testing.contract.IntegrationHarness`).
 
 The fixtures live here, not in a conftest.py, so that the root conftest keeps its module name;
 test modules import them.
@@ -10,11 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE))
 
-from dramatiq_app import RUNS_SCHEMA, make_app  # noqa: E402
+from dramatiq_app import make_app  # noqa: E402
 
 from jobledger.config import Settings  # noqa: E402
+from jobledger.integrations.base import Integration  # noqa: E402
+from jobledger.model import JobRecord  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
 from jobledger.testing import wait_for  # noqa: E402 - the e2e tests import it from here
+from jobledger.testing.executions import ENV, ExecutionLog, Run  # noqa: E402
 from ledgerdb import database_url, empty_sql_store  # noqa: E402
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -78,11 +82,8 @@ class Harness:
         self.url = database_url(ledger, tmp_path)
         self.store: SQLStore = empty_sql_store(self.url)
         self.heartbeat_interval = heartbeat_interval
-        self.runs_db = str(tmp_path / "runs.db")
-        with sqlite3.connect(self.runs_db) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(RUNS_SCHEMA)
-        os.environ["E2E_RUNS_DB"] = self.runs_db
+        self.log = ExecutionLog.create(tmp_path / "runs.db")
+        os.environ[ENV] = self.log.path
         self.settings = Settings(
             database_url=self.url,
             instance_name="client",
@@ -110,7 +111,7 @@ class Harness:
             E2E_WORKER="1",
             E2E_BROKER=self.broker_url,
             E2E_QUEUE=self.queue,
-            E2E_RUNS_DB=self.runs_db,
+            JOBLEDGER_EXECUTION_LOG=self.log.path,
             JOBLEDGER_DATABASE_URL=self.url,
             JOBLEDGER_INSTANCE_NAME=name,
             JOBLEDGER_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
@@ -144,26 +145,67 @@ class Harness:
     def start_worker(self, name: str, processes: int = 2, threads: int = 4, **extra: str) -> Worker:
         """Spawn a worker and wait until each of its processes registered in the ledger."""
         worker = self.spawn_worker(name, processes, threads, **extra)
-        wait_for(
-            f"worker {name} to register its {processes} processes",
-            lambda: self.instances(name) >= processes or _died(worker),
-        )
+        self._await_registered(worker, processes)
         return worker
+
+    def start_workers(self, names: Sequence[str]) -> None:
+        """Spawn a worker (1 process of 2 threads) per name, then wait until each registered."""
+        for worker in [self.spawn_worker(name, 1, 2) for name in names]:
+            self._await_registered(worker, 1)
+
+    def _await_registered(self, worker: Worker, processes: int) -> None:
+        wait_for(
+            f"worker {worker.name} to register its {processes} processes",
+            lambda: self.instances(worker.name) >= processes or _died(worker),
+        )
 
     def instances(self, name: str) -> int:
         return sum(1 for i in self.store.instances(ttl=10) if i.name == name and i.alive)
 
-    def runs(self) -> list[tuple[str, str, str, float, int]]:
-        with contextlib.closing(sqlite3.connect(self.runs_db, timeout=60)) as conn:
-            return list(conn.execute("SELECT job_id, phase, worker, at, pid FROM runs"))
+    def runs(self) -> list[Run]:
+        return self.log.runs()
 
     def pids(self, job_id: str) -> list[int]:
         """The worker processes that started ``job_id``, in order."""
-        return [
-            r[4]
-            for r in sorted(self.runs(), key=lambda r: r[3])
-            if r[0] == job_id and r[1] == "start"
-        ]
+        return [run.pid for run in self.log.executions(job_id)]
+
+    # -- the integration contract's harness ---------------------------------------------------
+    system = "dramatiq"
+
+    @property
+    def integration(self) -> Integration:
+        return self.middleware.publisher
+
+    def enqueue(self, task: str, *args: Any) -> str:
+        return self.send(f"e2e.{task}", *args)
+
+    def deliver_again(self, job_id: str) -> None:
+        """The job's message once more, as the broker would redeliver it."""
+        record = self.store.get(job_id)
+        assert record is not None, job_id
+        self.integration.publish(record)
+
+    def worker(self, name: str) -> Worker:
+        return next(w for w in self.workers if w.name == name)
+
+    def kill_worker(self, name: str) -> None:
+        worker = self.worker(name)
+        worker.kill(signal.SIGKILL)
+        worker.wait(10)
+
+    def kill_work_process(self, job_id: str) -> None:
+        os.kill(self.pids(job_id)[-1], signal.SIGKILL)
+
+    def terminate(self, name: str) -> int:
+        worker = self.worker(name)
+        worker.proc.send_signal(signal.SIGTERM)
+        return worker.wait(60)
+
+    def executions(self, job_id: str) -> list[Run]:
+        return self.log.executions(job_id)
+
+    def check_queue(self, records: Collection[JobRecord]) -> None:
+        """Dramatiq keeps no per-job state of its own here (no results backend)."""
 
     def close(self) -> None:
         for worker in self.workers:

@@ -1,5 +1,5 @@
 """Crashes: the jobs of a SIGKILLed Dramatiq worker process, or of a whole SIGKILLed worker,
-are recovered by another worker and run to success once, on both brokers and both ledgers.
+are recovered by another worker and run to success once, on RabbitMQ and both ledgers.
 
 A Dramatiq worker process is one jobledger instance. When one is killed, ``dramatiq``'s main
 process stops its siblings (gracefully: they finish what they run and deregister), so the
@@ -66,20 +66,12 @@ def kill_mid_run(h: Harness, victim: Worker, whole: bool) -> tuple[set[str], set
     return killed, orphaned, at
 
 
+# On the Redis broker (both kills, a PostgreSQL ledger): the integration contract's scenarios
+# (tests/e2e/test_integration_contract.py).
 @pytest.mark.parametrize(
     ("broker", "ledger", "whole"),
-    [
-        ("redis", "sqlite", False),
-        ("redis", "postgresql", True),
-        ("rabbitmq", "sqlite", True),
-        ("rabbitmq", "postgresql", False),
-    ],
-    ids=[
-        "redis-sqlite-process",
-        "redis-pg-worker",
-        "rabbitmq-sqlite-worker",
-        "rabbitmq-pg-process",
-    ],
+    [("rabbitmq", "sqlite", True), ("rabbitmq", "postgresql", False)],
+    ids=["rabbitmq-sqlite-worker", "rabbitmq-pg-process"],
 )
 def test_a_sigkill_loses_no_job_and_runs_none_after_its_success(
     make_harness: Callable[..., Harness], broker: str, ledger: str, whole: bool
@@ -113,27 +105,3 @@ def test_a_sigkill_loses_no_job_and_runs_none_after_its_success(
     victim.wait(30)
     # a killed process's sibling was stopped by dramatiq, gracefully: drained, deregistered
     assert instances_of(h, "victim") == killed
-
-
-def test_a_job_whose_process_was_killed_runs_again_once(
-    make_harness: Callable[..., Harness],
-) -> None:
-    """The killed process's job (its body hangs the first time) is republished by the sweep
-    with the next generation and succeeds; Dramatiq's own later redelivery of the first
-    message, if any, is skipped as stale."""
-    h = make_harness("redis", "sqlite")
-    victim = h.start_worker("victim", processes=1, threads=2)
-    job_id = h.send("e2e.hangs_first_time", 7)
-    pid = wait_for("the job to start", lambda: h.pids(job_id))[0]
-    h.start_worker("survivor", processes=1, threads=2)
-    os.kill(pid, signal.SIGKILL)
-    wait_for(
-        "the job to succeed",
-        lambda: (j := h.store.get(job_id)) is not None and j.state is JobState.SUCCEEDED,
-        timeout=30,
-    )
-    job = h.store.get(job_id)
-    assert job is not None and job.recoveries == 1 and job.generation == 1
-    phases = sorted(r[1] for r in h.runs() if r[0] == job_id)
-    assert phases == ["done", "published", "start", "start"]
-    victim.wait(30)

@@ -1,27 +1,27 @@
 """Real ``rq worker`` processes on a queue of the test's own, a real ledger, and deadlines
-instead of sleeps. (Named apart from the Celery harness: both directories go on sys.path.)"""
+instead of sleeps. (Named apart from the Celery harness: both directories go on sys.path.)
+:class:`RQHarness` is also the integration contract's harness for RQ
+(:class:`jobledger.testing.contract.IntegrationHarness`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis import Redis
+from rq.job import Job, JobStatus
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE))
-
-from rqtasks import RUNS_SCHEMA  # noqa: E402
 
 from jobledger.config import Settings  # noqa: E402
 from jobledger.integrations.base import registry  # noqa: E402
@@ -29,6 +29,7 @@ from jobledger.integrations.rq import Queue, RQIntegration, install  # noqa: E40
 from jobledger.model import JobRecord, JobState  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
 from jobledger.testing import wait_for  # noqa: E402 - the tests import it from here
+from jobledger.testing.executions import ENV, ExecutionLog, Run  # noqa: E402
 from ledgerdb import database_url, empty_sql_store  # noqa: E402
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -84,11 +85,8 @@ class RQHarness:
         self.queue_name = f"jl-e2e-{uuid.uuid4().hex[:10]}"
         self.url = database_url(ledger, tmp_path)
         self.store: SQLStore = empty_sql_store(self.url)
-        self.runs_db = str(tmp_path / "runs.db")
-        with sqlite3.connect(self.runs_db) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(RUNS_SCHEMA)
-        os.environ["E2E_RUNS_DB"] = self.runs_db
+        self.log = ExecutionLog.create(tmp_path / "runs.db")
+        os.environ[ENV] = self.log.path
         self.redis = Redis.from_url(REDIS)
         self.settings = Settings(
             database_url=self.url,
@@ -108,7 +106,7 @@ class RQHarness:
         env = dict(os.environ)
         env.update(
             PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src")]),
-            E2E_RUNS_DB=self.runs_db,
+            JOBLEDGER_EXECUTION_LOG=self.log.path,
             JOBLEDGER_DATABASE_URL=self.url,
             JOBLEDGER_INSTANCE_NAME=name,
             JOBLEDGER_HEARTBEAT_INTERVAL="1",
@@ -129,6 +127,23 @@ class RQHarness:
         """Spawn ``rq worker`` (``worker_class`` one of jobledger's, or a dotted path;
         ``rq_args`` added to its command line; ``env`` over the harness's variables) and wait
         until it registered its instance in the ledger."""
+        worker = self.spawn_worker(name, worker_class, rq_args=rq_args, **env)
+        self._await_registered(worker)
+        return worker
+
+    def start_workers(self, names: Sequence[str]) -> None:
+        """Spawn a worker per name, then wait until each registered."""
+        for worker in [self.spawn_worker(name) for name in names]:
+            self._await_registered(worker)
+
+    def spawn_worker(
+        self,
+        name: str,
+        worker_class: str | None = None,
+        *,
+        rq_args: Sequence[str] = (),
+        **env: str,
+    ) -> RQWorker:
         cls = worker_class or self.worker_class
         cmd = [
             sys.executable, "-m", "rq.cli", "worker", "--url", REDIS,
@@ -143,6 +158,10 @@ class RQHarness:
             )  # fmt: skip
         worker = RQWorker(proc, name, log)
         self.workers.append(worker)
+        return worker
+
+    def _await_registered(self, worker: RQWorker) -> None:
+        proc, name = worker.proc, worker.name
         wait_for(
             f"worker {name} to register",
             lambda: (
@@ -150,14 +169,12 @@ class RQHarness:
                 or _died(worker)
             ),
         )
-        return worker
 
     def worker(self, name: str) -> RQWorker:
         return next(w for w in self.workers if w.name == name)
 
-    def runs(self) -> list[tuple[str, str, str, float, int]]:
-        with contextlib.closing(sqlite3.connect(self.runs_db, timeout=60)) as conn:
-            return list(conn.execute("SELECT job_id, phase, worker, at, pid FROM runs"))
+    def runs(self) -> list[Run]:
+        return self.log.runs()
 
     def job(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)
@@ -179,6 +196,52 @@ class RQHarness:
 
     def all_in(self, ids: list[str], state: JobState) -> bool:
         return all((r := self.store.get(i)) is not None and r.state is state for i in ids)
+
+    # -- the integration contract's harness ---------------------------------------------------
+    system = "rq"
+
+    def deliver_again(self, job_id: str) -> None:
+        self.queue.push_job_id(job_id)
+
+    def kill_worker(self, name: str) -> None:
+        worker = self.worker(name)
+        worker.kill_all()
+        worker.wait(10)
+
+    def kill_work_process(self, job_id: str) -> None:
+        os.kill(self.log.executions(job_id)[-1].pid, signal.SIGKILL)
+
+    def terminate(self, name: str) -> int:
+        worker = self.worker(name)
+        worker.proc.send_signal(signal.SIGTERM)
+        return worker.wait(60)
+
+    def executions(self, job_id: str) -> list[Run]:
+        return self.log.executions(job_id)
+
+    def check_queue(self, records: Collection[JobRecord]) -> None:
+        """RQ's own view agrees: a succeeded job is finished and a failed one failed in RQ,
+        and no job is left in the started registry (for RQ's cleanup to fail it later). RQ
+        writes its bookkeeping after jobledger's outcome: it may lag the ledger a moment."""
+        statuses = {JobState.SUCCEEDED: JobStatus.FINISHED, JobState.FAILED: JobStatus.FAILED}
+
+        def disagreement() -> str | None:
+            started = set(self.queue.started_job_registry.get_job_ids())
+            failed = set(self.queue.failed_job_registry.get_job_ids())
+            for record in records:
+                status = Job.fetch(record.id, connection=self.redis).get_status()
+                if status != statuses[record.state]:
+                    return f"{record.id} is {record.state.value} in the ledger, {status} in RQ"
+                if record.id in started:
+                    return f"{record.id} left in RQ's started registry"
+                if (record.id in failed) is not (record.state is JobState.FAILED):
+                    return f"{record.id} ({record.state.value}): in RQ's failed registry? {failed}"
+            return None
+
+        try:
+            wait_for("RQ to agree with the ledger", lambda: disagreement() is None, timeout=10)
+        except TimeoutError:
+            raise AssertionError(disagreement()) from None
 
     def close(self) -> None:
         for worker in self.workers:

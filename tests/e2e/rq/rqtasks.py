@@ -1,16 +1,16 @@
 """The job functions the RQ end-to-end tests run in real ``rq worker`` processes.
 
 The tests enqueue them by name (``rqtasks.work``), so the test process never imports them as
-task code; each body writes a row per phase to the test's own runs table (a SQLite file)
-with the worker's instance name, its pid and the time, so a test counts how often each job ran.
+task code; each body writes a row per phase to the test's execution log (a SQLite file) with
+the worker's instance name, its pid and the time, so a test counts how often each job ran.
+``work``, ``hangs_first_time`` and ``fails_first_time`` are the integration contract's
+(:mod:`jobledger.testing.contract.integration`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,7 @@ from rq.queue import Queue
 
 from jobledger.integrations.rq import Worker
 from jobledger.testing import wait_for
-
-RUNS_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS runs (job_id TEXT, phase TEXT, worker TEXT, at REAL, pid INT)"
-)
+from jobledger.testing.executions import FIRST_FAILURE, ExecutionLog, record_run
 
 
 def _job_id() -> str:
@@ -33,21 +30,8 @@ def _job_id() -> str:
     return job.id if job is not None else "?"
 
 
-def record_run(job_id: str, phase: str) -> None:
-    with (
-        contextlib.closing(sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60)) as conn,
-        conn,
-    ):
-        conn.execute(
-            "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
-            (job_id, phase, os.environ.get("JOBLEDGER_INSTANCE_NAME"), time.time(), os.getpid()),
-        )
-
-
 def starts(job_id: str) -> int:
-    with contextlib.closing(sqlite3.connect(os.environ["E2E_RUNS_DB"], timeout=60)) as conn:
-        query = "SELECT count(*) FROM runs WHERE job_id = ? AND phase = 'start'"
-        return int(conn.execute(query, (job_id,)).fetchone()[0])
+    return len(ExecutionLog.from_env().executions(job_id))
 
 
 def work(i: int, seconds: float = 0.1) -> int:
@@ -58,12 +42,22 @@ def work(i: int, seconds: float = 0.1) -> int:
     return i
 
 
-def fail_once(i: int) -> int:
-    """Raises at its first run, succeeds at its second (a job with an RQ Retry)."""
+def hangs_first_time(i: int) -> int:
     job_id = _job_id()
     record_run(job_id, "start")
     if starts(job_id) == 1:
-        raise RuntimeError("first run fails")
+        time.sleep(120)  # until the test kills this process
+    record_run(job_id, "done")
+    return i
+
+
+def fails_first_time(i: int) -> int:
+    """Raises at its first run, succeeds at its second (a job with an RQ Retry, or one a
+    person restarts)."""
+    job_id = _job_id()
+    record_run(job_id, "start")
+    if starts(job_id) == 1:
+        raise RuntimeError(f"job {i} {FIRST_FAILURE}")
     record_run(job_id, "done")
     return i
 

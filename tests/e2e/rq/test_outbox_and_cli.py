@@ -68,7 +68,7 @@ def test_the_relay_enqueues_what_the_fast_path_missed(make_rq: Callable[..., RQH
 
 def jobledger_cli(h: RQHarness, *args: str) -> subprocess.CompletedProcess[str]:
     env = h.env("cli")
-    env.pop("E2E_RUNS_DB", None)
+    env.pop("JOBLEDGER_EXECUTION_LOG", None)
     return subprocess.run(
         [sys.executable, "-m", "jobledger", *args, "--broker", REDIS, "--queue-system", "rq",
          "--database-url", h.url],
@@ -78,7 +78,7 @@ def jobledger_cli(h: RQHarness, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_restart_publishes_a_failed_job_by_name(make_rq: Callable[..., RQHarness]) -> None:
     h = make_rq("sqlite", "Worker")
-    job_id = h.enqueue("fail_once", 1)
+    job_id = h.enqueue("fails_first_time", 1)
     h.start_worker("w1")
     wait_for("the job to fail", lambda: h.all_in([job_id], JobState.FAILED))
     wait_for("RQ to fail it", lambda: job_id in h.queue.failed_job_registry.get_job_ids())
@@ -117,7 +117,7 @@ def test_the_supervisor_restarts_and_recovers_rq_jobs(make_rq: Callable[..., RQH
     from jobledger.server.app import create_app
 
     h = make_rq("sqlite", "SimpleWorker")
-    failed = h.enqueue("fail_once", 1)
+    failed = h.enqueue("fails_first_time", 1)
     stuck = h.enqueue("work", 2, seconds=30)
     victim = h.start_worker("victim")
     wait_for("the failure", lambda: h.all_in([failed], JobState.FAILED))

@@ -1,20 +1,20 @@
-"""Crashes: a work horse or a whole ``rq worker`` SIGKILLed mid-job; the job comes back under
-the same id, runs to success once, and RQ's registries agree with the ledger."""
+"""Crashes: a whole ``SimpleWorker`` SIGKILLed mid-job, its warm shutdown, a job Redis lost; the
+job comes back under the same id, runs to success once, and RQ's registries agree with the
+ledger. (A work horse or a whole forking ``Worker`` SIGKILLed, and its warm shutdown: the
+integration contract's scenarios, ``tests/e2e/test_integration_contract.py``.)"""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from rq.job import Job, JobStatus
-from rqharness import WORKER_CLASSES, RQHarness, make_rq_fixture, wait_for  # noqa: F401
+from rqharness import RQHarness, make_rq_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
 from jobledger.query import JobQuery
+from jobledger.testing.contract.integration import assert_all
 
 LEDGERS = ["sqlite", "postgresql"]
 STARTED = frozenset({JobState.STARTED})
@@ -29,49 +29,16 @@ def started_by(h: RQHarness, name: str) -> list[str]:
 
 
 def assert_consistent(h: RQHarness, ids: list[str]) -> None:
-    """Every job succeeded in the ledger and finished in RQ, none is left in RQ's started or
-    failed registries, and no body started after its success was recorded. (A body may
-    have ended twice: a worker killed after the body and before its finish was written.)"""
-    runs = h.runs()
-    done = Counter(r[0] for r in runs if r[1] == "done")
-    assert all(done[i] >= 1 for i in ids), done
-    for job_id in ids:
-        job = h.job(job_id)
-        assert job.finished_at is not None
-        late = [
-            r
-            for r in runs
-            if r[0] == job_id and r[1] == "start" and r[3] > job.finished_at.timestamp()
-        ]
-        assert not late, f"job {job_id} started after its success was recorded: {late}"
-        assert Job.fetch(job_id, connection=h.redis).get_status() == JobStatus.FINISHED
-    assert not set(ids) & set(h.queue.started_job_registry.get_job_ids())
-    assert not set(ids) & set(h.queue.failed_job_registry.get_job_ids())
+    """Every job succeeded, none started after its success was recorded, and RQ's own view
+    (statuses, registries) agrees with the ledger."""
+    records = {job_id: h.job(job_id) for job_id in ids}
+    assert_all(h, records, JobState.SUCCEEDED)
+    h.check_queue(list(records.values()))
 
 
-@pytest.mark.parametrize("ledger", LEDGERS)
-def test_a_work_horse_killed_mid_job_is_put_back_at_once(
-    make_rq: Callable[..., RQHarness], ledger: str
-) -> None:
-    h = make_rq(ledger, "Worker")
-    h.start_worker("w1")
-    job_id = h.enqueue("work", 1, seconds=2.0)
-    horse = wait_for(
-        "the job to start", lambda: next((r[4] for r in h.runs() if r[0] == job_id), None)
-    )
-    wait_for("the claim", lambda: h.job(job_id).state is JobState.STARTED)
-    os.kill(horse, signal.SIGKILL)
-    killed_at = time.monotonic()
-    wait_for("the job to be put back", lambda: h.job(job_id).generation == 1, timeout=10)
-    print(f"horse killed: job put back after {time.monotonic() - killed_at:.2f} s")
-    wait_for("the job to succeed", lambda: h.all_in([job_id], JobState.SUCCEEDED))
-    record = h.job(job_id)
-    assert record.recoveries == 1
-    assert sum(1 for r in h.runs() if r[0] == job_id and r[1] == "start") == 2
-    assert_consistent(h, [job_id])
-
-
-@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+# The forking Worker with a SQLite ledger: the integration contract's scenario
+# (tests/e2e/test_integration_contract.py).
+@pytest.mark.parametrize("worker_class", ["SimpleWorker"])
 @pytest.mark.parametrize("ledger", LEDGERS)
 def test_a_whole_worker_sigkilled_loses_no_job(
     make_rq: Callable[..., RQHarness], ledger: str, worker_class: str
@@ -111,7 +78,7 @@ def test_a_whole_worker_sigkilled_loses_no_job(
     assert_consistent(h, ids)
 
 
-@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+@pytest.mark.parametrize("worker_class", ["SimpleWorker"])  # Worker: the integration contract's
 def test_sigterm_lets_the_running_job_finish_then_deregisters(
     make_rq: Callable[..., RQHarness], worker_class: str
 ) -> None:

@@ -8,6 +8,9 @@
   refuses, like a broker that is down), to test restarts and recovery without a queue system.
 - With pytest, add ``pytest_plugins = ["jobledger.testing"]`` to a ``conftest.py`` for the
   ``ledger_clock``, ``ledger_store`` and ``ledger_integration`` fixtures.
+
+:mod:`jobledger.testing.contract` holds the contract suites a store or a queue integration of
+your own runs to prove it behaves as jobledger's do.
 """
 
 from __future__ import annotations
