@@ -144,6 +144,56 @@ def test_a_delivery_its_publisher_could_not_record_is_recorded_by_the_worker(
     assert record is not None and record.state is S.QUEUED and record.args == [1]
 
 
+# -- the guard in two halves (queues whose hooks surround the body: RQ, Dramatiq) ---------------
+def test_begin_outside_a_registered_worker_claims_nothing(runtime: WorkerRuntime) -> None:
+    runtime.instance_id = None
+    assert runtime.guard.begin(delivery()) is None  # the body runs unclaimed: nothing to end
+    assert runtime.store.get("j") is None and runtime.counters["run_unguarded"] == 1
+
+
+def test_begin_raises_for_a_delivery_that_must_not_run(runtime: WorkerRuntime) -> None:
+    run = runtime.guard.begin(delivery())
+    assert run is not None and state(runtime) is S.STARTED
+    with pytest.raises(DeliverySkipped) as skipped:  # a second copy while the first runs
+        runtime.guard.begin(delivery())
+    assert skipped.value.claim is Claim.RUNNING_ELSEWHERE
+    assert runtime.guard.running("j") is run  # the skipped copy left the run alone
+    assert runtime.counters["duplicates_skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    ("end", "after"),
+    [
+        (End.SUCCEEDED, S.SUCCEEDED),
+        (End.RETRYING, S.RETRYING),
+        (End.FAILED, S.FAILED),
+        (End.RELEASED, S.QUEUED),
+        (End.CANCELLED, S.CANCELLED),
+    ],
+)
+def test_end_records_each_end_and_forgets_the_run(
+    runtime: WorkerRuntime, end: End, after: JobState
+) -> None:
+    run = runtime.guard.begin(delivery())
+    assert run is not None and runtime.guard.running("j") is run
+    runtime.guard.end(run, end, "why")
+    assert runtime.guard.running("j") is None and state(runtime) is after
+
+
+@pytest.mark.parametrize(("end", "after"), [(End.RETRYING, S.RETRYING), (End.FAILED, S.FAILED)])
+def test_a_retrying_run_fails_only_if_its_retry_did_not_go(
+    runtime: WorkerRuntime, end: End, after: JobState
+) -> None:
+    """Moved to retrying before its retry's message was published: its end leaves it to that
+    message's delivery, unless the adapter says the message did not go (FAILED)."""
+    run = runtime.guard.begin(delivery())
+    assert run is not None
+    runtime.guard.retrying("j", "retry 1")
+    assert run.retrying and state(runtime) is S.RETRYING
+    runtime.guard.end(run, end, "its retry could not be enqueued")
+    assert state(runtime) is after and runtime.guard.running("j") is None
+
+
 def test_only_a_store_that_needs_it_is_fork_guarded(tmp_path: Path) -> None:
     memory = MemoryStore()
     assert forksafe.guarded(memory) is memory  # no lock on its calls

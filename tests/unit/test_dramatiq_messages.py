@@ -13,6 +13,7 @@ from jobledger.integrations.dramatiq.messages import (
     GENERATION_OPTION,
     REPUBLISH_OPTION,
     TRACKED_OPTION,
+    UNRECORDED_OPTION,
     generation_of,
     message_of,
     record_of,
@@ -35,7 +36,12 @@ def message(**options: object) -> Message[object]:
 
 def test_a_record_keeps_what_publishes_the_message_again() -> None:
     record = record_of(
-        message(max_retries=3, redis_message_id="r", traceback="tb", **{GENERATION_OPTION: 2}),
+        message(
+            max_retries=3,
+            redis_message_id="r",
+            traceback="tb",
+            **{GENERATION_OPTION: 2, UNRECORDED_OPTION: True},
+        ),
         {"on_orphan": "fail"},
     )
     assert (record.id, record.name, record.system, record.queue) == (

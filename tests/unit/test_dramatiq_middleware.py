@@ -62,6 +62,14 @@ class Env:
         finally:
             worker.stop()
 
+    def work_until(self, what: str, done: Callable[[], object]) -> None:
+        """Start a worker, wait until ``done`` holds, stop it."""
+        worker = self.worker()
+        try:
+            wait_for(what, done)
+        finally:
+            worker.stop()
+
     def state(self, job_id: str) -> JobState:
         record = self.store.get(job_id)
         assert record is not None
@@ -181,7 +189,7 @@ def test_two_threads_given_the_same_message_run_it_once(make_env: Callable[..., 
     env.run_all(threads=4)
     assert env.runs == [message.message_id]
     assert env.state(message.message_id) is S.SUCCEEDED
-    assert env.middleware.ledger.counters.snapshot()["duplicates_skipped"] == 1
+    assert env.middleware.runtime.counters.snapshot()["duplicates_skipped"] == 1
 
 
 def test_a_delivery_of_a_succeeded_job_is_skipped(make_env: Callable[..., Env]) -> None:
@@ -206,17 +214,13 @@ def test_a_stale_generation_is_skipped(make_env: Callable[..., Env]) -> None:
     env.run_all()
     assert env.runs == []
     assert env.state(message.message_id) is S.QUEUED
-    assert env.middleware.ledger.counters.snapshot()["stale_deliveries_skipped"] == 1
+    assert env.middleware.runtime.counters.snapshot()["stale_deliveries_skipped"] == 1
 
 
 def test_retries_are_retrying_and_the_last_try_finishes(make_env: Callable[..., Env]) -> None:
     env = make_env()
     job_id = env.broker.get_actor("flaky").send(2).message_id
-    worker = env.worker()
-    try:
-        wait_for("the third try to succeed", lambda: env.state(job_id) is S.SUCCEEDED)
-    finally:
-        worker.stop()
+    env.work_until("the third try to succeed", lambda: env.state(job_id) is S.SUCCEEDED)
     record = env.store.get(job_id)
     assert record is not None and record.attempts == 3 and env.runs.count(job_id) == 3
 
@@ -226,12 +230,10 @@ def test_exhausted_retries_dead_letter_the_message_and_fail_the_job(
 ) -> None:
     env = make_env()
     job_id = env.broker.get_actor("flaky").send(9).message_id
-    worker = env.worker()
-    try:
-        wait_for("the job to fail", lambda: env.state(job_id) is S.FAILED)
-        wait_for("its dead letter", lambda: env.broker.dead_letters)
-    finally:
-        worker.stop()
+    env.work_until(
+        "the job to fail and its message to be dead-lettered",
+        lambda: env.state(job_id) is S.FAILED and env.broker.dead_letters,
+    )
     record = env.store.get(job_id)
     assert record is not None and "ValueError: failure 3" in (record.error or "")
     assert env.runs.count(job_id) == 3
@@ -240,11 +242,7 @@ def test_exhausted_retries_dead_letter_the_message_and_fail_the_job(
 def test_the_time_limit_fails_the_job_and_says_so(make_env: Callable[..., Env]) -> None:
     env = make_env()
     job_id = env.broker.get_actor("slow").send().message_id
-    worker = env.worker()
-    try:
-        wait_for("the job to fail", lambda: env.state(job_id) is S.FAILED)
-    finally:
-        worker.stop()
+    env.work_until("the job to fail", lambda: env.state(job_id) is S.FAILED)
     record = env.store.get(job_id)
     assert record is not None and (record.error or "").startswith("time limit exceeded")
 
@@ -342,6 +340,11 @@ def test_a_middleware_after_retries_stops_the_worker(make_env: Callable[..., Env
         env.worker()
 
 
+def holding(env: Env) -> set[str]:
+    """The job ids the worker's last heartbeat wrote it holds."""
+    return {job_id for i in env.store.instances(ttl=60) for job_id, _ in i.holding}
+
+
 def test_the_heartbeat_lists_what_waits_in_the_work_queue(make_env: Callable[..., Env]) -> None:
     env = make_env()
     worker = env.worker(threads=1)
@@ -351,7 +354,7 @@ def test_the_heartbeat_lists_what_waits_in_the_work_queue(make_env: Callable[...
         wait_for("one job to run", lambda: env.state(running) is S.STARTED)
         # Dramatiq 2 prefetches the other into the work queue; 1.17 keeps it in its consumer
         expected = {running, waiting} if dramatiq.__version__ >= "2" else {running}
-        wait_for("both to be held", lambda: expected <= dict(env.middleware._holding()).keys())
+        wait_for("both to be held", lambda: expected <= holding(env))
         env.settle(worker)
     finally:
         worker.stop()
@@ -375,18 +378,14 @@ def test_a_send_while_the_ledger_is_down_is_recorded_once_it_is_back(
         assert env.broker.queues[QUEUE].qsize() == 1
         wait_for("the record to be written", lambda: env.store.get(job_id) is not None)
     assert env.state(job_id) is S.QUEUED
-    assert env.middleware.ledger.counters.snapshot()["publish_unrecorded"] == 1
+    assert env.middleware.runtime.counters.snapshot()["publish_unrecorded"] == 1
 
 
 def test_a_message_age_limit_skips_after_the_claim_is_failed(make_env: Callable[..., Env]) -> None:
     env = make_env()
     job_id = env.broker.get_actor("stale").send().message_id
     time.sleep(0.01)  # older than its max_age of 1 ms: AgeLimit fails and skips it
-    worker = env.worker()
-    try:
-        wait_for("the job to fail", lambda: env.state(job_id) is S.FAILED)
-    finally:
-        worker.stop()
+    env.work_until("the job to fail", lambda: env.state(job_id) is S.FAILED)
     assert env.runs == []
     record = env.store.get(job_id)
     assert record is not None and "AgeLimit" in (record.error or "")
@@ -396,19 +395,19 @@ def test_a_worker_that_cannot_beat_stops_fetching(make_env: Callable[..., Env]) 
     env = make_env()
     worker = env.worker()
     try:
-        heartbeat = env.middleware.ledger.heartbeat
+        heartbeat = env.middleware.runtime.heartbeat
         assert heartbeat is not None
         heartbeat.stop()  # the test says what the beats say
-        env.middleware._on_beat(False)  # as after failing past the TTL
+        env.middleware.consumption.want(False)  # as after failing past the TTL
         consumers = list(worker.consumers.values())
         wait_for("the consumers to pause", lambda: all(c.paused_event.is_set() for c in consumers))
         job_id = env.broker.get_actor("work").send().message_id
         assert env.broker.queues[QUEUE].qsize() == 1 and env.runs == []  # waits in the broker
-        env.middleware._on_beat(True)
+        env.middleware.consumption.want(True)
         wait_for("the job to succeed", lambda: env.state(job_id) is S.SUCCEEDED)
     finally:
         worker.stop()
-    counts = env.middleware.ledger.counters.snapshot()
+    counts = env.middleware.runtime.counters.snapshot()
     assert counts["consuming_stopped"] == counts["consuming_resumed"] == 1
 
 
@@ -429,7 +428,27 @@ def test_with_the_ledger_down_a_unique_message_is_sent_without_the_key(tmp_path:
         again = once.send_with_options(unique_key="k")
         assert first.message_id != again.message_id
         assert broker.queues[QUEUE].qsize() == 2
-        assert middleware.ledger.pending.holds(first.message_id)
+        assert middleware.runtime.pending.holds(first.message_id)
     finally:
         middleware.close()
         broker.close()
+
+
+def test_a_retry_the_broker_refused_fails_the_job(make_env: Callable[..., Env]) -> None:
+    """Retries moved the job to retrying before its message existed; the broker then refused
+    that message (Dramatiq logs it and goes on): the job is failed, not left retrying."""
+    env = make_env()
+    enqueue = env.broker.enqueue
+
+    def refuse_retries(message: Any, *, delay: int | None = None) -> Any:
+        if "retries" not in message.options:
+            return enqueue(message, delay=delay)
+        env.broker.emit_before("enqueue", message, delay)  # the hooks run, the send fails
+        raise ConnectionError("the broker went away")
+
+    with mock.patch.object(env.broker, "enqueue", side_effect=refuse_retries):
+        job_id = env.broker.get_actor("flaky").send(1).message_id
+        env.work_until("the job to fail", lambda: env.state(job_id) is S.FAILED)
+    record = env.store.get(job_id)
+    assert record is not None and "its retry could not be enqueued" in (record.error or "")
+    assert env.runs == [job_id]

@@ -28,7 +28,11 @@ it. It must:
    body, judge)``, where ``judge`` maps the queue's own exceptions to an
    :class:`~jobledger.runtime.guard.End` (a retry, a requeue...). It raises
    :class:`~jobledger.errors.DeliverySkipped` when the body must not run: acknowledge the
-   delivery and store no result.
+   delivery and store no result. Where the queue's hooks surround the body instead of
+   wrapping it (RQ's, Dramatiq's): ``guard.begin(delivery)`` before it and
+   ``guard.end(run, end, error)`` after it; a retry whose publish the queue reports apart
+   from the body's end sets ``run.retry_sent``, and a retrying run whose retry did not go
+   ends ``FAILED``.
 4. *For each end a child cannot record*: a child lost under its job
    (``runtime.outcomes.lost``), killed at a hard time limit (``outcomes.timed_out``), a revoke
    or expiry (``outcomes.cancelled``).

@@ -66,6 +66,10 @@ class Run:
     delivery: Delivery
     #: Moved to retrying during the run (its retry's message is being published).
     retrying: bool = False
+    #: The broker took its retry's message: set by an adapter that sees that publish apart
+    #: from the body's end (Dramatiq's ``after_enqueue``), which ends a retrying run
+    #: ``RETRYING`` if so and ``FAILED`` if not (:meth:`Guard.end`).
+    retry_sent: bool = False
 
     @property
     def generation(self) -> int | None:

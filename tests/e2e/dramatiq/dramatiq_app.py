@@ -112,7 +112,6 @@ def make_app(url: str, queue: str, settings: Settings) -> tuple[Broker, LedgerMi
         record_run(record.id, "published")
 
     middleware.publisher.publish = counted_publish  # type: ignore[method-assign]
-    middleware.ledger.publish = counted_publish
     return broker, middleware
 
 

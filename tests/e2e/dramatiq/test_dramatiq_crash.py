@@ -4,6 +4,13 @@ are recovered by another worker and run to success once, on RabbitMQ and both le
 A Dramatiq worker process is one jobledger instance. When one is killed, ``dramatiq``'s main
 process stops its siblings (gracefully: they finish what they run and deregister), so the
 killed process's jobs wait for another worker's sweep: within TTL + sweep interval.
+
+The jobs that must be recovered are those the ledger says a killed instance runs, read after
+the kill, whose body did not finish in a killed process (no "done" row of theirs in the runs
+table, a SQLite file each wrote itself: a dead process's rows are final). A body that did
+finish may have had its success in flight: sent just before the kill, it still lands after it
+on a database server (PostgreSQL completes a statement whose client is gone), so such a job
+rightly succeeds without a recovery.
 """
 
 from __future__ import annotations
@@ -36,10 +43,16 @@ def instances_of(h: Harness, name: str, pid: int | None = None) -> set[str]:
     }
 
 
+def finished_in(h: Harness, pids: set[int]) -> set[str]:
+    """The jobs whose body finished in one of the processes ``pids``."""
+    return {r[0] for r in h.runs() if r[1] == "done" and r[4] in pids}
+
+
 def kill_mid_run(h: Harness, victim: Worker, whole: bool) -> tuple[set[str], set[str], float]:
     """Wait until the victim has finished some jobs and one of its processes runs at least
     two, SIGKILL that process (or the whole worker), and return the killed instances, the
-    jobs they held started (read after the kill: none can finish there) and the kill's time."""
+    jobs they held started whose bodies did not finish there (see the module docstring) and
+    the kill's time."""
     busy: dict[str, int] = {}
 
     def mid_run() -> bool:
@@ -54,6 +67,7 @@ def kill_mid_run(h: Harness, victim: Worker, whole: bool) -> tuple[set[str], set
 
     wait_for(f"{victim.name} to be mid-run", mid_run, timeout=30)
     pid = busy["pid"]
+    pids = set(victim.children()) if whole else {pid}
     if whole:
         victim.kill(signal.SIGKILL)
         killed = instances_of(h, victim.name)
@@ -61,7 +75,7 @@ def kill_mid_run(h: Harness, victim: Worker, whole: bool) -> tuple[set[str], set
         os.kill(pid, signal.SIGKILL)
         killed = instances_of(h, victim.name, pid)
     at = time.time()
-    orphaned = started_by(h, killed)
+    orphaned = started_by(h, killed) - finished_in(h, pids)
     assert orphaned
     return killed, orphaned, at
 
@@ -101,7 +115,9 @@ def test_a_sigkill_loses_no_job_and_runs_none_after_its_success(
         job = jobs[job_id]
         assert job.recoveries >= 1 and job.recovered_at is not None
         assert job.recovered_at.timestamp() - killed_at < bound
-        assert job.owner and job.owner.startswith("survivor:")
+        # by the survivor, or by a sibling of the killed process that dramatiq had not
+        # stopped yet (a live instance: it finishes the job before it stops)
+        assert job.owner and job.owner not in killed
     victim.wait(30)
     # a killed process's sibling was stopped by dramatiq, gracefully: drained, deregistered
     assert instances_of(h, "victim") == killed

@@ -30,6 +30,9 @@ TRACKED_OPTION = "jobledger_tracked"
 GENERATION_OPTION = "jobledger_generation"
 #: Option saying why jobledger published the job again (a :class:`Republish` value).
 REPUBLISH_OPTION = "jobledger_republish"
+#: Option saying the ledger could not take the record at publish: the worker that receives
+#: the message journals it, so a message then lost with that worker leaves a record to recover.
+UNRECORDED_OPTION = "jobledger_unrecorded"
 #: Record option: when a delayed job is due (epoch milliseconds, as Dramatiq's ``eta``).
 ETA_OPTION = "eta"
 #: Options one enqueue sets and the next must not inherit: the Redis broker's per-enqueue id,
@@ -44,6 +47,7 @@ _TRANSIENT = frozenset(
         TRACKED_OPTION,
         GENERATION_OPTION,
         REPUBLISH_OPTION,
+        UNRECORDED_OPTION,
     }
 )
 _RESTARTED = frozenset({JobState.FAILED, JobState.DEAD})

@@ -1,4 +1,5 @@
-"""The Dramatiq middleware: its hooks turned into ledger transitions.
+"""The Dramatiq middleware: its hooks mapped onto the worker runtime (the adapter contract is
+in :mod:`jobledger.integrations.base`).
 
 ``install(broker)`` puts :class:`LedgerMiddleware` *first* in the broker's list. Dramatiq runs
 ``before_*`` hooks in list order and ``after_*`` hooks in reverse, so the claim happens before
@@ -7,19 +8,23 @@ it), and the finish sees what ``Retries`` decided (a retry enqueued, or the mess
 
 - ``before_enqueue`` (client, and ``Retries`` in a worker): a ``queued`` record, the job id
   being the message id; the markers (tracked, generation) go into ``message.options``. A
-  ledger that is down costs a warning, and the record is written once it is back. A
-  message that carries a generation already was published by jobledger or recorded before
-  (a republish, a relay's publish, a delayed message moved to its queue): nothing written.
-  The running job's own retry moves it to ``retrying`` first (invariant 8).
-- ``before_process_message``: the claim (invariant 2); a duplicate, stale or stray delivery
-  raises ``SkipMessage`` (acknowledged, not run).
+  ledger that is down costs a warning, the message says so (``jobledger_unrecorded``: the
+  worker that receives it journals the record) and this process writes it once the ledger is
+  back. A message that carries a generation already was published by jobledger or recorded
+  before (a republish, a relay's publish, a delayed message moved to its queue): nothing
+  written. The running job's own retry moves it to ``retrying`` first (invariant 8).
+- a message handed to the worker threads (or delayed in memory) is *received*: the heartbeat
+  lists it until no thread holds it (:mod:`.worker`).
+- ``before_process_message``: the claim (the runtime's :class:`~jobledger.runtime.guard.Guard`,
+  in two halves); a duplicate, stale or stray delivery raises ``SkipMessage`` (acknowledged,
+  not run).
 - ``after_process_message``: succeeded; failed when the message failed (retries exhausted, an
-  exception in ``throws``: Dramatiq dead-letters it) or without a retry; a retried run is
-  finished by its retry's delivery. ``TimeLimitExceeded`` and ``Shutdown`` are named in the
-  error. ``after_skip_message``: a claimed message another middleware skipped (``AgeLimit``)
-  is failed or cancelled.
-- ``before_worker_boot`` registers the worker process as an instance (see
-  :mod:`.worker`); ``after_worker_boot`` starts the recovery and relay loops;
+  exception in ``throws``: Dramatiq dead-letters it), without a retry, or when the broker
+  refused its retry's message; a retried run is finished by its retry's delivery.
+  ``TimeLimitExceeded`` and ``Shutdown`` are named in the error. ``after_skip_message``: a
+  claimed message another middleware skipped (``AgeLimit``) is failed or cancelled.
+- ``before_worker_boot`` registers the worker process as an instance (see :mod:`.worker`);
+  ``after_worker_boot`` starts the recovery, relay and audit loops;
   ``before_worker_shutdown`` says draining; ``after_worker_shutdown`` drains.
 """
 
@@ -28,7 +33,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn
@@ -37,12 +41,19 @@ from dramatiq import Actor, Broker, Message, Middleware, Worker
 from dramatiq.middleware import Retries, Shutdown, SkipMessage, TimeLimitExceeded
 
 from jobledger.config import Settings
-from jobledger.errors import ConfigError, JobLedgerError, StagingError, StoreError
+from jobledger.errors import (
+    ConfigError,
+    DeliverySkipped,
+    JobLedgerError,
+    StagingError,
+    StoreError,
+)
 from jobledger.integrations.base import registry
 from jobledger.integrations.dramatiq.messages import (
     GENERATION_OPTION,
     SYSTEM,
     TRACKED_OPTION,
+    UNRECORDED_OPTION,
     generation_of,
     message_of,
     record_of,
@@ -54,10 +65,13 @@ from jobledger.integrations.dramatiq.staging import (
     staged_message,
     staged_record,
 )
-from jobledger.integrations.dramatiq.worker import Delivery, End, ProcessLedger, Run, Skipped
+from jobledger.integrations.dramatiq.worker import Consumption, ReceivingQueue, held_by
 from jobledger.model import ORPHAN_OPTION, JobRecord, OrphanPolicy
 from jobledger.pending import CreateWrite
+from jobledger.runtime.guard import Delivery, End, Run
+from jobledger.runtime.worker import WorkerRuntime
 from jobledger.stores import Store
+from jobledger.tracebacks import task_traceback
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +95,16 @@ class LedgerMiddleware(Middleware):
         self.settings = settings
         self.track_all = track_all
         self.publisher = DramatiqPublisher(broker)
-        self.ledger = ProcessLedger(
-            SYSTEM,
+        self.runtime = WorkerRuntime(
+            self.publisher,
             settings,
-            publish=self.publisher.publish,
-            publish_many=self.publisher.publish_many,
-            probe=self.publisher,
             store=store,
             store_factory=store_factory,
+            wrappers=("dramatiq",),
         )
+        self.consumption = Consumption(self.runtime)
         self.worker: Worker | None = None
         self._runs: dict[int, Run] = {}  # by worker thread: each runs one message at a time
-        self._consuming = True
 
     @property
     def actor_options(self) -> set[str]:
@@ -129,28 +141,30 @@ class LedgerMiddleware(Middleware):
             return
         options = message.options
         options[TRACKED_OPTION] = True
-        run = self._runs.get(threading.get_ident())
-        if run is not None and run.job_id == message.message_id:  # Retries enqueues its retry
-            options[GENERATION_OPTION] = run.delivery.generation or 0
-            self.ledger.retrying(run, _retry_reason(options))
+        run = self._running(message)
+        if run is not None:  # Retries enqueues its retry: retrying before the message exists
+            options[GENERATION_OPTION] = run.generation or 0
+            options.pop(UNRECORDED_OPTION, None)  # the claim wrote (or journaled) the record
+            self.runtime.guard.retrying(run.delivery.job_id, _retry_reason(options))
             return
         if GENERATION_OPTION in options:
             return  # jobledger published it, or recorded it at its first enqueue
         options[GENERATION_OPTION] = 0
         record = record_of(message, self.orphan_options(message.actor_name), stamped=False)
         try:
-            self.ledger.store.create(record)  # False: it exists (the caller reused an id)
+            self.runtime.store.create(record)  # False: it exists (the caller reused an id)
         except JobLedgerError as exc:
-            # written once the ledger is back (the worker's claim creates it too), so a message
-            # the broker then loses leaves a record the lost-message sweep can recover from
-            self.ledger.pending.add(CreateWrite(record))
-            self.ledger.count("publish_unrecorded")
+            # the worker that receives the message journals the record (a message then lost
+            # with that worker leaves a record to recover from), and so does this process
+            options[UNRECORDED_OPTION] = True
+            self.runtime.pending.add(CreateWrite(record))
+            self.runtime.count("publish_unrecorded")
             log.warning("job %s (%s) enqueued, recorded later: %s", message.message_id,
                         message.actor_name, exc)  # fmt: skip
 
     def after_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
-        run = self._runs.get(threading.get_ident())
-        if run is not None and run.job_id == message.message_id:
+        run = self._running(message)
+        if run is not None:
             run.retry_sent = True
 
     def stage(
@@ -173,7 +187,7 @@ class LedgerMiddleware(Middleware):
         :class:`StagingError` for an untracked actor, bad arguments or no usable transaction;
         nothing is written then."""
         message, record = self._staged(actor, args, kwargs, delay, options, unique_key)
-        return self._as_sent(message, self.ledger.outbox.stage(record, using))
+        return self._as_sent(message, self.runtime.outbox.stage(record, using))
 
     def send_unique(
         self,
@@ -192,7 +206,7 @@ class LedgerMiddleware(Middleware):
         one (at least once beats never), its record written later without the key."""
         message, record = self._staged(actor, args, kwargs, delay, options, unique_key)
         try:
-            job_id = self.ledger.outbox.publish_now(record)
+            job_id = self.runtime.outbox.publish_now(record)
         except StoreError as exc:
             log.warning("job %s (%s): unique key %r not checked, the ledger is unavailable: %s",
                         record.id, record.name, unique_key, exc)  # fmt: skip
@@ -223,10 +237,23 @@ class LedgerMiddleware(Middleware):
         """``message``, or the message of job ``job_id`` that holds its unique key."""
         if job_id == message.message_id:
             return message
-        holder = self.ledger.store.get(job_id)
+        holder = self.runtime.store.get(job_id)
         return message.copy(message_id=job_id) if holder is None else message_of(holder, None)[0]
 
     # -- running ------------------------------------------------------------------------------
+    def received(self, message: Any) -> None:
+        """A message handed to the worker threads, or delayed in memory: if tracked, the
+        runtime puts it back should this process die holding it, and journals its record if
+        its publisher could not write it."""
+        if self.is_tracked(message.actor_name, message.options):
+            self.runtime.received(
+                record_of(message, self.orphan_options(message.actor_name)),
+                unrecorded=bool(message.options.get(UNRECORDED_OPTION)),
+            )
+
+    def before_delay_message(self, broker: Broker, message: Any) -> None:
+        self.received(message)
+
     def before_process_message(self, broker: Broker, message: Any) -> None:
         if not self.is_tracked(message.actor_name, message.options):
             return
@@ -236,9 +263,9 @@ class LedgerMiddleware(Middleware):
             republish_of(message.options),
         )
         try:
-            run = self.ledger.begin(delivery)
-        except Skipped as skipped:
-            raise SkipMessage(f"job {message.message_id}: {skipped.claim.value}") from None
+            run = self.runtime.guard.begin(delivery)
+        except DeliverySkipped as skipped:
+            raise SkipMessage(str(skipped)) from None
         if run is not None:
             self._runs[threading.get_ident()] = run
 
@@ -250,57 +277,79 @@ class LedgerMiddleware(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        run = self._ended(message)
+        run = self._running(message)
         if run is None:
             return
         if exception is None:
-            self.ledger.end(run, End.SUCCEEDED)
-        else:  # a retried run (Retries enqueued it) is finished by its retry's delivery
-            self.ledger.end(run, End.FAILED, _failure(exception))
+            self._end(run, End.SUCCEEDED)
+        elif run.retrying and run.retry_sent:
+            self._end(run, End.RETRYING)  # finished by its retry's delivery
+        elif run.retrying:  # Retries' enqueue raised (Dramatiq logged it)
+            self._end(run, End.FAILED, f"its retry could not be enqueued: {exception!r}")
+        else:
+            self._end(run, End.FAILED, self._failure(exception))
 
     def after_skip_message(self, broker: Broker, message: Any) -> None:
         """A message skipped after our claim, by a middleware after ours (AgeLimit): it never
         runs, so the job fails (a message the middleware failed) or is cancelled."""
-        run = self._ended(message)
+        run = self._running(message)
         if run is not None:
             end = End.FAILED if message.failed else End.CANCELLED
-            self.ledger.end(run, end, "skipped by a middleware (AgeLimit: older than max_age?)")
+            self._end(run, end, "skipped by a middleware (AgeLimit: older than max_age?)")
 
-    def _ended(self, message: Any) -> Run | None:
-        ident = threading.get_ident()
-        run = self._runs.get(ident)
-        if run is None or run.job_id != message.message_id:
-            return None
-        del self._runs[ident]
-        return run
+    def _running(self, message: Any) -> Run | None:
+        """This thread's run, if it is ``message``'s job's."""
+        run = self._runs.get(threading.get_ident())
+        return run if run is not None and run.delivery.job_id == message.message_id else None
+
+    def _end(self, run: Run, end: End, error: str | None = None) -> None:
+        """Record the end, then stop holding the run (so the held-jobs audit never sees it
+        started and held by no thread)."""
+        try:
+            self.runtime.guard.end(run, end, error)
+        finally:
+            del self._runs[threading.get_ident()]
+
+    def _failure(self, exception: BaseException) -> str:
+        text = task_traceback(exception, wrappers=self.runtime.wrappers)
+        if isinstance(exception, TimeLimitExceeded):
+            return f"time limit exceeded (Dramatiq's TimeLimit interrupted it)\n{text}"
+        if isinstance(exception, Shutdown):
+            return f"interrupted by its worker's shutdown (ShutdownNotifications)\n{text}"
+        return text
 
     # -- the worker process -------------------------------------------------------------------
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         """Register this worker process before it consumes; a worker that cannot work at all
         (unmigrated ledger, unusable journal directory, misplaced middleware) ends here."""
         self.worker = worker
+        # before any consumer or worker thread exists, so each one gets it
+        worker.work_queue = ReceivingQueue(self.received)
         try:
             self._check_order()
             for name in broker.get_declared_actors():
                 self.orphan_options(name)
-            self.ledger.register(
+            self.runtime.register(
                 queues=sorted(worker.consumer_whitelist or broker.get_declared_queues()),
                 in_flight=lambda: len(self._runs),
-                holding=self._holding,
-                on_beat=self._on_beat,
+                held=self._held,
+                on_beat=self.consumption.want,
             )
         except JobLedgerError as exc:
             _exit_at_start(str(exc))
 
+    def _held(self) -> set[str]:
+        return held_by(self.worker, [run.delivery.job_id for run in list(self._runs.values())])
+
     def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
-        self._on_beat(self.ledger.health.can_claim)
-        self.ledger.start()
+        self.consumption.attach(worker)
+        self.runtime.start()
 
     def before_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
-        self.ledger.mark_draining()
+        self.runtime.mark_draining()
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
-        self.ledger.drain()
+        self.runtime.drain()
 
     def _check_order(self) -> None:
         middleware = self.broker.middleware
@@ -311,62 +360,16 @@ class LedgerMiddleware(Middleware):
                 "reads Retries' decision after it): add it with jobledger's install(broker)"
             )
 
-    def _holding(self) -> list[tuple[str, int]]:
-        """The tracked jobs this process holds: running, waiting in its work queue, or
-        delayed in its consumers' memory, with each message's generation (the sweep puts
-        them back at once if this process dies, not after the broker's own timeout)."""
-        held = {run.job_id: run.delivery.generation or 0 for run in list(self._runs.values())}
-        worker = self.worker
-        if worker is None:
-            return list(held.items())
-        items: list[Any] = list(worker.work_queue.queue)
-        for consumer in list(worker.consumers.values()):
-            items.extend(consumer.delay_queue.queue)
-        for item in items:  # (priority, message) up to Dramatiq 1.17, _WorkQueueItem after
-            message = getattr(item, "message", None) or item[1]
-            if message.options.get(TRACKED_OPTION):
-                held.setdefault(message.message_id, generation_of(message.options) or 0)
-        return list(held.items())
-
-    def _on_beat(self, can_claim: bool) -> None:
-        """Invariant 9: stop fetching messages while the heartbeat has failed past the TTL
-        (they wait in the broker), fetch again after a beat succeeds."""
-        worker = self.worker
-        if worker is None or can_claim == self._consuming:
-            return
-        self._consuming = can_claim
-        for consumer in list(worker.consumers.values()):
-            consumer.resume() if can_claim else consumer.pause()
-        if can_claim:
-            self.ledger.count("consuming_resumed")
-            log.warning("instance %s reaches the ledger again: consuming", self.ledger.instance_id)
-        else:
-            self.ledger.count("consuming_stopped")
-            log.error(
-                "instance %s cannot reach the ledger (no beat for over its TTL): it stops "
-                "consuming until it does; messages wait in the broker",
-                self.ledger.instance_id,
-            )
-
     def close(self) -> None:
         """Leave the registry and close this process's ledger resources (tests)."""
         registry.unregister(SYSTEM, self.publisher)
-        self.ledger.close()
+        self.runtime.close()
 
 
 def _retry_reason(options: Mapping[str, Any]) -> str:
     lines = str(options.get("traceback") or "").strip().splitlines()
     retries = options.get("retries")
     return f"retry {retries}: {lines[-1] if lines else 'requested'}"
-
-
-def _failure(exception: BaseException) -> str:
-    text = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
-    if isinstance(exception, TimeLimitExceeded):
-        return f"time limit exceeded (Dramatiq's TimeLimit interrupted it)\n{text}"
-    if isinstance(exception, Shutdown):
-        return f"interrupted by its worker's shutdown (ShutdownNotifications)\n{text}"
-    return text
 
 
 def _exit_at_start(line: str) -> NoReturn:

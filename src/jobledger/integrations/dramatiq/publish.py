@@ -7,10 +7,8 @@ without the actor's code (a supervisor, another service's worker) can do it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from dramatiq import Broker
@@ -31,20 +29,6 @@ class DramatiqPublisher:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self._local = threading.local()
-
-    @property
-    def republishing(self) -> bool:
-        """True in the thread publishing a job the ledger holds (its enqueue writes nothing)."""
-        return bool(getattr(self._local, "active", False))
-
-    @contextlib.contextmanager
-    def _republishing(self) -> Iterator[None]:
-        self._local.active = True
-        try:
-            yield
-        finally:
-            self._local.active = False
 
     def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
         """Enqueue the job again: same message id, actor name, queue, args and options, its
@@ -52,9 +36,8 @@ class DramatiqPublisher:
         :class:`PublishError` if the broker did not take it."""
         message, delay = message_of(record, reason)
         try:
-            with self._republishing():
-                self.broker.declare_queue(record.queue)
-                self.broker.enqueue(message, delay=delay)
+            self.broker.declare_queue(record.queue)
+            self.broker.enqueue(message, delay=delay)
         except Exception as exc:
             raise PublishError(
                 f"dramatiq did not take job {record.id} ({record.name}): {exc!r}"
