@@ -37,7 +37,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import datetime
 from itertools import count
 from pathlib import Path
@@ -223,6 +223,36 @@ class Journal:
             finally:
                 os.close(fd)
         return found
+
+    def journaled(self, job_ids: Collection[str]) -> set[str]:
+        """Of ``job_ids``, those with a write waiting in this journal or in any other journal of
+        its directory, its owner alive or gone. Such a job's outcome is on its way to the ledger
+        (it ran while the ledger was unreachable; a gone owner's journal is replayed by the next
+        worker to look), so the recovery sweep must not put it back meanwhile: a SIGKILLed
+        worker's pool processes keep its journal locked for a moment after it died, and a job
+        that ran to success then ran again. Read-only: the other journals are not touched."""
+        wanted = list(job_ids)
+        if not wanted:
+            return set()
+        marks = ",".join("?" * len(wanted))
+        query = f"SELECT DISTINCT job_id FROM writes WHERE job_id IN ({marks})"
+        found = {row[0] for row in self._read(query, wanted)} if self._hint.value else set()
+        for path in sorted(self.path.parent.glob(f"*{SUFFIX}")):
+            if path == self.path:
+                continue
+            try:
+                conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                try:
+                    found.update(row[0] for row in conn.execute(query, wanted))
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:  # not a journal, or being created: nothing to read
+                log.debug("journal %s not read: %s", path, exc)
+        return found
+
+    def _read(self, query: str, params: list[str]) -> list[tuple[str]]:
+        with self._reading() as conn:
+            return list(conn.execute(query, params))
 
     # -- the WriteLog protocol ------------------------------------------------------------------
     def __len__(self) -> int:

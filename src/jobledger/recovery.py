@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -118,6 +118,12 @@ class Recovery:
     after all, the older copy is skipped. (A broker that lost some of a queue's messages but
     not all is not noticed: a person restarts those with ``--state queued --older-than``.)
 
+    ``journaled`` says which of some jobs have a ledger write waiting in a worker's journal
+    this process can read (its directory's): those ran while the ledger was unreachable and
+    their outcome is on its way, so no path of the sweep puts them back (a dead worker's
+    journal is replayed by the next worker to look; see
+    :meth:`~jobledger.journal.Journal.journaled`).
+
     ``ledger_up_for`` says how long this process has seen the ledger answer without a break:
     liveness is judged only over time the ledger was up, so until it reaches the TTL no
     instance is declared dead (after an outage every heartbeat is old, because nobody could
@@ -138,6 +144,7 @@ class Recovery:
         ledger_up_for: Callable[[], float] | None = None,
         on_orphan: OrphanPolicy = OrphanPolicy.REQUEUE,
         probe: ProbeLookup | None = None,
+        journaled: Callable[[Collection[str]], set[str]] | None = None,
     ) -> None:
         self.store = store
         self.ttl = ttl
@@ -149,6 +156,7 @@ class Recovery:
         self.ledger_up_for = ledger_up_for
         self.on_orphan = on_orphan
         self.probe = probe
+        self.journaled = journaled
         # queued jobs seen in an empty queue at the last sweep: id -> (generation, updated_at)
         self._suspects: dict[str, tuple[int, float | None]] = {}
         self.token = secrets.token_hex(8)
@@ -163,6 +171,7 @@ class Recovery:
         systems: Collection[str] | None = None,
         ledger_up_for: Callable[[], float] | None = None,
         probe: ProbeLookup | None = None,
+        journaled: Callable[[Collection[str]], set[str]] | None = None,
     ) -> Recovery:
         return cls(
             store,
@@ -178,6 +187,7 @@ class Recovery:
             ledger_up_for=ledger_up_for,
             on_orphan=settings.on_orphan,
             probe=probe,
+            journaled=journaled,
         )
 
     def sweep_once(self) -> SweepReport:
@@ -203,9 +213,11 @@ class Recovery:
 
     def _sweep_orphans(self, report: SweepReport) -> bool:
         """Recover started jobs of dead owners; False if the lock was lost midway."""
-        for orphan in self.store.orphans(self.ttl, limit=self.batch):
-            if not self.covers(orphan):
-                continue  # another system's job: its own recoverer's business
+        orphans = self.store.orphans(self.ttl, limit=self.batch)
+        journaled = self._journaled(o.id for o in orphans)
+        for orphan in orphans:
+            if not self.covers(orphan) or orphan.id in journaled:
+                continue  # another system's job, or its outcome still in a journal
             if not self._renew():
                 return False
             report.outcomes[orphan.id] = self.recover(orphan)
@@ -214,10 +226,12 @@ class Recovery:
     def _requeue_held(self, report: SweepReport, instances: list[Instance]) -> bool:
         """Put back the jobs dead instances had received and not started; False if the lock
         was lost midway."""
-        for instance in instances:
-            if instance.alive:
-                continue
+        dead = [i for i in instances if not i.alive]
+        journaled = self._journaled(job_id for i in dead for job_id, _ in i.holding)
+        for instance in dead:
             for job_id, generation in instance.holding:
+                if job_id in journaled:
+                    continue  # it ran after all: its outcome waits in a journal
                 record = self._still_held(job_id, generation)
                 if record is None or not self.covers(record):
                     continue  # started (an orphan, above), finished, or put back already
@@ -250,8 +264,12 @@ class Recovery:
                 queues=frozenset({queue}),
                 systems=self.systems or frozenset(),
             )
-            for record in self.store.query(query, limit=self.batch).items:
-                if record.id in held or report.outcomes.get(record.id) is not None:
+            records = self.store.query(query, limit=self.batch).items
+            journaled = self._journaled(r.id for r in records)
+            for record in records:
+                if record.id in held or record.id in journaled:
+                    continue  # a live instance has it, or it ran and its outcome is on its way
+                if report.outcomes.get(record.id) is not None:
                     continue
                 if self._ready(record, depth) != 0:
                     continue  # the broker holds messages there (or cannot tell): not lost
@@ -267,6 +285,14 @@ class Recovery:
                 suspects.pop(record.id)
         self._suspects = suspects
         return True
+
+    def _journaled(self, job_ids: Iterable[str]) -> set[str]:
+        """Of ``job_ids``, those with a ledger write waiting in a journal this process can
+        read: never put back, their outcome is on its way (see ``journaled`` in the class
+        docstring)."""
+        if self.journaled is None:
+            return set()
+        return self.journaled(set(job_ids))
 
     def _ready(self, record: JobRecord, depth: dict[tuple[str, str], int | None]) -> int | None:
         """Messages ready where ``record``'s message waits (counted once per broker queue in

@@ -228,6 +228,24 @@ def test_a_live_owner_keeps_its_journal_and_a_gone_one_leaves_it_to_others(
     mine.close()
 
 
+def test_journaled_reads_every_journal_of_the_directory_live_or_gone(tmp_path: Path) -> None:
+    """What the sweep asks before it puts a job back: a write for it waits somewhere here."""
+    mine = Journal.for_instance(tmp_path, "w2")
+    live = Journal.for_instance(tmp_path, "w1")  # its owner (this process) lives
+    gone = Journal.for_instance(tmp_path, "w3")
+    assert mine.journaled({"a", "b", "c", "d"}) == set()
+    mine.append(succeed("a", "w2:x"))
+    live.append(succeed("b", "w1:x"))
+    gone.append(succeed("c", "w3:x"))
+    gone.close()
+    (tmp_path / "junk.journal").write_text("not a database")
+    assert mine.journaled({"a", "b", "c", "d"}) == {"a", "b", "c"}
+    assert mine.journaled(set()) == set()
+    assert len(live) == 1  # read only: nothing replayed or taken
+    live.close()
+    mine.close()
+
+
 def test_an_owner_in_another_process_is_alive_until_it_exits(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     done_r, done_w = os.pipe()

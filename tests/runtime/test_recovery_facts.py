@@ -220,3 +220,31 @@ def test_a_job_queued_in_an_empty_queue_at_two_sweeps_is_put_back(store: SQLStor
     for stays in ("held", "busy-queue", "unknown", "routed"):
         record = store.get(stays)
         assert record is not None and record.generation == 0
+
+
+def test_no_sweep_puts_back_a_job_whose_outcome_waits_in_a_journal(store: SQLStore) -> None:
+    """It ran while the ledger was unreachable, on a worker that then died: its claim and
+    success wait in a journal (read by ``journaled``), so neither the dead owner's started
+    job, nor what a dead instance held, nor a queued job in an empty queue is put back."""
+    owner = dead_instance(store, "gone", holding=(("held", 0),))
+    orphaned(store, "orphan", owner)
+    for job_id in ("held", "lost"):
+        assert store.create(JobRecord(id=job_id, name="t", queue="empty"))
+    sent = Sent(store)
+    asked: list[set[str]] = []
+
+    def journaled(job_ids: object) -> set[str]:
+        asked.append(set(job_ids))  # type: ignore[call-overload]
+        return {"orphan", "held", "lost"}
+
+    sweep = sweeper(store, sent, probe=lambda system: Broker(), journaled=journaled)
+    for _ in range(3):
+        assert sweep.sweep_once().outcomes == {}
+    assert sent.messages == []
+    assert {"orphan", "held", "lost"} <= set().union(*asked)
+    for job_id in ("orphan", "held", "lost"):
+        record = store.get(job_id)
+        assert record is not None and record.generation == 0
+    # once the journal was replayed (nothing waits), the sweep does its work again
+    sweep = sweeper(store, sent, probe=lambda system: Broker(), journaled=lambda ids: set())
+    assert set(sweep.sweep_once().outcomes) == {"orphan", "held"}

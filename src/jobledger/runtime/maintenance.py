@@ -73,6 +73,7 @@ def maintenance_loops(
     relay_systems: Collection[str] | None,
     ledger_up_for: Callable[[], float],
     probe: ProbeLookup | None,
+    journaled: Callable[[Collection[str]], set[str]] | None = None,
     relay_store: Callable[[], Store] | None = None,
     enabled: Callable[[], bool] = _always,
     on_error: Callable[[], None] = _nothing,
@@ -88,6 +89,7 @@ def maintenance_loops(
         systems=systems,
         ledger_up_for=ledger_up_for,
         probe=probe,
+        journaled=journaled,
     )
     loops: list[Service] = []
     if settings.relay:

@@ -18,7 +18,7 @@ child.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from jobledger.config import Settings
@@ -141,7 +141,12 @@ class WorkerRuntime:
             systems={self.system},
             ledger_up_for=lambda: self.health.up_for,
             probe=self._probe,
+            journaled=self._journaled,
         )
+
+    def _journaled(self, job_ids: Collection[str]) -> set[str]:
+        journal = self.resources.journal
+        return journal.journaled(job_ids) if journal is not None else set()
 
     def _publish(self, record: JobRecord, *, reason: Republish) -> None:
         self.adapter.publish(record, reason=reason)
@@ -222,6 +227,7 @@ class WorkerRuntime:
             relay_systems={self.system},
             ledger_up_for=lambda: self.health.up_for,
             probe=self._probe,
+            journaled=self._journaled,
             relay_store=self._own_store,
             enabled=lambda: self.health.can_claim,
         ):

@@ -42,7 +42,7 @@ def test_a_unique_key_runs_one_job_until_it_succeeds(
     third = work.apply_async((4,), unique_key="invoice:42")
     assert third.id != first.id
     wait_for("the third publish to succeed", lambda: state(third.id) is JobState.SUCCEEDED)
-    starts = sorted(job_id for job_id, phase, _, _ in h.runs() if phase == "start")
+    starts = sorted(r.job_id for r in h.runs() if r.phase == "start")
     assert starts == sorted([first.id, third.id])
     record = h.store.get(third.id)
     assert record is not None and (record.args, record.unique_key) == ([4], "invoice:42")
