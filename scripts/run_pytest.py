@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARDS: dict[str, list[str]] = {
     "e2e-celery": ["tests/e2e/celery"],
     "e2e-rq-dramatiq-sidekiq": ["tests/e2e/rq", "tests/e2e/dramatiq", "tests/e2e/sidekiq"],
+    "stores": ["tests/contract", "tests/databases", "tests/integration"],
 }
 REST = "the rest"
 
