@@ -9,8 +9,10 @@ proves nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +88,56 @@ def database_url(backend: str, tmp_path: Path) -> str:
         return redis_ledger_url()
     if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
-    return _server_database({"postgresql": POSTGRES_URL, "mariadb": MYSQL_URL}[backend])
+    return _server_database(server_url(backend))
+
+
+def server_url(backend: str) -> str:
+    """The URL of the test server for a SQL ``backend`` (``postgresql`` or ``mariadb``)."""
+    return {"postgresql": POSTGRES_URL, "mariadb": MYSQL_URL}[backend]
+
+
+@contextlib.contextmanager
+def throwaway_database(server: str, name: str) -> Iterator[str]:
+    """A database ``name`` created on the server at ``server`` for one test (one that migrates
+    down and up, or must start without the ledger's tables); dropped afterwards."""
+    from jobledger.stores.sql import parse_url
+
+    url = parse_url(server)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        force = " WITH (FORCE)" if url.get_backend_name() == "postgresql" else ""
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def own_database(backend: str, tmp_path: Path, tag: str) -> Iterator[str]:
+    """A database of one test's own on a SQL ``backend``: a new SQLite file under ``tmp_path``,
+    or a throwaway database named after ``tag`` on the backend's server."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / f'{tag}.db'}"
+        return
+    with throwaway_database(server_url(backend), f"jl_{tag}_{uuid.uuid4().hex[:8]}") as url:
+        yield url
+
+
+def migrate_to(url: str, revision: str, *, up: bool = True) -> None:
+    """Run the ledger's Alembic migrations on ``url`` up (or down) to ``revision``."""
+    from alembic import command
+
+    from jobledger.stores import migrations
+    from jobledger.stores.sql import parse_url
+
+    engine = create_engine(parse_url(url))
+    with engine.begin() as conn:
+        config = migrations.alembic_config(conn)
+        (command.upgrade if up else command.downgrade)(config, revision)
+    engine.dispose()
 
 
 def empty_sql_store(url: str) -> SQLStore:

@@ -3,7 +3,6 @@ fix, as the right exception, never a driver's traceback."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from jobledger.model import JobRecord
 from jobledger.query import JobQuery
 from jobledger.stores import migrations, open_store
 from jobledger.stores.schema import SCHEMA_REVISION, VERSION_TABLE, jobs
-from jobledger.stores.sql import SQLStore, parse_url
+from jobledger.stores.sql import SQLStore
+from ledgerdb import own_database
 
 
 @pytest.mark.parametrize(
@@ -64,22 +64,10 @@ def test_an_unreachable_database_hides_its_password() -> None:
 
 
 @pytest.fixture
-def fresh_url(sql_backend: str, sql_url: str, tmp_path: Path) -> Iterator[str]:
+def fresh_url(sql_backend: str, tmp_path: Path) -> Iterator[str]:
     """An empty database with no ledger tables on the backend's server (a new SQLite file)."""
-    if sql_backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    name = f"jl_fresh_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(parse_url(sql_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    try:
-        yield parse_url(sql_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        force = " WITH (FORCE)" if sql_backend == "postgresql" else ""
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
-        admin.dispose()
+    with own_database(sql_backend, tmp_path, "fresh") as url:
+        yield url
 
 
 def test_missing_schema_names_jobledger_migrate(fresh_url: str) -> None:

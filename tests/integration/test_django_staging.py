@@ -10,6 +10,7 @@ process, so each backend gets its aliases in it, on databases of this module's o
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -31,7 +32,7 @@ from jobledger.staging import staging_in
 from jobledger.stores.base import Transition
 from jobledger.stores.schema import SCHEMA_REVISION, VERSION_TABLE, jobs, metadata
 from jobledger.stores.sql import SQLStore, parse_url
-from ledgerdb import MYSQL_URL, POSTGRES_URL
+from ledgerdb import MYSQL_URL, POSTGRES_URL, throwaway_database
 
 #: backend → the alias prefix of its databases in the Django project ("sqlite": the default).
 PREFIX = {"sqlite": "sqlite", "postgresql": "pg", "mariadb": "maria"}
@@ -52,15 +53,17 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     run = f"jl_dj_{uuid.uuid4().hex[:8]}"
     folder = tmp_path_factory.mktemp("django")
     urls: dict[str, str] = {}
-    created: list[tuple[str, str]] = []
-    try:
+    with contextlib.ExitStack() as made:
         for role in ROLES:
             urls[alias("sqlite", role)] = f"sqlite:///{folder / role}.db"
             for backend, server in SERVERS.items():
-                urls[alias(backend, role)] = _create_database(server, f"{run}_{role}")
-                created.append((server, f"{run}_{role}"))
+                database = throwaway_database(server, f"{run}_{role}")
+                urls[alias(backend, role)] = made.enter_context(database)
         django_project.setup(urls)
         from django.core.management import call_command
+        from django.db import connections
+
+        made.callback(connections.close_all)  # before the databases are dropped
 
         for backend in PREFIX:
             call_command("migrate", database=alias(backend, "main"), verbosity=0)
@@ -69,30 +72,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
             pre.migrate()  # `jobledger migrate`
             pre.close()
         yield urls
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        for server, name in created:
-            _drop_database(server, name)
-
-
-def _create_database(server: str, name: str) -> str:
-    url = parse_url(server)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
-
-
-def _drop_database(server: str, name: str) -> None:
-    url = parse_url(server)
-    force = " WITH (FORCE)" if url.get_backend_name() == "postgresql" else ""
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
-    admin.dispose()
 
 
 @pytest.fixture(params=list(PREFIX))

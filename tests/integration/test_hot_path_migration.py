@@ -4,41 +4,24 @@ indexes are on the copy, and a downgrade to 0002 gives back the older schema."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from alembic import command
 from sqlalchemy import create_engine, inspect, text
 
 from jobledger.model import JobRecord, JobState
 from jobledger.query import JobQuery
-from jobledger.stores import migrations
 from jobledger.stores.base import Transition
 from jobledger.stores.sql import SQLStore, parse_url
-from ledgerdb import POSTGRES_URL
+from ledgerdb import migrate_to, own_database
 
 
 @pytest.fixture
-def url() -> Iterator[str]:
+def url(tmp_path: Path) -> Iterator[str]:
     """A PostgreSQL database of this test's own (it migrates down and up)."""
-    name = f"jl_test_hot_{uuid.uuid4().hex[:8]}"
-    server = parse_url(POSTGRES_URL)
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield server.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
-
-
-def _to(url: str, revision: str, *, up: bool = True) -> None:
-    engine = create_engine(parse_url(url))
-    with engine.begin() as conn:
-        config = migrations.alembic_config(conn)
-        (command.upgrade if up else command.downgrade)(config, revision)
-    engine.dispose()
+    with own_database("postgresql", tmp_path, "hot") as made:
+        yield made
 
 
 def _search_indexes(url: str) -> dict[str, list[str]]:
@@ -54,7 +37,7 @@ def _search_indexes(url: str) -> dict[str, list[str]]:
 
 
 def test_an_existing_ledger_stays_searchable_across_revision_0003(url: str) -> None:
-    _to(url, "0002")
+    migrate_to(url, "0002")
     engine = create_engine(parse_url(url))
     with engine.begin() as conn:
         conn.execute(
@@ -90,5 +73,5 @@ def test_an_existing_ledger_stays_searchable_across_revision_0003(url: str) -> N
         }
     finally:
         store.close()
-    _to(url, "0002", up=False)
+    migrate_to(url, "0002", up=False)
     assert "jobledger_job_search" not in _search_indexes(url)

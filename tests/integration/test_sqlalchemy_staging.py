@@ -41,6 +41,7 @@ from jobledger.relay import Relay, RelayReport
 from jobledger.staging import staging_in
 from jobledger.stores.sql import SQLStore, parse_url
 from jobledger.testing import MemoryStore
+from ledgerdb import throwaway_database
 
 S = JobState
 
@@ -392,18 +393,10 @@ def bare(sql_backend: str, sql_url: str, tmp_path: Any) -> Iterator[Engine]:
         yield engine
         engine.dispose()
         return
-    name = f"jl_bare_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    engine = create_engine(url.set(database=name))
-    try:
+    with throwaway_database(sql_url, f"jl_bare_{uuid.uuid4().hex[:8]}") as bare_url:
+        engine = create_engine(parse_url(bare_url))
         yield engine
-    finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
 
 
 def test_a_database_without_the_ledger_tables_is_refused_and_the_transaction_lives_on(

@@ -4,47 +4,25 @@ the older schema with the jobs still there."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from alembic import command
 from sqlalchemy import create_engine, inspect, text
 
 from jobledger.errors import UniqueKeyHeld
 from jobledger.model import JobRecord, JobState
 from jobledger.query import JobQuery
-from jobledger.stores import migrations
 from jobledger.stores.base import Transition
 from jobledger.stores.sql import SQLStore, parse_url
-from ledgerdb import MYSQL_URL, POSTGRES_URL, SQL_BACKENDS
+from ledgerdb import SQL_BACKENDS, migrate_to, own_database
 
 
 @pytest.fixture(params=SQL_BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A database of this test's own on each SQL backend (it migrates down and up)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-        return
-    name = f"jl_test_unique_{uuid.uuid4().hex[:8]}"
-    server = parse_url({"postgresql": POSTGRES_URL, "mariadb": MYSQL_URL}[request.param])
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield server.set(database=name).render_as_string(hide_password=False)
-    force = " WITH (FORCE)" if request.param == "postgresql" else ""
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name}{force}"))
-    admin.dispose()
-
-
-def _to(url: str, revision: str, *, up: bool = True) -> None:
-    engine = create_engine(parse_url(url))
-    with engine.begin() as conn:
-        config = migrations.alembic_config(conn)
-        (command.upgrade if up else command.downgrade)(config, revision)
-    engine.dispose()
+    with own_database(request.param, tmp_path, "unique") as made:
+        yield made
 
 
 def _hold_index(url: str) -> dict[str, object] | None:
@@ -68,7 +46,7 @@ def _columns(url: str) -> set[str]:
 
 
 def test_revision_0006_up_and_down_keeps_the_jobs(url: str) -> None:
-    _to(url, "0005")
+    migrate_to(url, "0005")
     engine = create_engine(parse_url(url))
     with engine.begin() as conn:
         conn.execute(
@@ -98,10 +76,10 @@ def test_revision_0006_up_and_down_keeps_the_jobs(url: str) -> None:
     assert index is not None and index["unique"] and index["column_names"] == ["unique_hold"]
     if url.startswith("postgresql"):  # no entry for the jobs without a key
         assert "IS NOT NULL" in str(index["dialect_options"]["postgresql_where"])
-    _to(url, "0005", up=False)
+    migrate_to(url, "0005", up=False)
     assert _hold_index(url) is None
     assert not {"unique_key", "unique_hold"} & _columns(url)
-    _to(url, "head")
+    migrate_to(url, "head")
     store = SQLStore(url)
     try:
         assert {r.id for r in store.iter_jobs(JobQuery())} == {"old", "a", "b"}
