@@ -38,25 +38,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.append(str(HERE))  # after site-packages: the queue system wins its own name
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import redis  # noqa: E402
 from celery import Celery, signals  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
+from _workers import WorkerProcess, wait_for  # noqa: E402
 from jobledger.config import Settings  # noqa: E402
 from jobledger.model import JobState  # noqa: E402
 from jobledger.query import JobQuery  # noqa: E402
@@ -137,44 +136,16 @@ def worker_main() -> None:
     app.worker_main(argv)
 
 
-class Worker:
+class Worker(WorkerProcess):
+    """``bench/celery.py --worker`` as a process of its own; ready once it says so in Redis."""
+
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.ready_key = f"jlbench-ready-{uuid.uuid4().hex[:8]}"
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--worker"],
-                env={**env, "BENCH_READY_KEY": self.ready_key},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.log = log
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+        super().__init__(cmd, {**env, "BENCH_READY_KEY": self.ready_key}, log)
 
     def wait_ready(self, r: redis.Redis, timeout: float = 60) -> None:
-        wait_for(
-            "a worker to be ready",
-            lambda: self._alive() and bool(r.get(self.ready_key)),
-            timeout,
-        )
-
-    def _alive(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited:\n{self.log.read_text(errors='replace')[-3000:]}")
-        return True
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        pause.wait(0.01)
+        self.wait_until("a worker to be ready", lambda: r.get(self.ready_key), timeout)
 
 
 # -- ledgers ---------------------------------------------------------------------------------

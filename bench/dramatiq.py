@@ -26,25 +26,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.append(str(HERE))  # after site-packages: the queue system wins its own name
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import dramatiq  # noqa: E402
 import redis  # noqa: E402
 from dramatiq import Broker  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
+from _workers import WorkerProcess, wait_for  # noqa: E402
 from jobledger.config import Settings  # noqa: E402
 from jobledger.integrations.base import registry  # noqa: E402
 from jobledger.model import JobState  # noqa: E402
@@ -107,36 +106,9 @@ def worker_main() -> None:
     sys.exit(dramatiq_main(make_argument_parser().parse_args(argv)))
 
 
-class Worker:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--worker"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.log = log
-
-    def alive(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited:\n{self.log.read_text(errors='replace')[-3000:]}")
-        return True
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        pause.wait(0.01)
+def start_worker(env: dict[str, str], log: Path) -> WorkerProcess:
+    """``bench/dramatiq.py --worker`` as a process of its own."""
+    return WorkerProcess([sys.executable, str(Path(__file__).resolve()), "--worker"], env, log)
 
 
 # -- ledgers ---------------------------------------------------------------------------------
@@ -189,7 +161,7 @@ def run(
         )
     client = make_broker(broker, queue, counter, settings)
     noop = client.get_actor("bench.noop")
-    worker = Worker(env, workdir / f"{queue}.log")
+    worker = start_worker(env, workdir / f"{queue}.log")
     try:
         for _ in range(WARM_UP):  # and the worker is up once these are done
             noop.send()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.append(str(HERE))  # after site-packages: the queue system wins its own name
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -37,17 +38,17 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import redis  # noqa: E402
 import rq  # noqa: E402
 from sqlalchemy import create_engine, make_url, text  # noqa: E402
 
+from _workers import WorkerProcess, wait_for  # noqa: E402
 from jobledger.config import Settings  # noqa: E402
 from jobledger.integrations.base import registry  # noqa: E402
 from jobledger.integrations.rq import Queue as TrackedQueue  # noqa: E402
@@ -73,7 +74,7 @@ def hold(seconds):
 CLASSES = {"SimpleWorker": "SimpleWorker", "Worker": "Worker"}
 
 
-class Worker:
+class Worker(WorkerProcess):
     """One ``rq worker`` process; ready once RQ lists it."""
 
     def __init__(self, cls: str, tracked: bool, queue: str, env: dict[str, str], log: Path):
@@ -83,28 +84,10 @@ class Worker:
             sys.executable, "-m", "rq.cli", "worker", "--url", REDIS_URL, "--worker-class",
             f"{where}.{cls}", "--name", self.name, "--logging_level", "WARNING", queue,
         ]  # fmt: skip
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                cmd, env=env, cwd=env["PYTHONPATH"].split(os.pathsep)[0], stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        self.log = log
+        super().__init__(cmd, env, log, cwd=env["PYTHONPATH"].split(os.pathsep)[0])
 
     def wait_ready(self, r: redis.Redis) -> None:
-        wait_for(
-            "a worker to be ready", lambda: self._alive() and r.exists(f"rq:worker:{self.name}")
-        )
-
-    def _alive(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited:\n{self.log.read_text(errors='replace')[-3000:]}")
-        return True
-
-    def children(self) -> list[int]:
-        with contextlib.suppress(OSError):
-            path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-            return [int(p) for p in path.read_text().split()]
-        return []
+        self.wait_until("a worker to be ready", lambda: r.exists(f"rq:worker:{self.name}"))
 
     def stopped(self) -> bool:
         with contextlib.suppress(OSError):
@@ -122,15 +105,6 @@ class Worker:
                     os.kill(pid, signal.SIGKILL)
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        pause.wait(0.01)
 
 
 def ledger_url(kind: str, workdir: Path, database: str) -> str:
