@@ -341,7 +341,8 @@ class RedisStore(Store):
     def count(self, query: JobQuery) -> int:
         states = sorted(s.value for s in (query.states or JobState))
         others = (
-            *(query.queues, query.names, query.systems, query.ids, query.owners, query.match),
+            *(query.queues, query.names, query.systems, query.ids, query.owners),
+            *(query.unique_keys, query.match),
             query.recovered,
         )
         if any(others):
@@ -603,6 +604,7 @@ def _filter_spec(query: JobQuery, has: tuple[str, ...]) -> str:
         ("names", query.names),
         ("systems", query.systems),
         ("owners", query.owners),
+        ("unique_keys", query.unique_keys),
     ):
         if values:
             spec[label] = sorted(values)
