@@ -4,8 +4,9 @@ heals.
 Part 1, throughput, in paired rounds. For each configuration (``--configs``: the task body's
 length and the worker's pool, by default 0 ms, 5 ms and 50 ms bodies on prefork ``-c 2`` and
 5 ms on ``-P threads -c 8``) one worker per mode is started and kept (Redis broker, default
-prefetch): plain Celery; Celery with jobledger on a SQLite ledger and on a PostgreSQL ledger;
-and the peer users pick instead, plain Celery with its own database result backend on
+prefetch): plain Celery; Celery with jobledger on a SQLite ledger, on a PostgreSQL ledger and
+on a Redis ledger (the broker's own Redis, under a key prefix of the bench's); and the peer
+users pick instead, plain Celery with its own database result backend on
 PostgreSQL (``result_backend="db+postgresql+psycopg://…"``, ``task_track_started=True``: a row
 written when a task starts and again when it ends). A round publishes ``--jobs`` tasks (fewer for
 long bodies: about ``--round-seconds`` of work) while its worker consumes, and measures publish
@@ -26,7 +27,8 @@ interval + one sweep.
 
 ``JOBLEDGER_*`` variables reach the workers (``JOBLEDGER_SYNCHRONOUS_PUBLISH=false`` measures
 the relaxed publish record). PostgreSQL gets databases of the bench's own (``--database`` and
-``<--database>_rb``, dropped and recreated); the SQLite ledger lives in a temporary directory.
+``<--database>_rb``, dropped and recreated); the SQLite ledger lives in a temporary directory;
+the Redis ledger's keys are deleted at the end.
 The file is named after what it measures, so it takes its own directory off ``sys.path``
 before importing Celery.
 """
@@ -59,7 +61,9 @@ from _workers import WorkerProcess, wait_for  # noqa: E402
 from jobledger.config import Settings  # noqa: E402
 from jobledger.model import JobState  # noqa: E402
 from jobledger.query import JobQuery  # noqa: E402
-from jobledger.stores.sql import SQLStore, parse_url  # noqa: E402
+from jobledger.stores import Store, open_store  # noqa: E402
+from jobledger.stores.redis import RedisStore  # noqa: E402
+from jobledger.stores.sql import parse_url  # noqa: E402
 
 REDIS_URL = os.environ.get("JOBLEDGER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_SERVER = os.environ.get(
@@ -68,11 +72,13 @@ POSTGRES_SERVER = os.environ.get(
 
 
 # -- the app, in the bench process and in its worker processes ------------------------------
-MODES = ("plain", "sqlite", "postgresql", "result-backend")
+MODES = ("plain", "sqlite", "postgresql", "redis", "result-backend")
+TRACKED = ("sqlite", "postgresql", "redis")
 LABELS = {
     "plain": "plain Celery",
     "sqlite": "tracked, SQLite",
     "postgresql": "tracked, PostgreSQL",
+    "redis": "tracked, Redis",
     "result-backend": "Celery + db result backend",
 }
 
@@ -93,7 +99,7 @@ def make_app(
         app.conf.update(
             result_backend=result_backend, task_ignore_result=False, task_track_started=True
         )
-    tracked = mode in ("sqlite", "postgresql")
+    tracked = mode in TRACKED
     client: list[redis.Redis] = []
 
     @app.task(name="bench.work", tracked=tracked, shared=False)
@@ -161,15 +167,28 @@ def fresh_postgres(database: str) -> str:
 
 
 def ledger_url(mode: str, workdir: Path, database: str) -> str:
+    """A fresh, migrated ledger for ``mode``: a SQLite file, the bench's PostgreSQL database,
+    or a key prefix of its own on the broker's Redis."""
     if mode == "sqlite":
-        path = workdir / f"ledger-{uuid.uuid4().hex[:6]}.db"
-        url = f"sqlite:///{path}"
+        url = f"sqlite:///{workdir / f'ledger-{uuid.uuid4().hex[:6]}.db'}"
+    elif mode == "redis":
+        separator = "&" if "?" in REDIS_URL else "?"
+        url = f"{REDIS_URL}{separator}prefix=jlbench-{uuid.uuid4().hex[:8]}"
     else:
         url = fresh_postgres(database)
-    store = SQLStore(url)
+    store = open_store(url)
     store.migrate()
     store.close()
     return url
+
+
+def drop_ledger(url: str) -> None:
+    """Delete a Redis ledger's keys (the SQL ones go with their file or database)."""
+    store: Store = open_store(url)
+    if isinstance(store, RedisStore):
+        for key in list(store.client.scan_iter(store.keys.pattern, count=1000)):
+            store.client.delete(key)
+    store.close()
 
 
 # -- part 1 ----------------------------------------------------------------------------------
@@ -212,7 +231,7 @@ class Side:
         )
         self.url = ""
         self.result_backend = ""
-        if mode in ("sqlite", "postgresql"):
+        if mode in TRACKED:
             self.url = ledger_url(mode, workdir, args.database)
             env["JOBLEDGER_DATABASE_URL"] = self.url
             env["JOBLEDGER_INSTANCE_NAME"] = f"bench-{mode}"
@@ -254,7 +273,7 @@ class Side:
             if integration is not None:
                 integration.close()
         if self.url:  # a body counts itself done a moment before its success is recorded
-            check = SQLStore(self.url)
+            check = open_store(self.url)
             succeeded = JobQuery(states=frozenset({JobState.SUCCEEDED}))
             wait_for("the ledger", lambda: check.count(succeeded) == self.done, 60)
             check.close()
@@ -263,6 +282,8 @@ class Side:
     def stop(self) -> None:
         self.worker.kill()
         self.r.delete(self.counter, self.queue, self.worker.ready_key)
+        if self.url:
+            drop_ledger(self.url)
 
 
 def throughput(
@@ -314,7 +335,7 @@ def report(config: Config, rates: dict[str, list[tuple[float, float]]]) -> None:
         )
     peer = rates.get("result-backend")
     if peer is not None:
-        for mode in ("postgresql", "sqlite"):
+        for mode in ("postgresql", "redis", "sqlite"):
             if mode in rates:
                 versus = [t[1] / b[1] for t, b in zip(rates[mode], peer, strict=True)]
                 print(f"  {LABELS[mode]} / result backend, end to end: {spread(versus)}")
@@ -323,7 +344,7 @@ def report(config: Config, rates: dict[str, list[tuple[float, float]]]) -> None:
 # -- part 2 ----------------------------------------------------------------------------------
 def crash_latencies(args: argparse.Namespace, workdir: Path, r: redis.Redis) -> list[float]:
     url = ledger_url("postgresql", workdir, args.database)
-    store = SQLStore(url)
+    store = open_store(url)
     base = dict(os.environ)
     base.update(
         JOBLEDGER_DATABASE_URL=url,

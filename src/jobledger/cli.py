@@ -130,6 +130,15 @@ Match = Annotated[
     typer.Option("--match", "-m", help="Literal text the job's arguments contain.", metavar="TEXT"),
 ]
 Regex = Annotated[bool, typer.Option("--regex", help="Read --match as a regular expression.")]
+UniqueKeys = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--unique-key",
+        "-u",
+        help="Published with this unique key, finished or not (repeatable).",
+        metavar="KEY",
+    ),
+]
 OlderThan = Annotated[
     str | None,
     typer.Option(
@@ -251,6 +260,7 @@ def _query(
     regex: bool = False,
     older_than: str | None = None,
     system: list[str] | None = None,
+    unique_key: list[str] | None = None,
 ) -> JobQuery:
     return JobQuery(
         states=frozenset(JobState.parse(s) for s in state or ()),
@@ -260,6 +270,7 @@ def _query(
         match=match,
         regex=regex,
         older_than=parse_duration(older_than) if older_than is not None else None,
+        unique_keys=frozenset(unique_key or ()),
     )
 
 
@@ -383,6 +394,7 @@ def jobs_command(
     match: Match = None,
     regex: Regex = False,
     older_than: OlderThan = None,
+    unique_key: UniqueKeys = None,
     limit: Annotated[
         int, typer.Option(help="At most this many jobs; 0 for all.", min=0, metavar="N")
     ] = 50,
@@ -390,7 +402,7 @@ def jobs_command(
     database_url: DatabaseUrl = None,
 ) -> None:
     """List jobs, newest first (JSON Lines with --json)."""
-    query = _query(state, queue, name, match, regex, older_than, system)
+    query = _query(state, queue, name, match, regex, older_than, system, unique_key)
     _, store = _open(database_url)
     now = store.now()
     page_size = min(limit, 500) if limit else 500
@@ -607,6 +619,7 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         match: Match = None,
         regex: Regex = False,
         older_than: OlderThan = None,
+        unique_key: UniqueKeys = None,
         dry_run: DryRun = False,
         yes: Yes = False,
         force: Force = False,
@@ -616,8 +629,8 @@ def _bulk_command(action: str, summary: str, *, publishes: bool) -> None:
         as_json: AsJson = False,
         database_url: DatabaseUrl = None,
     ) -> None:
-        filtered = any((state, queue, name, system, match, older_than))
-        query = _query(state, queue, name, match, regex, older_than, system)
+        filtered = any((state, queue, name, system, match, older_than, unique_key))
+        query = _query(state, queue, name, match, regex, older_than, system, unique_key)
         manager = _manager(database_url, app_module, broker, queue_system)
         try:
             report = _bulk(action, ids, query, filtered, dry_run, yes, manager, force)

@@ -192,6 +192,14 @@ def check_transition(sources: Iterable[JobState], target: JobState) -> frozenset
     return sources
 
 
+def validate_unique_key(key: str) -> str:
+    """``key`` if it can be a job's unique key (1-255 characters); :class:`ConfigError`
+    otherwise (a record and a filter refuse the same keys)."""
+    if not isinstance(key, str) or not key or len(key) > NAME_MAX_LENGTH:
+        raise ConfigError(f"a unique key must be 1-{NAME_MAX_LENGTH} characters: {key!r}")
+    return key
+
+
 def validate_job_id(job_id: str) -> str:
     """Return ``job_id`` if it is a well-formed id, else raise :class:`ConfigError`.
 
@@ -323,14 +331,8 @@ class JobRecord:
 
     def __post_init__(self) -> None:
         validate_job_id(self.id)
-        if self.unique_key is not None and (
-            not isinstance(self.unique_key, str)
-            or not self.unique_key
-            or len(self.unique_key) > NAME_MAX_LENGTH
-        ):
-            raise ConfigError(
-                f"a unique key must be 1-{NAME_MAX_LENGTH} characters: {self.unique_key!r}"
-            )
+        if self.unique_key is not None:
+            validate_unique_key(self.unique_key)
         object.__setattr__(self, "state", JobState.parse(self.state))
         for label in ("name", "system", "queue"):
             value = getattr(self, label)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from jobledger.errors import ConfigError
-from jobledger.model import FINAL_STATES, JobState, validate_job_id
+from jobledger.model import FINAL_STATES, JobState, validate_job_id, validate_unique_key
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,6 +58,8 @@ class JobQuery:
     - ``newer_than``: the opposite bound: "finished within the last hour" is
       ``states={succeeded}, newer_than=3600`` (an index range, however big the ledger).
     - ``recovered``: only jobs recovered at least once (their worker died under them).
+    - ``unique_keys``: jobs published with one of these unique keys, finished or not (the
+      unfinished one among them holds its key).
     """
 
     states: frozenset[JobState] = frozenset()
@@ -71,6 +73,7 @@ class JobQuery:
     older_than: float | None = None
     newer_than: float | None = None
     recovered: bool = False
+    unique_keys: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         states = frozenset(JobState.parse(s) for s in _as_set(self.states))
@@ -78,6 +81,8 @@ class JobQuery:
         for label in ("queues", "names", "systems", "owners"):
             object.__setattr__(self, label, _as_set(getattr(self, label)))
         object.__setattr__(self, "ids", frozenset(validate_job_id(i) for i in _as_set(self.ids)))
+        keys = frozenset(validate_unique_key(k) for k in _as_set(self.unique_keys))
+        object.__setattr__(self, "unique_keys", keys)
         if self.match == "":
             object.__setattr__(self, "match", None)
         if self.regex:

@@ -1,6 +1,6 @@
-"""Revision 0006 (unique keys) on each SQL database holding jobs: the upgrade keeps them
-(without a key), keys are held and refused afterwards, and a downgrade to 0005 gives back
-the older schema with the jobs still there."""
+"""Revisions 0006 (unique keys) and 0007 (their index) on each SQL database holding jobs: the
+upgrade keeps them (without a key), keys are held and refused afterwards, and a downgrade
+gives back the older schema with the jobs still there."""
 
 from __future__ import annotations
 
@@ -25,14 +25,10 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield made
 
 
-def _hold_index(url: str) -> dict[str, object] | None:
+def _index(url: str, name: str = "ux_jobledger_jobs_unique_hold") -> dict[str, object] | None:
     engine = create_engine(parse_url(url))
     with engine.connect() as conn:
-        found = [
-            dict(i)
-            for i in inspect(conn).get_indexes("jobledger_jobs")
-            if i["name"] == "ux_jobledger_jobs_unique_hold"
-        ]
+        found = [dict(i) for i in inspect(conn).get_indexes("jobledger_jobs") if i["name"] == name]
     engine.dispose()
     return found[0] if found else None
 
@@ -72,12 +68,12 @@ def test_revision_0006_up_and_down_keeps_the_jobs(url: str) -> None:
     finally:
         store.close()
     assert {"unique_key", "unique_hold"} <= _columns(url)
-    index = _hold_index(url)
+    index = _index(url)
     assert index is not None and index["unique"] and index["column_names"] == ["unique_hold"]
     if url.startswith("postgresql"):  # no entry for the jobs without a key
         assert "IS NOT NULL" in str(index["dialect_options"]["postgresql_where"])
     migrate_to(url, "0005", up=False)
-    assert _hold_index(url) is None
+    assert _index(url) is None
     assert not {"unique_key", "unique_hold"} & _columns(url)
     migrate_to(url, "head")
     store = SQLStore(url)
@@ -86,5 +82,28 @@ def test_revision_0006_up_and_down_keeps_the_jobs(url: str) -> None:
         assert store.create(
             JobRecord(id="c", name="t", unique_key="k")
         )  # the downgrade dropped the holds
+    finally:
+        store.close()
+
+
+def test_revision_0007_indexes_the_unique_key_and_goes_back(url: str) -> None:
+    """The index ``jobs --unique-key`` reads: on the key, leaving out jobs without one where
+    the database can; a downgrade to 0006 drops only it."""
+    store = SQLStore(url)
+    try:
+        store.migrate()
+        assert store.create(JobRecord(id="a", name="t", unique_key="k"))
+    finally:
+        store.close()
+    index = _index(url, "ix_jobledger_jobs_unique_key")
+    assert index is not None and index["column_names"] == ["unique_key"] and not index["unique"]
+    if url.startswith("postgresql"):
+        assert "IS NOT NULL" in str(index["dialect_options"]["postgresql_where"])
+    migrate_to(url, "0006", up=False)
+    assert _index(url, "ix_jobledger_jobs_unique_key") is None and _index(url) is not None
+    migrate_to(url, "head")
+    store = SQLStore(url)
+    try:
+        assert {r.id for r in store.iter_jobs(JobQuery(unique_keys={"k"}))} == {"a"}
     finally:
         store.close()

@@ -53,6 +53,10 @@ OlderThan = Annotated[
     str | None, Query(max_length=64, description="In its state longer than e.g. 90s, 3d.")
 ]
 Recovered = Annotated[bool, Query(description="Only jobs recovered at least once.")]
+UniqueKeys = Annotated[
+    list[str] | None,
+    Query(max_length=255, description="Published with this unique key (repeatable)."),
+]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 PageCursor = Annotated[str | None, Query(max_length=2048)]
 
@@ -66,8 +70,9 @@ def filters(
     regex: Regex = False,
     older_than: OlderThan = None,
     recovered: Recovered = False,
+    unique_key: UniqueKeys = None,
 ) -> JobQuery:
-    return job_query(state, queue, name, system, match, regex, older_than, recovered)
+    return job_query(state, queue, name, system, match, regex, older_than, recovered, unique_key)
 
 
 def checked_cursor(cursor: str | None) -> str | None:
@@ -155,6 +160,9 @@ class Selection(BaseModel):
     regex: bool = False
     older_than: str | None = Field(default=None, max_length=64)
     recovered: bool = False
+    unique_key: list[Annotated[str, Field(max_length=255)]] | None = Field(
+        default=None, max_length=100
+    )
     dry_run: bool = False
     #: restart only: also queued, staged, retrying and running jobs (see ``Manager.restart``)
     force: bool = False
@@ -162,6 +170,7 @@ class Selection(BaseModel):
     def filtered(self) -> bool:
         return (
             any((self.state, self.queue, self.name, self.system, self.match, self.older_than))
+            or bool(self.unique_key)
             or self.recovered
         )
 
@@ -179,6 +188,7 @@ def _act(ctx: Context, action: str, selection: Selection) -> dict[str, Any]:
             selection.regex,
             selection.older_than,
             selection.recovered,
+            selection.unique_key,
         )
     if not ids and query is None:
         raise ApiError(

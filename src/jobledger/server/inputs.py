@@ -17,7 +17,7 @@ from starlette.datastructures import FormData
 
 from jobledger.config import parse_duration
 from jobledger.errors import ConfigError
-from jobledger.model import JobState, validate_job_id
+from jobledger.model import JobState, validate_job_id, validate_unique_key
 from jobledger.query import JobQuery
 from jobledger.server.errors import ApiError
 from jobledger.server.limits import BodyTooLarge
@@ -120,6 +120,7 @@ def job_query(
     regex: bool = False,
     older_than: str | None = None,
     recovered: bool = False,
+    unique_key: list[str] | None = None,
 ) -> JobQuery:
     """The filter of a listing or a bulk action; a 422 naming the parameter at fault."""
     states = set()
@@ -131,6 +132,12 @@ def job_query(
     for label, values in (("queue", queue), ("name", name), ("system", system)):
         for v in values or ():
             storable(v, label)
+    keys = set()
+    for key in unique_key or ():
+        try:
+            keys.add(validate_unique_key(storable(key, "unique_key")))
+        except ConfigError as exc:
+            raise ApiError(422, str(exc), "unique_key") from None
     if match is not None:
         storable(match, "match")
     age = None
@@ -149,6 +156,7 @@ def job_query(
             regex=regex and bool(match),
             older_than=age,
             recovered=recovered,
+            unique_keys=frozenset(keys),
         )
     except ConfigError as exc:
         raise ApiError(422, str(exc), "match") from None

@@ -11,14 +11,17 @@ __all__ = ["ANY", "KEEP", "Store", "Transition", "open_store", "store_for"]
 #: The SQL store's schemes (a ``+driver`` suffix may follow, as in ``postgresql+psycopg``).
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 #: The Redis store's schemes.
-REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+REDIS_SCHEMES = (
+    *("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"),
+)
 
 
 def open_store(url: str, **options: object) -> Store:
     """The store a ledger URL names, by its scheme: ``sqlite:///…``, ``postgresql://…`` (or
     ``postgres://``), ``mysql://…``/``mariadb://…`` (the SQL store), ``redis://…``,
-    ``rediss://…``, ``redis+sentinel://…`` (the Redis store). ``options`` go to the store
-    (``auto_migrate``, ``connect_timeout``, ``statement_timeout``). An unknown scheme is an
+    ``rediss://…``, ``redis+sentinel://…``, ``redis+cluster://…`` (the Redis store).
+    ``options`` go to the store (``auto_migrate``, ``connect_timeout``,
+    ``statement_timeout``). An unknown scheme is an
     :class:`UnknownStoreScheme` naming the known ones."""
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in REDIS_SCHEMES:

@@ -313,6 +313,7 @@ def row_test(query: JobQuery, now: float) -> Callable[[Mapping[str, Any]], bool]
         ("system", query.systems),
         ("id", query.ids),
         ("owner", query.owners),
+        ("unique_key", query.unique_keys),
     ]
     wanted = [(name, values) for name, values in fields if values]
     oldest = None if query.older_than is None else now - query.older_than

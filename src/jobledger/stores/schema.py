@@ -30,7 +30,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 #: The Alembic revision this version of jobledger needs; ``jobledger migrate`` brings a
 #: database there. A test checks it is the newest revision shipped.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 #: Alembic's version table for the ledger's own migrations, apart from the application's.
 VERSION_TABLE = "jobledger_alembic_version"
@@ -100,6 +100,13 @@ jobs = Table(
         unique=True,
         postgresql_where=text("unique_hold IS NOT NULL"),
         sqlite_where=text("unique_hold IS NOT NULL"),
+    ),
+    # ``jobs --unique-key``: the jobs published with a key, finished ones included.
+    Index(
+        "ix_jobledger_jobs_unique_key",
+        "unique_key",
+        postgresql_where=text("unique_key IS NOT NULL"),
+        sqlite_where=text("unique_key IS NOT NULL"),
     ),
     **_MYSQL_TABLE,
 )

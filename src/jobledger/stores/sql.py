@@ -600,6 +600,7 @@ class SQLStore(Store):
             (jobs.c.system, query.systems),
             (jobs.c.id, query.ids),
             (jobs.c.owner, query.owners),
+            (jobs.c.unique_key, query.unique_keys),
         ):
             if wanted:
                 clauses.append(column.in_(sorted(wanted)))

@@ -94,17 +94,18 @@ class PrivatePostgres:
 class PrivateRedis:
     """A redis-server with an append-only file, so a restart keeps every message it accepted.
 
-    ``appendfsync always``: each write is on disk before Redis answers it, so a broker that is
-    SIGKILLed (not shut down) loses nothing it acknowledged, and whatever a run loses is
-    jobledger's or Celery's doing, not Redis's one-second ``everysec`` window.
+    ``appendfsync always`` (the default here): each write is on disk before Redis answers it,
+    so a server that is SIGKILLed (not shut down) loses nothing it acknowledged, and whatever
+    a run loses is jobledger's or Celery's doing, not Redis's one-second ``everysec`` window.
     """
 
-    def __init__(self, directory: Path, *, persistent: bool = True) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = True, fsync: str = "always") -> None:
         """``persistent=False``: no append-only file, so a restart loses every message (a
-        cache-style Redis, as many brokers run)."""
+        cache-style Redis, as many brokers run). ``fsync``: the ``appendfsync`` policy."""
         self.dir = directory / "redis"
         self.dir.mkdir()
         self.persistent = persistent
+        self.fsync = fsync
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -113,17 +114,19 @@ class PrivateRedis:
         cmd = [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.dir), "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", "always",
+            "--appendfsync", self.fsync,
             "--save", "", "--logfile", str(self.dir / "server.log"),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, start_new_session=True)
         _wait_port(self.port, True, "redis-server")
 
-    def kill(self) -> None:
-        """SIGKILL, as a crashed or evicted broker pod: no shutdown save, only the AOF."""
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL, as a crashed or evicted broker pod: no shutdown save, only the AOF.
+        ``signal.SIGTERM``: the shutdown an orchestrator asks for (Redis fsyncs the AOF and
+        exits)."""
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
+                os.kill(self.proc.pid, sig)
             self.proc.wait(30)
             self.proc = None
         _wait_port(self.port, False, "redis-server")

@@ -27,8 +27,9 @@ import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-import redis
 from redis import exceptions as redis_errors
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from jobledger.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
 from jobledger.errors import SchemaMissing, StoreError, StoreUnavailable, UniqueKeyHeld
@@ -126,7 +127,7 @@ _NOW = _Now()
 class RedisStore(Store):
     """The ledger in Redis 6.2+ or Valkey, reached with redis-py.
 
-    ``url``: ``redis://``, ``rediss://`` or ``redis+sentinel://`` (see
+    ``url``: ``redis://``, ``rediss://``, ``redis+sentinel://`` or ``redis+cluster://`` (see
     :mod:`jobledger.stores.redis.connect`); its ``prefix`` option names the hash tag of the
     ledger's keys (``{jobledger}``). ``client`` replaces the client the URL would make (a
     ``RedisCluster``, for instance). ``statement_timeout`` bounds each command's wait for an
@@ -142,23 +143,52 @@ class RedisStore(Store):
         statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
         prefix: str | None = None,
         instance_expiry: float = DEFAULT_INSTANCE_EXPIRY,
-        client: redis.Redis | None = None,
+        client: connect.Client | None = None,
     ) -> None:
         target = connect.parse(url)
         self._safe_url = target.safe_url
         self.keys = Keys(prefix or target.prefix)
         self.auto_migrate = auto_migrate
         self.instance_expiry = instance_expiry
-        self.client = client or connect.connect(
-            target, connect_timeout=connect_timeout, timeout=statement_timeout
+        self._connect = functools.partial(
+            connect.connect, target, connect_timeout=connect_timeout, timeout=statement_timeout
         )
-        self._scripts = Scripts(self.client)
+        self._made: tuple[connect.Client, Scripts] | None = None
+        if client is not None:
+            self._made = (client, Scripts(client))
+        self._made_lock = threading.Lock()
         self._ready_lock = threading.Lock()
         self._checked = False
         self._ledger_id: str | None = None
 
     def __repr__(self) -> str:
         return f"RedisStore({self.safe_url!r}, prefix={self.keys.prefix!r})"
+
+    def _connected(self) -> tuple[connect.Client, Scripts]:
+        """The client and its scripts, made on first use: a cluster client connects as it is
+        made, and a ledger that is down when a process starts must not stop the process
+        (invariant 7), only fail its calls with :class:`StoreUnavailable` until it is back."""
+        if self._made is None:
+            with self._made_lock:
+                if self._made is None:
+                    try:
+                        client = self._connect()
+                    except RedisClusterException as exc:
+                        raise StoreUnavailable(
+                            f"the ledger Redis at {self.safe_url} is unavailable: "
+                            f"{_first_line(exc)}"
+                        ) from exc
+                    self._made = (client, Scripts(client))
+        return self._made
+
+    @property
+    def client(self) -> connect.Client:
+        """The redis-py client (a ``RedisCluster`` for a ``redis+cluster://`` URL)."""
+        return self._connected()[0]
+
+    @property
+    def _scripts(self) -> Scripts:
+        return self._connected()[1]
 
     @property
     def safe_url(self) -> str:
@@ -244,7 +274,8 @@ class RedisStore(Store):
         return self._ledger_id
 
     def close(self) -> None:
-        self.client.close()
+        if self._made is not None:
+            self._made[0].close()
 
     def now(self) -> float:
         with self._translate():
@@ -266,13 +297,22 @@ class RedisStore(Store):
         self._ready()
         created = 0
         for part in _chunks(records, chunk):
-            with self._translate():
-                pipe = self.client.pipeline(transaction=False)
-                for record in part:
-                    args = [self.keys.prefix, *_creation_args(record)]
-                    self._scripts.run("create", [self.keys.job(record.id)], args, pipe)
-                created += sum(won == 1 for won in pipe.execute())
+            calls = [([self.keys.job(r.id)], _creation_args(r)) for r in part]
+            created += sum(won == 1 for won in self._run_many("create", calls))
         return created
+
+    def _run_many(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Script ``name`` once per ``(keys, args)``, in one round trip on one server. A
+        cluster client's pipeline refuses scripts (redis-py), so there each call is a round
+        trip of its own: as atomic, slower."""
+        self._ready()
+        with self._translate():
+            if isinstance(self.client, RedisCluster):
+                return [self._scripts.run(name, k, [self.keys.prefix, *a]) for k, a in calls]
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                self._scripts.run(name, keys, [self.keys.prefix, *args], pipe)
+            return list(pipe.execute())
 
     def get(self, job_id: str) -> JobRecord | None:
         self._ready()
@@ -341,7 +381,8 @@ class RedisStore(Store):
     def count(self, query: JobQuery) -> int:
         states = sorted(s.value for s in (query.states or JobState))
         others = (
-            *(query.queues, query.names, query.systems, query.ids, query.owners, query.match),
+            *(query.queues, query.names, query.systems, query.ids, query.owners),
+            *(query.unique_keys, query.match),
             query.recovered,
         )
         if any(others):
@@ -415,16 +456,8 @@ class RedisStore(Store):
             batch = [
                 m[HEAD_LENGTH:] for m in itertools.islice(self._members(narrowed, None), batch_size)
             ]
-            with self._translate():
-                pipe = self.client.pipeline(transaction=False)
-                for job_id in batch:
-                    self._scripts.run(
-                        "delete",
-                        [self.keys.job(job_id)],
-                        [self.keys.prefix, job_id, *compare],
-                        pipe,
-                    )
-                removed += sum(int(won) for won in pipe.execute())
+            calls = [([self.keys.job(job_id)], [job_id, *compare]) for job_id in batch]
+            removed += sum(int(won) for won in self._run_many("delete", calls))
             if len(batch) < batch_size:
                 return removed
 
@@ -603,6 +636,7 @@ def _filter_spec(query: JobQuery, has: tuple[str, ...]) -> str:
         ("names", query.names),
         ("systems", query.systems),
         ("owners", query.owners),
+        ("unique_keys", query.unique_keys),
     ):
         if values:
             spec[label] = sorted(values)

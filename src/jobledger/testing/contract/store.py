@@ -587,6 +587,27 @@ class StoreContract:
         assert found(store, queues={"Q1"}) == set()  # names are case-sensitive
         assert found(store, recovered=True) == {"e"}
 
+    def test_the_unique_key_filter_selects_every_job_published_with_a_key(
+        self, store: Store
+    ) -> None:
+        """Finished jobs included (a key's history), the holder among them; exact match."""
+        assert store.create(started("a", "w:1", unique_key="charge:1", args=["x"]))
+        assert store.transition("a", Transition(to=S.SUCCEEDED, expect=frozenset({S.STARTED})))
+        assert store.create(job("b", unique_key="charge:1", queue="q2"))  # a's end freed it
+        assert store.create(job("c", unique_key="charge:2", args=["x"]))
+        assert store.create(job("d", args=["x"]))  # no key
+        assert found(store, unique_keys={"charge:1"}) == {"a", "b"}
+        assert found(store, unique_keys={"charge:1", "charge:2"}) == {"a", "b", "c"}
+        assert found(store, unique_keys={"charge:1"}, states={S.QUEUED}) == {"b"}
+        assert found(store, unique_keys={"charge:1"}, queues={"q2"}) == {"b"}
+        assert found(store, unique_keys={"charge:1"}, ids={"a", "c", "d"}) == {"a"}
+        assert found(store, unique_keys={"charge:1"}, match="x") == {"a"}
+        assert found(store, unique_keys={"charge:"}) == set()  # no prefix match
+        assert found(store, unique_keys={"CHARGE:1"}) == set()
+        for bad in ("", "k" * 256):
+            with pytest.raises(ConfigError, match="unique key"):
+                JobQuery(unique_keys=frozenset({bad}))
+
     def test_older_than_measures_time_in_the_current_state(self, store: Store) -> None:
         now = store.now()
         assert store.create(job("old", queued_at=dt(now - 100)))

@@ -1,7 +1,7 @@
 -- One bounded step of a walk down a lexicographic ``order`` index, newest first, testing each
 -- job on the server so only the matches travel. KEYS[1]: the index; ARGV[2]: where to start
 -- ("+" or "(" .. member); ARGV[3]: how many members to examine at most; ARGV[4]: the filter,
--- JSON {queues, names, systems, owners: [..], older, newer: seconds, recovered: bool,
+-- JSON {queues, names, systems, owners, unique_keys: [..], older, newer: seconds, recovered: bool,
 -- has: [fields]};
 -- ARGV[5..]: literal needles, any of which in args, kwargs or tags matches.
 -- Returns {last member examined, or "" when the index ended; the matching members...}.
@@ -22,10 +22,12 @@ local function set_of(list)
 end
 
 local wanted = {queue = set_of(filter.queues), name = set_of(filter.names),
-  system = set_of(filter.systems), owner = set_of(filter.owners)}
+  system = set_of(filter.systems), owner = set_of(filter.owners),
+  unique_key = set_of(filter.unique_keys)}
+local tested = {'queue', 'name', 'system', 'owner', 'unique_key'}
 local oldest = filter.older and (t - filter.older) or nil
 local newest = filter.newer and (t - filter.newer) or nil
-local fields = {'queue', 'name', 'system', 'owner', 'updated_at', 'recoveries'}
+local fields = {'queue', 'name', 'system', 'owner', 'unique_key', 'updated_at', 'recoveries'}
 for _, name in ipairs(filter.has or {}) do
   fields[#fields + 1] = name
 end
@@ -37,22 +39,22 @@ end
 local function passes(id)
   local key = k('job', id)
   local v = redis.call('HMGET', key, unpack(fields))
-  for i, name in ipairs({'queue', 'name', 'system', 'owner'}) do
+  for i, name in ipairs(tested) do
     if wanted[name] and not (v[i] and wanted[name][v[i]]) then
       return false
     end
   end
-  local updated = tonumber(v[5])
+  local updated = tonumber(v[6])
   if oldest and not (updated <= oldest) then
     return false
   end
   if newest and not (updated > newest) then
     return false
   end
-  if filter.recovered and not (tonumber(v[6] or '0') > 0) then
+  if filter.recovered and not (tonumber(v[7] or '0') > 0) then
     return false
   end
-  for i = 7, #fields do
+  for i = 8, #fields do
     if not v[i] then
       return false
     end
