@@ -6,6 +6,7 @@ through a TCP proxy that the test cuts (refusing and dropping connections) and r
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 from harness import REDIS, Harness, make_harness_fixture, wait_for  # noqa: F401
 
+from jobledger.config import DEFAULT_JOURNAL_DIR
+from jobledger.journal import SUFFIX
 from jobledger.model import JobState
 from jobledger.query import JobQuery
 
@@ -101,6 +104,22 @@ def test_a_worker_records_a_job_published_during_an_outage_when_it_receives_it(
     wait_for("every job to succeed", lambda: done_once(h, [blocker, *ids]), timeout=60)
 
 
+def journaled_successes(h: Harness) -> set[str]:
+    """The jobs whose move to succeeded waits in a journal of the workers' directory (read
+    only, as a successor would find it)."""
+    found: set[str] = set()
+    for path in (h.tmp_path / DEFAULT_JOURNAL_DIR).glob(f"*{SUFFIX}"):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT job_id, body FROM writes").fetchall()
+        except sqlite3.OperationalError:  # its table is not there yet
+            rows = []
+        finally:
+            conn.close()
+        found |= {job for job, body in rows if "TransitionWrite" in body and '"succeeded"' in body}
+    return found
+
+
 def done_once(h: Harness, ids: list[str]) -> bool:
     done = Counter(r[0] for r in h.runs() if r[1] == "done")
     assert all(done[i] <= 1 for i in ids), f"a job ran twice: {done}"
@@ -120,6 +139,9 @@ def test_jobs_run_during_an_outage_by_a_killed_worker_end_succeeded(
     h.proxy.pause()
     ids = [h.app.send_task("e2e.work", args=[i], kwargs={"seconds": 0.1}).id for i in range(6)]
     wait_for("the jobs to run during the outage", lambda: done_once(h, ids))
+    # A body's last line is not its job's end: a kill between the two leaves the job started
+    # and unfinished (its recovery runs it again, rightly). Kill once every end is on disk.
+    wait_for("every success to be journaled", lambda: journaled_successes(h) >= set(ids))
     first.kill()
     first.wait()
     h.proxy.resume()
