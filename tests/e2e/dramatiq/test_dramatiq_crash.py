@@ -22,10 +22,11 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from dramatiq_harness import Harness, Worker, make_harness_fixture, wait_for  # noqa: F401
+from dramatiq_harness import Harness, make_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
 from jobledger.query import JobQuery
+from jobledger.testing.contract.processes import WorkerProcess
 
 SUCCEEDED = frozenset({JobState.SUCCEEDED})
 STARTED = frozenset({JobState.STARTED})
@@ -48,7 +49,9 @@ def finished_in(h: Harness, pids: set[int]) -> set[str]:
     return {r[0] for r in h.runs() if r[1] == "done" and r[4] in pids}
 
 
-def kill_mid_run(h: Harness, victim: Worker, whole: bool) -> tuple[set[str], set[str], float]:
+def kill_mid_run(
+    h: Harness, victim: WorkerProcess, whole: bool
+) -> tuple[set[str], set[str], float]:
     """Wait until the victim has finished some jobs and one of its processes runs at least
     two, SIGKILL that process (or the whole worker), and return the killed instances, the
     jobs they held started whose bodies did not finish there (see the module docstring) and

@@ -56,7 +56,7 @@ def test_a_whole_worker_sigkilled_loses_no_job(
         return held if done and held else None
 
     wait_for("the victim to be mid-job", mid_run)
-    h.worker("victim").kill_all()
+    h.worker("victim").kill()
     killed_at = time.monotonic()
     orphans = started_by(h, "victim")
     assert orphans
