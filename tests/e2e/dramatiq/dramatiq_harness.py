@@ -29,6 +29,7 @@ from jobledger.config import Settings  # noqa: E402
 from jobledger.integrations.base import Integration  # noqa: E402
 from jobledger.model import JobRecord  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
+from jobledger.testing import wait_for  # noqa: E402, F401 - the e2e tests import it from here
 from jobledger.testing.contract.processes import ProcessHarness, WorkerProcess  # noqa: E402
 from ledgerdb import database_url, empty_sql_store  # noqa: E402
 

@@ -36,7 +36,7 @@ def assert_consistent(h: RQHarness, ids: list[str]) -> None:
     h.check_queue(list(records.values()))
 
 
-# The forking Worker with a SQLite ledger: the integration contract's scenario
+# The forking Worker, on both ledgers: the integration contract's scenario
 # (tests/e2e/test_integration_contract.py).
 @pytest.mark.parametrize("worker_class", ["SimpleWorker"])
 @pytest.mark.parametrize("ledger", LEDGERS)
