@@ -92,7 +92,6 @@ class Harness(ProcessHarness[WorkerProcess]):
             self.proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
             self.proxy.start()
             self.worker_url = self.proxy.url_for(self.url)
-        self.heartbeat_interval = heartbeat_interval
         self.visibility_timeout = visibility_timeout
         self.settings = Settings(
             database_url=self.worker_url,
@@ -103,17 +102,11 @@ class Harness(ProcessHarness[WorkerProcess]):
         self.app, self.integration = make_app(broker, self.queue, self.settings, visibility_timeout)
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
+        env = self.worker_env(
+            name,
             PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src")]),
             E2E_BROKER=self.broker,
             E2E_QUEUE=self.queue,
-            JOBLEDGER_EXECUTION_LOG=self.log.path,
-            JOBLEDGER_DATABASE_URL=self.worker_url,
-            JOBLEDGER_INSTANCE_NAME=name,
-            JOBLEDGER_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
-            JOBLEDGER_RECOVERY_INTERVAL="0.5",
-            JOBLEDGER_MAX_RECOVERIES="3",
         )
         if self.visibility_timeout is not None:
             env["E2E_VISIBILITY_TIMEOUT"] = str(self.visibility_timeout)

@@ -54,7 +54,6 @@ class Harness(ProcessHarness[WorkerProcess]):
         self.queue = f"jl-e2e-{uuid.uuid4().hex[:10]}"
         self.url = database_url(ledger, tmp_path)
         self.store: SQLStore = empty_sql_store(self.url)
-        self.heartbeat_interval = heartbeat_interval
         self.settings = Settings(
             database_url=self.url,
             instance_name="client",
@@ -68,28 +67,14 @@ class Harness(ProcessHarness[WorkerProcess]):
         return str(self.broker.get_actor(actor).send(*args, **kwargs).message_id)
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            PYTHONPATH=os.pathsep.join(  # and the caller's (another Dramatiq, say)
-                [
-                    str(HERE),
-                    str(ROOT / "src"),
-                    str(ROOT / "tests"),
-                    os.environ.get("PYTHONPATH", ""),
-                ]
-            ),
-            E2E_WORKER="1",
-            E2E_BROKER=self.broker_url,
-            E2E_QUEUE=self.queue,
-            JOBLEDGER_EXECUTION_LOG=self.log.path,
-            JOBLEDGER_DATABASE_URL=self.url,
-            JOBLEDGER_INSTANCE_NAME=name,
-            JOBLEDGER_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
-            JOBLEDGER_RECOVERY_INTERVAL="0.5",
-            JOBLEDGER_MAX_RECOVERIES="3",
-        )
-        env.update(extra)
-        return env
+        path = [str(HERE), str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+        base = {
+            "PYTHONPATH": os.pathsep.join(path),  # and the caller's (another Dramatiq, say)
+            "E2E_WORKER": "1",
+            "E2E_BROKER": self.broker_url,
+            "E2E_QUEUE": self.queue,
+        }
+        return self.worker_env(name, **{**base, **extra})
 
     def spawn_worker(
         self, name: str, processes: int = 2, threads: int = 4, **extra: str

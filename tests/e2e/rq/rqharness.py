@@ -84,18 +84,9 @@ class RQHarness(ProcessHarness[RQWorker]):
         return str(self.queue.enqueue(f"rqtasks.{name}", *args, **options).id)
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src")]),
-            JOBLEDGER_EXECUTION_LOG=self.log.path,
-            JOBLEDGER_DATABASE_URL=self.url,
-            JOBLEDGER_INSTANCE_NAME=name,
-            JOBLEDGER_HEARTBEAT_INTERVAL="1",
-            JOBLEDGER_RECOVERY_INTERVAL="0.5",
-            JOBLEDGER_MAX_RECOVERIES="3",
+        return self.worker_env(
+            name, **{"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "src")]), **extra}
         )
-        env.update(extra)
-        return env
 
     def start_worker(
         self,

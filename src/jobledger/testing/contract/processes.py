@@ -115,6 +115,24 @@ class ProcessHarness(Generic[W]):
         os.environ[ENV] = self.log.path  # the client's publishes write there too
         self.workers: list[W] = []
 
+    def worker_env(self, name: str, **extra: str) -> dict[str, str]:
+        """This process's environment with the ``JOBLEDGER_*`` variables that give the worker
+        ``name`` the harness's :attr:`settings` (its ledger, heartbeat and sweep) and the runs
+        table; ``extra`` over them."""
+        env = dict(os.environ)
+        env.update(
+            {
+                ENV: self.log.path,
+                "JOBLEDGER_DATABASE_URL": self.settings.database_url,
+                "JOBLEDGER_INSTANCE_NAME": name,
+                "JOBLEDGER_HEARTBEAT_INTERVAL": str(self.settings.heartbeat_interval),
+                "JOBLEDGER_RECOVERY_INTERVAL": str(self.settings.recovery_interval),
+                "JOBLEDGER_MAX_RECOVERIES": str(self.settings.max_recoveries),
+            }
+        )
+        env.update(extra)
+        return env
+
     def spawn(self, name: str, cmd: Sequence[str], env: Mapping[str, str]) -> W:
         """Start the worker ``name`` (in the test's directory, so workers share a journal
         directory; its output in ``<name>.log`` there); return at once."""
