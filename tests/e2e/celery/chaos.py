@@ -47,13 +47,14 @@ for _path in (str(HERE), str(ROOT / "src"), str(ROOT / "tests")):
 
 import redis  # noqa: E402
 from chaosapp import DONE, EVENTS, make_app  # noqa: E402
-from harness import Worker, spawn_worker  # noqa: E402
+from harness import spawn_worker  # noqa: E402
 from services import PrivatePostgres, PrivateRedis  # noqa: E402
 
 from jobledger.config import Settings  # noqa: E402
 from jobledger.model import JobRecord, JobState  # noqa: E402
 from jobledger.query import JobQuery  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
+from jobledger.testing.contract.processes import WorkerProcess  # noqa: E402
 
 #: The test's own store of starts and completions: the machine's main Redis, never restarted.
 COUNTS_URL = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -127,7 +128,7 @@ class Slot:
 
     index: int
     name: str
-    worker: Worker | None = None
+    worker: WorkerProcess | None = None
     incarnation: int = 0
     expect_exit: bool = False
     term_sent: float | None = None

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -31,8 +29,8 @@ from jobledger.config import Settings  # noqa: E402
 from jobledger.integrations.base import Integration  # noqa: E402
 from jobledger.model import JobRecord  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
-from jobledger.testing import wait_for  # noqa: E402 - the e2e tests import it from here
-from jobledger.testing.executions import ENV, ExecutionLog, Run  # noqa: E402
+from jobledger.testing import wait_for  # noqa: E402, F401 - the e2e tests import it from here
+from jobledger.testing.contract.processes import ProcessHarness, WorkerProcess  # noqa: E402
 from ledgerdb import database_url, empty_sql_store  # noqa: E402
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -40,50 +38,22 @@ RABBITMQ = os.environ.get("JOBLEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0
 BROKERS = {"redis": REDIS, "rabbitmq": RABBITMQ}
 
 
-class Worker:
-    """One ``dramatiq`` process tree (its main process and worker processes)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
-        self.proc = proc
-        self.name = name
-        self.log = log
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """``sig`` to the whole process group: the main process and every worker process."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-
-    def children(self) -> list[int]:
-        """The worker processes' ids (the main process's children)."""
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        with contextlib.suppress(OSError):
-            return [int(pid) for pid in path.read_text().split()]
-        return []
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-class Harness:
+class Harness(ProcessHarness[WorkerProcess]):
     """A queue of the test's own on ``broker`` (a URL), a ledger on ``ledger`` (``sqlite`` or
     ``postgresql``), a runs table, the client's broker with jobledger installed, and the
     workers started."""
 
+    worker_kind = WorkerProcess
+
     def __init__(
         self, tmp_path: Path, broker: str, ledger: str = "sqlite", heartbeat_interval: float = 1.0
     ) -> None:
-        self.tmp_path = tmp_path
+        super().__init__(tmp_path)
         self.broker_url = broker
         self.ledger = ledger
         self.queue = f"jl-e2e-{uuid.uuid4().hex[:10]}"
         self.url = database_url(ledger, tmp_path)
         self.store: SQLStore = empty_sql_store(self.url)
-        self.heartbeat_interval = heartbeat_interval
-        self.log = ExecutionLog.create(tmp_path / "runs.db")
-        os.environ[ENV] = self.log.path
         self.settings = Settings(
             database_url=self.url,
             instance_name="client",
@@ -91,83 +61,43 @@ class Harness:
             recovery_interval=0.5,
         )
         self.broker, self.middleware = make_app(broker, self.queue, self.settings)
-        self.workers: list[Worker] = []
 
     def send(self, actor: str, *args: Any, **kwargs: Any) -> str:
         """Send a message to ``actor`` (by name) as the application would; its id."""
         return str(self.broker.get_actor(actor).send(*args, **kwargs).message_id)
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            PYTHONPATH=os.pathsep.join(  # and the caller's (another Dramatiq, say)
-                [
-                    str(HERE),
-                    str(ROOT / "src"),
-                    str(ROOT / "tests"),
-                    os.environ.get("PYTHONPATH", ""),
-                ]
-            ),
-            E2E_WORKER="1",
-            E2E_BROKER=self.broker_url,
-            E2E_QUEUE=self.queue,
-            JOBLEDGER_EXECUTION_LOG=self.log.path,
-            JOBLEDGER_DATABASE_URL=self.url,
-            JOBLEDGER_INSTANCE_NAME=name,
-            JOBLEDGER_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
-            JOBLEDGER_RECOVERY_INTERVAL="0.5",
-            JOBLEDGER_MAX_RECOVERIES="3",
-        )
-        env.update(extra)
-        return env
+        path = [str(HERE), str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+        base = {
+            "PYTHONPATH": os.pathsep.join(path),  # and the caller's (another Dramatiq, say)
+            "E2E_WORKER": "1",
+            "E2E_BROKER": self.broker_url,
+            "E2E_QUEUE": self.queue,
+        }
+        return self.worker_env(name, **{**base, **extra})
 
-    def spawn_worker(self, name: str, processes: int = 2, threads: int = 4, **extra: str) -> Worker:
-        """``dramatiq dramatiq_app`` in a process group of its own (in the test's directory, so
-        workers share a journal directory); returns at once."""
-        log = self.tmp_path / f"{name}.log"
+    def spawn_worker(
+        self, name: str, processes: int = 2, threads: int = 4, **extra: str
+    ) -> WorkerProcess:
+        """``dramatiq dramatiq_app``; returns at once."""
         cmd = [
             sys.executable, "-m", "dramatiq", "dramatiq_app:BROKER", "--processes", str(processes),
             "--threads", str(threads), "--queues", self.queue, "--worker-shutdown-timeout", "30000",
         ]  # fmt: skip
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=self.tmp_path,
-                env=self.env(name, **extra),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = Worker(proc, name, log)
-        self.workers.append(worker)
-        return worker
+        return self.spawn(name, cmd, self.env(name, **extra))
 
-    def start_worker(self, name: str, processes: int = 2, threads: int = 4, **extra: str) -> Worker:
+    def start_worker(
+        self, name: str, processes: int = 2, threads: int = 4, **extra: str
+    ) -> WorkerProcess:
         """Spawn a worker and wait until each of its processes registered in the ledger."""
         worker = self.spawn_worker(name, processes, threads, **extra)
-        self._await_registered(worker, processes)
+        self.await_registered(worker, processes)
         return worker
 
     def start_workers(self, names: Sequence[str]) -> None:
         """Spawn a worker (1 process of 2 threads) per name, then wait until each registered."""
         for worker in [self.spawn_worker(name, 1, 2) for name in names]:
-            self._await_registered(worker, 1)
-
-    def _await_registered(self, worker: Worker, processes: int) -> None:
-        wait_for(
-            f"worker {worker.name} to register its {processes} processes",
-            lambda: self.instances(worker.name) >= processes or _died(worker),
-        )
-
-    def instances(self, name: str) -> int:
-        return sum(1 for i in self.store.instances(ttl=10) if i.name == name and i.alive)
-
-    def runs(self) -> list[Run]:
-        return self.log.runs()
-
-    def pids(self, job_id: str) -> list[int]:
-        """The worker processes that started ``job_id``, in order."""
-        return [run.pid for run in self.log.executions(job_id)]
+            self.await_registered(worker)
 
     # -- the integration contract's harness ---------------------------------------------------
     system = "dramatiq"
@@ -185,45 +115,16 @@ class Harness:
         assert record is not None, job_id
         self.integration.publish(record)
 
-    def worker(self, name: str) -> Worker:
-        return next(w for w in self.workers if w.name == name)
-
-    def kill_worker(self, name: str) -> None:
-        worker = self.worker(name)
-        worker.kill(signal.SIGKILL)
-        worker.wait(10)
-
-    def kill_work_process(self, job_id: str) -> None:
-        os.kill(self.pids(job_id)[-1], signal.SIGKILL)
-
-    def terminate(self, name: str) -> int:
-        worker = self.worker(name)
-        worker.proc.send_signal(signal.SIGTERM)
-        return worker.wait(60)
-
-    def executions(self, job_id: str) -> list[Run]:
-        return self.log.executions(job_id)
-
     def check_queue(self, records: Collection[JobRecord]) -> None:
         """Dramatiq keeps no per-job state of its own here (no results backend)."""
 
     def close(self) -> None:
-        for worker in self.workers:
-            worker.kill(signal.SIGKILL)
-        for worker in self.workers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.wait(10)
+        self.stop_workers()
         with contextlib.suppress(Exception):  # best effort: the queue is the test's own
             self.broker.flush_all()
         self.middleware.close()
         self.broker.close()
         self.store.close()
-
-
-def _died(worker: Worker) -> Any:
-    if worker.proc.poll() is not None:
-        pytest.fail(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.output()}")
-    return False
 
 
 @pytest.fixture(name="make_harness")

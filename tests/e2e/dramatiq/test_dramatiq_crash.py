@@ -1,5 +1,8 @@
-"""Crashes: the jobs of a SIGKILLed Dramatiq worker process, or of a whole SIGKILLed worker,
-are recovered by another worker and run to success once, on RabbitMQ and both ledgers.
+"""Crashes: the jobs of one SIGKILLed process of a busy two-process Dramatiq worker are
+recovered by another worker and run to success once, while ``dramatiq`` stops the killed
+process's sibling gracefully (RabbitMQ, a PostgreSQL ledger). A whole worker SIGKILLed, and a
+single-process worker's process, on both brokers: the integration contract's scenarios
+(``tests/e2e/test_integration_contract.py``).
 
 A Dramatiq worker process is one jobledger instance. When one is killed, ``dramatiq``'s main
 process stops its siblings (gracefully: they finish what they run and deregister), so the
@@ -21,11 +24,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import pytest
-from dramatiq_harness import Harness, Worker, make_harness_fixture, wait_for  # noqa: F401
+from dramatiq_harness import Harness, make_harness_fixture, wait_for  # noqa: F401
 
 from jobledger.model import JobState
 from jobledger.query import JobQuery
+from jobledger.testing.contract.processes import WorkerProcess
 
 SUCCEEDED = frozenset({JobState.SUCCEEDED})
 STARTED = frozenset({JobState.STARTED})
@@ -48,11 +51,10 @@ def finished_in(h: Harness, pids: set[int]) -> set[str]:
     return {r[0] for r in h.runs() if r[1] == "done" and r[4] in pids}
 
 
-def kill_mid_run(h: Harness, victim: Worker, whole: bool) -> tuple[set[str], set[str], float]:
+def kill_mid_run(h: Harness, victim: WorkerProcess) -> tuple[set[str], set[str], float]:
     """Wait until the victim has finished some jobs and one of its processes runs at least
-    two, SIGKILL that process (or the whole worker), and return the killed instances, the
-    jobs they held started whose bodies did not finish there (see the module docstring) and
-    the kill's time."""
+    two, SIGKILL that process, and return the killed instance, the jobs it held started whose
+    bodies did not finish there (see the module docstring) and the kill's time."""
     busy: dict[str, int] = {}
 
     def mid_run() -> bool:
@@ -67,34 +69,22 @@ def kill_mid_run(h: Harness, victim: Worker, whole: bool) -> tuple[set[str], set
 
     wait_for(f"{victim.name} to be mid-run", mid_run, timeout=30)
     pid = busy["pid"]
-    pids = set(victim.children()) if whole else {pid}
-    if whole:
-        victim.kill(signal.SIGKILL)
-        killed = instances_of(h, victim.name)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        killed = instances_of(h, victim.name, pid)
+    os.kill(pid, signal.SIGKILL)
+    killed = instances_of(h, victim.name, pid)
     at = time.time()
-    orphaned = started_by(h, killed) - finished_in(h, pids)
+    orphaned = started_by(h, killed) - finished_in(h, {pid})
     assert orphaned
     return killed, orphaned, at
 
 
-# On the Redis broker (both kills, a PostgreSQL ledger): the integration contract's scenarios
-# (tests/e2e/test_integration_contract.py).
-@pytest.mark.parametrize(
-    ("broker", "ledger", "whole"),
-    [("rabbitmq", "sqlite", True), ("rabbitmq", "postgresql", False)],
-    ids=["rabbitmq-sqlite-worker", "rabbitmq-pg-process"],
-)
-def test_a_sigkill_loses_no_job_and_runs_none_after_its_success(
-    make_harness: Callable[..., Harness], broker: str, ledger: str, whole: bool
+def test_a_sigkilled_process_loses_no_job_and_runs_none_after_its_success(
+    make_harness: Callable[..., Harness],
 ) -> None:
-    h = make_harness(broker, ledger)
+    h = make_harness("rabbitmq", "postgresql")
     victim = h.start_worker("victim", processes=2, threads=4)
     h.start_worker("survivor", processes=1, threads=4)
     ids = [h.send("e2e.work", i, 0.3) for i in range(60)]
-    killed, orphaned, killed_at = kill_mid_run(h, victim, whole)
+    killed, orphaned, killed_at = kill_mid_run(h, victim)
 
     wait_for(
         "every job to succeed",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -29,26 +28,15 @@ from jobledger.integrations.rq import Queue, RQIntegration, install  # noqa: E40
 from jobledger.model import JobRecord, JobState  # noqa: E402
 from jobledger.stores.sql import SQLStore  # noqa: E402
 from jobledger.testing import wait_for  # noqa: E402 - the tests import it from here
-from jobledger.testing.executions import ENV, ExecutionLog, Run  # noqa: E402
+from jobledger.testing.contract.processes import ProcessHarness, WorkerProcess  # noqa: E402
 from ledgerdb import database_url, empty_sql_store  # noqa: E402
 
 REDIS = os.environ.get("JOBLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WORKER_CLASSES = ["Worker", "SimpleWorker"]
 
 
-class RQWorker:
+class RQWorker(WorkerProcess):
     """One ``rq worker`` process (and the work horse it forks for each job)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
-        self.proc = proc
-        self.name = name
-        self.log = log
-
-    def children(self) -> list[int]:
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        with contextlib.suppress(OSError):
-            return [int(p) for p in path.read_text().split()]
-        return []
 
     def stopped(self) -> bool:
         with contextlib.suppress(OSError):
@@ -56,8 +44,8 @@ class RQWorker:
             return stat.rsplit(")", 1)[1].split()[0] in ("T", "t", "Z")
         return True
 
-    def kill_all(self) -> None:
-        """SIGKILL the worker and its work horse (a horse is a process group of its own, so
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """``sig`` to the worker and its work horse (a horse is a process group of its own, so
         a group kill misses it): stopped first (SIGSTOP lands asynchronously: waited for),
         so it forks no horse meanwhile."""
         with contextlib.suppress(ProcessLookupError):
@@ -65,28 +53,22 @@ class RQWorker:
             wait_for(f"{self.name} to stop", self.stopped, timeout=10)
             for pid in self.children():
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            os.kill(self.proc.pid, signal.SIGKILL)
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+                    os.kill(pid, sig)
+            os.kill(self.proc.pid, sig)
 
 
-class RQHarness:
+class RQHarness(ProcessHarness[RQWorker]):
     """A queue of the test's own on the test Redis, a ledger on ``ledger`` (``sqlite`` or
     ``postgresql``), the test's runs table, and the workers it started."""
 
+    worker_kind = RQWorker
+
     def __init__(self, tmp_path: Path, ledger: str = "sqlite", worker_class: str = "Worker"):
-        self.tmp_path = tmp_path
+        super().__init__(tmp_path)
         self.worker_class = worker_class
         self.queue_name = f"jl-e2e-{uuid.uuid4().hex[:10]}"
         self.url = database_url(ledger, tmp_path)
         self.store: SQLStore = empty_sql_store(self.url)
-        self.log = ExecutionLog.create(tmp_path / "runs.db")
-        os.environ[ENV] = self.log.path
         self.redis = Redis.from_url(REDIS)
         self.settings = Settings(
             database_url=self.url,
@@ -96,25 +78,15 @@ class RQHarness:
         )
         self.integration: RQIntegration = install(self.redis, self.settings)
         self.queue = Queue(self.queue_name, connection=self.redis)
-        self.workers: list[RQWorker] = []
 
     def enqueue(self, name: str, *args: Any, **options: Any) -> str:
         """Enqueue the job function ``rqtasks.<name>`` by name (no task code imported)."""
         return str(self.queue.enqueue(f"rqtasks.{name}", *args, **options).id)
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT / "src")]),
-            JOBLEDGER_EXECUTION_LOG=self.log.path,
-            JOBLEDGER_DATABASE_URL=self.url,
-            JOBLEDGER_INSTANCE_NAME=name,
-            JOBLEDGER_HEARTBEAT_INTERVAL="1",
-            JOBLEDGER_RECOVERY_INTERVAL="0.5",
-            JOBLEDGER_MAX_RECOVERIES="3",
+        return self.worker_env(
+            name, **{"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "src")]), **extra}
         )
-        env.update(extra)
-        return env
 
     def start_worker(
         self,
@@ -128,13 +100,13 @@ class RQHarness:
         ``rq_args`` added to its command line; ``env`` over the harness's variables) and wait
         until it registered its instance in the ledger."""
         worker = self.spawn_worker(name, worker_class, rq_args=rq_args, **env)
-        self._await_registered(worker)
+        self.await_registered(worker)
         return worker
 
     def start_workers(self, names: Sequence[str]) -> None:
         """Spawn a worker per name, then wait until each registered."""
         for worker in [self.spawn_worker(name) for name in names]:
-            self._await_registered(worker)
+            self.await_registered(worker)
 
     def spawn_worker(
         self,
@@ -150,31 +122,7 @@ class RQHarness:
             "--worker-class", cls if "." in cls else f"jobledger.integrations.rq.{cls}",
             "--name", f"{name}-{self.queue_name}", *rq_args, self.queue_name,
         ]  # fmt: skip
-        log = self.tmp_path / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=self.tmp_path, env=self.env(name, **env), stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        worker = RQWorker(proc, name, log)
-        self.workers.append(worker)
-        return worker
-
-    def _await_registered(self, worker: RQWorker) -> None:
-        proc, name = worker.proc, worker.name
-        wait_for(
-            f"worker {name} to register",
-            lambda: (
-                (proc.poll() is None and any(i.name == name for i in self.store.instances(ttl=10)))
-                or _died(worker)
-            ),
-        )
-
-    def worker(self, name: str) -> RQWorker:
-        return next(w for w in self.workers if w.name == name)
-
-    def runs(self) -> list[Run]:
-        return self.log.runs()
+        return self.spawn(name, cmd, self.env(name, **env))
 
     def job(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)
@@ -203,22 +151,6 @@ class RQHarness:
     def deliver_again(self, job_id: str) -> None:
         self.queue.push_job_id(job_id)
 
-    def kill_worker(self, name: str) -> None:
-        worker = self.worker(name)
-        worker.kill_all()
-        worker.wait(10)
-
-    def kill_work_process(self, job_id: str) -> None:
-        os.kill(self.log.executions(job_id)[-1].pid, signal.SIGKILL)
-
-    def terminate(self, name: str) -> int:
-        worker = self.worker(name)
-        worker.proc.send_signal(signal.SIGTERM)
-        return worker.wait(60)
-
-    def executions(self, job_id: str) -> list[Run]:
-        return self.log.executions(job_id)
-
     def check_queue(self, records: Collection[JobRecord]) -> None:
         """RQ's own view agrees: a succeeded job is finished and a failed one failed in RQ,
         and no job is left in the started registry (for RQ's cleanup to fail it later). RQ
@@ -244,11 +176,7 @@ class RQHarness:
             raise AssertionError(disagreement()) from None
 
     def close(self) -> None:
-        for worker in self.workers:
-            worker.kill_all()
-        for worker in self.workers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.wait(10)
+        self.stop_workers()
         registry.unregister("rq", self.integration)
         with contextlib.suppress(Exception):
             keys = list(self.redis.scan_iter(f"*{self.queue_name}*"))
@@ -256,12 +184,6 @@ class RQHarness:
                 self.redis.delete(*keys)
         self.redis.close()
         self.store.close()
-
-
-def _died(worker: RQWorker) -> Any:
-    if worker.proc.poll() is not None:
-        pytest.fail(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.output()}")
-    return False
 
 
 @pytest.fixture(name="make_rq")

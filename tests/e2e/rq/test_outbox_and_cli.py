@@ -96,7 +96,7 @@ def test_cli_recover_puts_back_a_dead_workers_job(make_rq: Callable[..., RQHarne
     job_id = h.enqueue("work", 1, seconds=30)
     victim = h.start_worker("victim")
     wait_for("the body to start", lambda: any(r[0] == job_id for r in h.runs()))
-    victim.kill_all()
+    victim.kill()
     wait_for("the victim to be dead", lambda: not any(i.alive for i in h.store.instances(3)))
     done = jobledger_cli(h, "recover")
     assert done.returncode == 0, done.stderr
@@ -122,7 +122,7 @@ def test_the_supervisor_restarts_and_recovers_rq_jobs(make_rq: Callable[..., RQH
     victim = h.start_worker("victim")
     wait_for("the failure", lambda: h.all_in([failed], JobState.FAILED))
     wait_for("the long job's body", lambda: any(r[0] == stuck for r in h.runs()))
-    victim.kill_all()
+    victim.kill()
     integrations = Registry()
     integrations.register(h.integration)
     settings = h.settings.replace(instance_name="supervisor")

@@ -36,7 +36,7 @@ def assert_consistent(h: RQHarness, ids: list[str]) -> None:
     h.check_queue(list(records.values()))
 
 
-# The forking Worker with a SQLite ledger: the integration contract's scenario
+# The forking Worker, on both ledgers: the integration contract's scenario
 # (tests/e2e/test_integration_contract.py).
 @pytest.mark.parametrize("worker_class", ["SimpleWorker"])
 @pytest.mark.parametrize("ledger", LEDGERS)
@@ -56,7 +56,7 @@ def test_a_whole_worker_sigkilled_loses_no_job(
         return held if done and held else None
 
     wait_for("the victim to be mid-job", mid_run)
-    h.worker("victim").kill_all()
+    h.worker("victim").kill()
     killed_at = time.monotonic()
     orphans = started_by(h, "victim")
     assert orphans

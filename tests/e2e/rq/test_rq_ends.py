@@ -72,7 +72,7 @@ def test_a_job_to_discard_is_cancelled_when_its_whole_worker_dies(
     victim = h.start_worker("victim")
     job_id = h.enqueue("work", 1, seconds=30, meta={"on_orphan": "discard"})
     wait_for("the body", lambda: starts(h, job_id) == 1)
-    victim.kill_all()
+    victim.kill()
     h.start_worker("survivor")
     h.wait("the sweep to cancel it", lambda: h.all_in([job_id], JobState.CANCELLED), [job_id], 30)
     assert "on_orphan=discard" in (h.job(job_id).error or "")

@@ -76,7 +76,7 @@ def test_a_job_enqueued_while_the_ledger_was_down_survives_its_worker_dying(
     assert h.store.get(job_id) is None
     victim = h.start_worker("victim", "rqtasks.PausingWorker")
     wait_for("the victim to stop before its work horse forks", victim.stopped)
-    victim.kill_all()
+    victim.kill()
     h.start_worker("survivor")
     h.wait("the job to be put back and succeed", lambda: h.all_in([job_id], JobState.SUCCEEDED),
            [job_id], 30)  # fmt: skip

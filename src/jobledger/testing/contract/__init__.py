@@ -7,11 +7,15 @@ party's pass them too (``pip install 'jobledger[testing]'``: pytest and hypothes
   and give it a ``harness`` fixture, an :class:`IntegrationHarness` over real worker
   processes of your queue system. Its task bodies write their runs with
   :func:`~jobledger.testing.executions.record_run` (that module needs no pytest).
+  :class:`ProcessHarness` (:mod:`~jobledger.testing.contract.processes`) gives such a harness
+  its process control (kill, terminate, runs, clean-up) over its :class:`WorkerProcess` objects, so
+  that it writes only what is its queue system's own.
 """
 
 from __future__ import annotations
 
 from jobledger.testing.contract.integration import IntegrationContract, IntegrationHarness
+from jobledger.testing.contract.processes import ProcessHarness, WorkerExited, WorkerProcess
 from jobledger.testing.contract.store import StoreContract
 from jobledger.testing.executions import FIRST_FAILURE, ExecutionLog, Run, record_run
 
@@ -20,7 +24,10 @@ __all__ = [
     "ExecutionLog",
     "IntegrationContract",
     "IntegrationHarness",
+    "ProcessHarness",
     "Run",
     "StoreContract",
+    "WorkerExited",
+    "WorkerProcess",
     "record_run",
 ]
