@@ -127,7 +127,8 @@ def run_in_process(
     ``RECORDING_APP_*`` of ours), ``cwd`` as the working directory, the repository importable,
     no integration registered, log records of WARNING and up printed to stderr as an
     unconfigured interpreter does (pytest's own handlers set aside), and an ``--app`` module
-    imported afresh each time (forgotten after, with whatever it registered)."""
+    imported afresh each time (forgotten after, with whatever it registered). Python warnings
+    are pytest's to record here, not printed on stderr: a test about them runs a real process."""
     from typer.testing import CliRunner
 
     from jobledger.cli import main
