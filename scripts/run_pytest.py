@@ -36,8 +36,9 @@ SHARDS: dict[str, list[str]] = {
     "e2e-celery": ["tests/e2e/celery"],
     "e2e-rq-dramatiq-sidekiq": ["tests/e2e/rq", "tests/e2e/dramatiq", "tests/e2e/sidekiq"],
     "stores": ["tests/contract", "tests/databases", "tests/integration"],
-    # 42 tests of real workers, 4-5 minutes on a busy machine: beside the e2e shards, not in one
-    "e2e-contract": ["tests/e2e/test_integration_contract.py"],
+    # 42 tests of real workers, 4-5 minutes on a busy machine: beside the e2e shards, not in one;
+    # with the CLI tests (real `jobledger` processes, ~2 minutes), which made the rest the long pole
+    "e2e-contract-cli": ["tests/e2e/test_integration_contract.py", "tests/cli"],
 }
 REST = "the rest"
 

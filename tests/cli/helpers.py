@@ -4,15 +4,17 @@ snapshot of every stored row to prove a failed command changed nothing."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from jobledger.integrations.base import registry
 from jobledger.lifecycle import Lifecycle
 from jobledger.model import Instance, JobRecord, JobState, to_datetime
 from jobledger.stores.base import Store
@@ -21,7 +23,6 @@ from ledgerdb import age_heartbeat
 REPO = Path(__file__).resolve().parents[2]
 RECORDING_APP = "tests.cli.recording_app"
 DAY = 86400.0
-T = TypeVar("T")
 
 LIVE_WORKER = Instance(
     name="worker-live", nonce="n1", hostname="host-a", pid=101, queues=("reports", "mail")
@@ -114,6 +115,82 @@ def run_jobledger(
     return Result(list(args), completed.returncode, completed.stdout, completed.stderr)
 
 
+def run_in_process(
+    args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Result:
+    """:func:`run_jobledger` without starting a process (~1.5 s each saved): ``main()``, the
+    console script's entry point, run on ``args`` with what a fresh child would have, so a test
+    sees the same exit code, stdout and stderr. Not thread-safe (it swaps process-wide state):
+    run these one after another.
+
+    As in the child: the environment of :func:`child_env` (no ``JOBLEDGER_*`` or
+    ``RECORDING_APP_*`` of ours), ``cwd`` as the working directory, the repository importable,
+    no integration registered, log records of WARNING and up printed to stderr as an
+    unconfigured interpreter does (pytest's own handlers set aside), and an ``--app`` module
+    imported afresh each time (forgotten after, with whatever it registered). Python warnings
+    are pytest's to record here, not printed on stderr: a test about them runs a real process."""
+    from typer.testing import CliRunner
+
+    from jobledger.cli import main
+
+    clean: dict[str, str | None] = {
+        k: None for k in os.environ if k.startswith(("JOBLEDGER_", "RECORDING_APP_"))
+    }
+    clean.update(env or {})
+    with _as_a_fresh_process(cwd), CliRunner().isolation(env=clean) as (out, err, _):
+        sys.argv = ["jobledger", *args]
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code
+        else:  # main() always ends in sys.exit
+            raise AssertionError(f"jobledger {' '.join(args)} returned without an exit status")
+        finally:  # as the interpreter does at exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+        stdout, stderr = out.getvalue(), err.getvalue()
+    status = code if isinstance(code, int) else 0 if code is None else 1
+    return Result(list(args), status, stdout.decode(), stderr.decode())
+
+
+@contextmanager
+def _as_a_fresh_process(cwd: Path | None) -> Iterator[None]:
+    """Give :func:`run_in_process` a child's process-wide state; put ours back after."""
+    saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
+    saved_modules = set(sys.modules)
+    integrations = {system: registry.get(system) for system in registry.systems()}
+    hooks = list(registry._hooks)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for system in integrations:
+        registry.unregister(system)
+    for hook in hooks:
+        registry.remove_republish_hook(hook)
+    root.handlers.clear()
+    root.setLevel(logging.WARNING)
+    sys.path.insert(0, str(REPO))
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for system in registry.systems():
+            registry.unregister(system)
+        for integration in integrations.values():
+            registry.register(integration)
+        for hook in hooks:
+            registry.on_republish(hook)
+        app_dirs = [str(REPO / "tests"), *([str(cwd)] if cwd is not None else [])]
+        for name in set(sys.modules) - saved_modules:
+            where = getattr(sys.modules[name], "__file__", None) or ""
+            if name == "tests" or where.startswith(tuple(app_dirs)):
+                del sys.modules[name]
+
+
 class Cli:
     """``jobledger`` bound to one ledger: ``cli("jobs", "--json")`` adds ``--database-url``."""
 
@@ -127,30 +204,18 @@ class Cli:
         full = [*args, "--database-url", self.url] if url else list(args)
         return run_jobledger(full, env=env, cwd=self.cwd, **kw)
 
-    def quick(self, *args: str, env: Mapping[str, str] | None = None) -> Result:
-        """The same command in this process through typer's runner: for matrices of filters
-        whose process-level behaviour the subprocess tests already cover."""
-        from typer.testing import CliRunner
+    def quick(self, *args: str, env: Mapping[str, str] | None = None, url: bool = True) -> Result:
+        """The same command through the real entry point in this process (see
+        :func:`run_in_process`): for matrices whose process-level behaviour the subprocess tests
+        already cover."""
+        full = [*args, "--database-url", self.url] if url else list(args)
+        return run_in_process(full, env=env, cwd=self.cwd)
 
-        from jobledger.cli import app
-
-        clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("JOBLEDGER_")}
-        clean.update(env or {})
-        full = [*args, "--database-url", self.url]
-        outcome = CliRunner().invoke(app, full, env=clean)
-        if outcome.exception is not None and not isinstance(outcome.exception, SystemExit):
-            raise outcome.exception
-        return Result(full, outcome.exit_code, outcome.stdout, outcome.stderr)
-
-    def many(self, *commands: Sequence[str], env: Mapping[str, str] | None = None) -> list[Result]:
-        """Run independent commands side by side (each a real process), results in order."""
-        return parallel(lambda args: self(*args, env=env), commands)
-
-
-def parallel(run: Callable[[T], Result], items: Iterable[T]) -> list[Result]:
-    """``run`` each item in its own thread (each starts a real process), results in order."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(run, items))
+    def quick_each(
+        self, *commands: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> list[Result]:
+        """:meth:`quick` on each command in turn, results in order."""
+        return [self.quick(*args, env=env) for args in commands]
 
 
 def at(seconds: float) -> Any:

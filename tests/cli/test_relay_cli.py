@@ -179,7 +179,7 @@ def test_relay_once_with_an_app_publishes_first_and_stops_at_a_refusal(
         "RECORDING_APP_FAIL": "job-2",
         "RECORDING_APP_LEDGER_URL": single.url,
     }
-    refused = single("relay", "--once", "--app", RECORDING_APP, "--json", env=env)
+    refused = single.quick("relay", "--once", "--app", RECORDING_APP, "--json", env=env)
     assert refused.returncode == 1, str(refused)
     report = json.loads(refused.stdout)
     assert (report["published"], report["batches"]) == (2, 1)
@@ -196,9 +196,8 @@ def test_relay_once_with_an_app_publishes_first_and_stops_at_a_refusal(
         "job-3": "staged",
     }
     env["RECORDING_APP_FAIL"] = ""
-    assert single("relay", "--once", "--app", RECORDING_APP, env=env).ok().stdout.strip() == (
-        "published 2 staged jobs"
-    )
+    again = single.quick("relay", "--once", "--app", RECORDING_APP, env=env)
+    assert again.ok().stdout.strip() == "published 2 staged jobs"
     assert set(states(sqlite_store).values()) == {"queued"}
 
 

@@ -69,7 +69,7 @@ def test_cancel_refuses_app_and_broker(cli: Cli) -> None:
 def test_restart_without_app_or_broker_names_the_option(cli: Cli, store: Store) -> None:
     """Celery is installed: the missing piece is the option, not ``pip install``."""
     seed_ledger(store)
-    line = cli("restart", "charge-100").error(
+    line = cli.quick("restart", "charge-100").error(
         "no integration for queue system 'celery'", "pass --app", "--broker"
     )
     assert "pip install" not in line
