@@ -81,8 +81,14 @@ class _Console(Console):
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _reader_left()
         raise BrokenPipeError
+
+
+def _reader_left() -> None:
+    """The reader of stdout went away: point stdout at /dev/null, so the flush of what is
+    still buffered at exit cannot fail too (Python would then exit 120, not 0)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 #: Piped output is not cut to 80 columns: a script reading it wants whole ids and states.
@@ -220,6 +226,7 @@ def _command(**options: Any) -> Callable[[F], F]:
             except JobLedgerError as exc:
                 _fail(str(exc))
             except BrokenPipeError:  # `jobledger jobs | head`: the reader left, that is fine
+                _reader_left()
                 sys.stderr.close()
                 raise typer.Exit(0) from None
 
