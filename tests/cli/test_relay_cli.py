@@ -24,18 +24,18 @@ from jobledger.query import JobQuery
 from jobledger.stores.base import Store
 from jobledger.stores.sql import SQLStore
 from jobledger.testing import wait_for
+from ledgerdb import REDIS_URL
 
 from .helpers import RECORDING_APP, Cli, child_env, jobledger_command, read_log
 
 S = JobState
-BROKER_DB = 13
-BROKER = f"redis://127.0.0.1:6379/{BROKER_DB}"
+BROKER = REDIS_URL  # each test publishes to a queue of its own there
 DEAD_BROKER = "redis://127.0.0.1:1/0"  # nothing listens there
 
 
 @pytest.fixture
 def broker() -> Iterator[Broker]:
-    found = Broker(redis.Redis(host="127.0.0.1", port=6379, db=BROKER_DB))
+    found = Broker(redis.Redis.from_url(BROKER))
     yield found
     found.clean()
 
