@@ -7,7 +7,6 @@ through a TCP proxy that the test cuts (refusing and dropping connections) and r
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +28,10 @@ def test_ledger_down_while_publishing_and_running(make_harness: Callable[..., Ha
     assert h.proxy is not None
     h.start_worker("w1", concurrency=2)
     h.proxy.pause()
-    started = time.monotonic()
     ids = [h.app.send_task("e2e.work", args=[i], kwargs={"seconds": 0.2}).id for i in range(20)]
-    publishing = time.monotonic() - started
-    assert len(ids) == 20 and publishing < 5, f"publishing took {publishing:.1f}s"
-    assert h.integration.counters["publish_unrecorded"] == 20
+    # every publish went out, each after one refused record (not a wall-time bound: under load
+    # 11 twenty publishes took 5.7 s; a silent host's bound is the connect timeout's tests')
+    assert len(ids) == 20 and h.integration.counters["publish_unrecorded"] == 20
     # the worker runs jobs while the ledger is unreachable (its writes are deferred)...
     wait_for("jobs to run during the outage", lambda: sum(r[1] == "done" for r in h.runs()) >= 4)
     assert h.store.count(JobQuery()) == 0  # nothing reached the ledger yet
