@@ -7,6 +7,12 @@ bookkeeping but not the thread, and its own writes then wait for a lock nobody w
 So every call on a :class:`ForkGuardedStore` (what :func:`guarded` makes of a store that needs
 it: SQLite; the others are left as they are) holds one process-wide lock, which
 ``os.register_at_fork`` takes around every fork (:func:`install_fork_hooks`).
+
+The runtime's own locks have the same hazard in Python: a child forked while another thread of
+the parent holds one inherits it held, by a thread the child does not have, and its first use
+there waits forever (an RQ work horse forked while the heartbeat thread looked up the store
+never claimed its job). Each such lock is made with :func:`renewed_in_child`, and every forked
+child starts with new ones.
 """
 
 from __future__ import annotations
@@ -15,13 +21,36 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any, cast
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
 from jobledger.stores.base import StagedBatch, Store
 
+T = TypeVar("T")
+
 _fork_lock = threading.RLock()
 _hooks_installed = False
+#: The locks :func:`renewed_in_child` made: their owner, attribute and how to make one.
+_renewed: list[tuple[weakref.ref[object], str, Callable[[], object]]] = []
+
+
+def renewed_in_child(owner: object, attribute: str, make: Callable[[], T]) -> T:
+    """``make()``, to be stored as ``owner.<attribute>``, which every child forked from now on
+    gets anew (see the module docstring): for a lock a forked child may take."""
+    _renewed.append((weakref.ref(owner), attribute, make))
+    return make()
+
+
+def _renew_in_child() -> None:
+    global _renewed
+    alive = [(ref, attribute, make) for ref, attribute, make in _renewed if ref() is not None]
+    for ref, attribute, make in alive:
+        setattr(ref(), attribute, make())
+    _renewed = alive
+
+
+os.register_at_fork(after_in_child=_renew_in_child)
 
 
 def install_fork_hooks() -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 from jobledger.errors import DeliverySkipped, JobLedgerError
 from jobledger.lifecycle import Claim
 from jobledger.model import JobRecord, Republish
+from jobledger.runtime import forksafe
 from jobledger.tracebacks import task_traceback
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class Guard:
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
         self._runs: dict[str, Run] = {}
-        self._lock = threading.Lock()
+        self._lock = forksafe.renewed_in_child(self, "_lock", threading.Lock)
 
     def run(self, delivery: Delivery, body: Callable[[], T], judge: Judge = _failure) -> T:
         """Claim, run ``body`` if the claim says so, record its end; return what it returned

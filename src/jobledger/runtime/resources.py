@@ -41,7 +41,8 @@ class ProcessResources:
         self._stores: dict[int, Store] = {} if store is None else {os.getpid(): store}
         self._pending: dict[int, PendingWrites] = {}
         self._outboxes: dict[int, Outbox] = {}
-        self._lock = threading.RLock()  # a resource made under it may need the store
+        # RLock: a resource made under it may need the store
+        self._lock = forksafe.renewed_in_child(self, "_lock", threading.RLock)
 
     @property
     def store(self) -> Store:
