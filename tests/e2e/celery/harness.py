@@ -110,8 +110,34 @@ class Harness(ProcessHarness[WorkerProcess]):
         )
         if self.visibility_timeout is not None:
             env["E2E_VISIBILITY_TIMEOUT"] = str(self.visibility_timeout)
+        env["PGAPPNAME"] = self.session_name(name)  # libpq names the worker's sessions
         env.update(extra)
         return env
+
+    def session_name(self, name: str) -> str:
+        """The ``application_name`` of the worker ``name``'s PostgreSQL sessions."""
+        return f"{self.queue}-{name}"
+
+    def await_gone(self, worker: WorkerProcess) -> None:
+        """Wait until a killed worker can change the ledger no more: every process of its
+        group has exited and, on PostgreSQL, every session of its has ended. A statement
+        (a claim's commit) sent just before the kill still lands after it, so the ledger read
+        at the kill is not yet what the dead worker left."""
+        worker.wait(10)
+        wait_for(f"every process of {worker.name} to exit", lambda: not worker.group_alive())
+        if self.ledger != "postgresql":
+            return
+        assert isinstance(self.store, SQLStore)
+        from sqlalchemy import text
+
+        def sessions() -> int:
+            with self.store.engine.connect() as conn:
+                query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
+                return int(
+                    conn.execute(text(query), {"name": self.session_name(worker.name)}).scalar_one()
+                )
+
+        wait_for(f"the ledger to end {worker.name}'s sessions", lambda: sessions() == 0)
 
     def start_worker(self, name: str, concurrency: int = 4, **extra: str) -> WorkerProcess:
         """Spawn a worker and wait until it registered in the ledger and is ready."""

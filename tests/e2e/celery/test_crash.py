@@ -38,7 +38,8 @@ def held_by(h: Harness, name: str) -> set[str]:
 
 def kill_mid_run(h: Harness, name: str = "victim") -> set[str]:
     """Wait until ``name`` has finished some jobs and holds at least two, SIGKILL its whole
-    process group, and return the jobs it held (read after the kill: none can finish there)."""
+    process group, and return the jobs it held (read once it is gone: none can finish there,
+    and a claim it sent just before the kill has landed)."""
 
     def busy() -> bool:
         done = sum(1 for r in h.runs() if r[2] == name and r[1] == "done")
@@ -47,9 +48,9 @@ def kill_mid_run(h: Harness, name: str = "victim") -> set[str]:
     wait_for(f"{name} to be mid-run", busy, timeout=30)
     worker = next(w for w in h.workers if w.name == name)
     worker.kill(signal.SIGKILL)
+    h.await_gone(worker)
     orphaned = held_by(h, name)
     assert orphaned
-    worker.wait(10)
     return orphaned
 
 

@@ -59,6 +59,15 @@ class WorkerProcess:
             return [int(pid) for pid in path.read_text().split()]
         return []
 
+    def group_alive(self) -> bool:
+        """Whether a process of its group still exists (a child of a killed worker outlives
+        it until the signal reaches it too)."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
     def wait(self, timeout: float = 30) -> int:
         """The main process's exit status once it has exited (TimeoutExpired if it does not)."""
         return self.proc.wait(timeout=timeout)
