@@ -34,10 +34,6 @@ BEAT_PAUSE = 1.0
 PROCESS_TTL = 3.0
 MAX_RECOVERIES = 3
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("sidekiq") is None, reason="needs ruby-sidekiq and ruby-faraday (apt)"
-)
-
 
 class Supervisor:
     """``jobledger serve`` with the Sidekiq integration, as its own process."""
@@ -170,6 +166,11 @@ class SidekiqApp:
         self.processes: list[SidekiqProcess] = []
 
     def start(self, concurrency: int = 5) -> SidekiqProcess:
+        if shutil.which("sidekiq") is None:
+            raise AssertionError(
+                "sidekiq is not installed: apt-get install ruby-sidekiq ruby-faraday "
+                "(scripts/test installs them)"
+            )
         log = self.workdir / f"sidekiq-{len(self.processes)}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
