@@ -8,7 +8,6 @@ from collections import Counter
 from sidekiq_harness import (  # noqa: F401  (fixtures)
     SidekiqApp,
     Supervisor,
-    pytestmark,
     sidekiq_fixture,
     sidekiq_redis_fixture,
     supervisor_fixture,

@@ -12,7 +12,6 @@ from sidekiq_harness import (  # noqa: F401  (fixtures)
     PROCESS_TTL,
     SidekiqApp,
     Supervisor,
-    pytestmark,
     ran_after_success,
     sidekiq_fixture,
     sidekiq_redis_fixture,
