@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from jobledger.cli import app as cli_app
 from jobledger.integrations.base import Registry
-from jobledger.model import JobRecord, JobState
+from jobledger.manager import Manager
+from jobledger.model import HistoryEvent, JobRecord, JobState, Republish
+from jobledger.server import events
 from jobledger.stores.sql import SQLStore
 
 from .conftest import AppFactory
@@ -164,3 +167,43 @@ def test_no_restart_button_where_no_integration_can_publish(
     assert 'value="restart"' in client.get("/jobs?system=http").text
     bare = make_client(integrations=Registry())
     assert 'value="restart"' not in bare.get("/jobs").text
+
+
+class InstantSidekiq:
+    """Runs each pushed job at once, inside the push, reporting as the README's middleware
+    does: the restart's own move has not landed yet when the job's reports arrive."""
+
+    system = "http"
+
+    def __init__(self, store: SQLStore, *, forward: bool) -> None:
+        self.store = store
+        self.forward = forward
+
+    def publish(self, record: JobRecord, *, reason: Republish | None = None) -> None:
+        form = dict(SEED_FORM)
+        if self.forward:  # job.slice("jobledger_generation", "jobledger_republish"), as text
+            form["jobledger_generation"] = str(record.generation)
+            form["jobledger_republish"] = reason.value if reason else ""
+        report = events.JobEvent.model_validate(form)
+        events.started(self.store, record.id, report, ttl=30.0)
+        events.finished(self.store, record.id, report, JobState.SUCCEEDED)
+
+
+@pytest.mark.parametrize("forward", [True, False], ids=["forwarded", "seed-middleware"])
+def test_a_restart_run_before_its_own_move_landed(store: SQLStore, forward: bool) -> None:
+    """A Ruby worker can take, run and report a restarted job before the restart's move to
+    queued lands. With the payload's keys forwarded the claim accounts the restart itself;
+    with the seed's middleware as it is, the job still runs once and ends succeeded."""
+    store.create(
+        JobRecord(id="fast-1", name="Reports::Build", system="http", state=JobState.FAILED)
+    )
+    integrations = Registry()
+    integrations.register(InstantSidekiq(store, forward=forward))
+    report = Manager(store, integrations=integrations).restart(["fast-1"])
+    assert report.done == ["fast-1"], report
+    record = store.get("fast-1")
+    assert record is not None and record.state is JobState.SUCCEEDED
+    assert record.attempts == 1
+    if forward:
+        assert (record.restarts, record.generation) == (1, 1)
+        assert [e.event for e in record.history] == [HistoryEvent.RESTARTED]

@@ -29,6 +29,7 @@ from jobledger.model import (
     InstanceState,
     JobRecord,
     JobState,
+    Republish,
 )
 from jobledger.server.errors import ApiError
 from jobledger.server.inputs import job_id, parse_arguments, storable
@@ -76,6 +77,16 @@ class JobEvent(BaseModel):
     )
     error: str | None = Field(default=None, description="Why the job failed (failed only).")
     will_retry: bool = Field(default=False, description="failed only: the client retries it.")
+    jobledger_generation: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**31 - 1,
+        description="started only: the payload's jobledger_generation, when it has one.",
+    )
+    jobledger_republish: Republish | None = Field(
+        default=None,
+        description="started only: the payload's jobledger_republish, when it has one.",
+    )
 
     @field_validator("arguments", "job_class", "queue", "instance", "error")
     @classmethod
@@ -196,12 +207,25 @@ def queued(store: Store, jid: str, event: JobEvent) -> Outcome:
 
 
 def started(store: Store, jid: str, event: JobEvent, ttl: float) -> Outcome:
-    """The client began running the job: claim it for its instance (invariant 2)."""
+    """The client began running the job: claim it for its instance (invariant 2).
+
+    A client that forwards the ``jobledger_generation`` and ``jobledger_republish`` keys of a
+    payload jobledger pushed claims as a worker integration does: a restart's or recovery's
+    message that runs before the republisher's own move landed is accounted in the claim
+    (``restarts`` or ``recoveries`` + 1, the new generation), so the ledger counts it however
+    fast the Ruby side is. Without them a restarted job still runs and is recorded, but its
+    restart is counted only if the restart's move lands before the job's first report.
+    """
     jid = job_id(jid)
     owner = owner_of(event.instance) or UNTRACKED.id
     record = _record(jid, event, JobState.STARTED, owner) if event.job_class else None
     try:
-        claim = Lifecycle(store, owner=owner, ttl=ttl).claim(jid, record)
+        claim = Lifecycle(store, owner=owner, ttl=ttl).claim(
+            jid,
+            record,
+            generation=event.jobledger_generation,
+            republish=event.jobledger_republish,
+        )
     except LookupError:
         _record(jid, event, JobState.STARTED)  # raises the 404 naming job_class
         raise

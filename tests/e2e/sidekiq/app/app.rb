@@ -35,8 +35,10 @@ module Jobledger
 
   # Sidekiq.configure_server: started before the job runs, complete or failed after.
   class ServerMiddleware
+    FORWARDED = %w[jobledger_generation jobledger_republish].freeze
+
     def call(_worker, job, _queue)
-      Jobledger.report("/#{job["jid"]}/started", job)
+      Jobledger.report("/#{job["jid"]}/started", job, job.slice(*FORWARDED))
       begin
         yield
       rescue => e
