@@ -116,8 +116,9 @@ def connect(target: Target, *, connect_timeout: float, timeout: float) -> Client
     if not target.sentinels:
         return redis.Redis(**_without_pool_keys(options))
     sentinel_options = {"socket_connect_timeout": connect_timeout, "socket_timeout": timeout}
-    manager = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
-    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+    manager = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call, unused-ignore]
+    # redis-py types Sentinel from 8.2 on; the ignores stay for the older releases we allow
+    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         target.service, **_without_pool_keys(options)
     )
     return client
