@@ -184,6 +184,8 @@ class InstantSidekiq:
         if self.forward:  # job.slice("jobledger_generation", "jobledger_republish"), as text
             form["jobledger_generation"] = str(record.generation)
             form["jobledger_republish"] = reason.value if reason else ""
+        else:  # the seed's middleware sends neither; a blank field means the same
+            form["jobledger_generation"] = ""
         report = events.JobEvent.model_validate(form)
         events.started(self.store, record.id, report, ttl=30.0)
         events.finished(self.store, record.id, report, JobState.SUCCEEDED)
@@ -207,3 +209,11 @@ def test_a_restart_run_before_its_own_move_landed(store: SQLStore, forward: bool
     if forward:
         assert (record.restarts, record.generation) == (1, 1)
         assert [e.event for e in record.history] == [HistoryEvent.RESTARTED]
+
+
+def test_forwarded_payload_keys_are_checked(client: TestClient) -> None:
+    client.post("/api/v1/jobs", data={"job_id": "k-1", **SEED_FORM})
+    for field, value in (("jobledger_generation", "-1"), ("jobledger_republish", "again")):
+        r = client.post("/api/v1/jobs/k-1/started", data={**SEED_FORM, field: value})
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+    assert client.get("/api/v1/jobs/k-1").json()["state"] == "queued"

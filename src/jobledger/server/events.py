@@ -88,6 +88,12 @@ class JobEvent(BaseModel):
         description="started only: the payload's jobledger_republish, when it has one.",
     )
 
+    @field_validator("jobledger_generation", "jobledger_republish", mode="before")
+    @classmethod
+    def _blank_is_absent(cls, value: object) -> object:
+        """A form field sent empty (a payload without the key) means the key is absent."""
+        return None if value == "" else value
+
     @field_validator("arguments", "job_class", "queue", "instance", "error")
     @classmethod
     def _storable(cls, value: str | None) -> str | None:
