@@ -58,6 +58,9 @@ def test_sigkill_right_after_the_starts_loses_nothing(
     survivor = sidekiq.start(concurrency=4)  # a live process the judgement must not blame
     jids = sidekiq.enqueue(4)
     supervisor.wait_states(jids, JobState.STARTED)
+    # the middleware reports started before the body notes its start: wait for the notes too,
+    # or a job of the doomed process not noted yet is taken for the survivor's
+    wait_for("each body to note its start", lambda: len(sidekiq.notes("starts")) == len(jids))
     on_doomed = [n["jid"] for n in sidekiq.notes("starts") if n["pid"] == doomed.process.pid]
     doomed.signal(signal.SIGKILL)
     sidekiq.redis.delete("jl:hold")
