@@ -209,19 +209,22 @@ class Journal:
         for path in sorted(self.path.parent.glob(f"*{SUFFIX}")):
             if path == self.path:
                 continue
-            try:
-                fd = os.open(_owner_file(path), os.O_RDWR)
-            except FileNotFoundError:
-                continue  # not a journal a worker ever owned
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live worker owns it and replays it itself
-            else:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                found.append(path)
-            finally:
-                os.close(fd)
+            # under the fork lock: a child forked while the owner file is open here would keep
+            # our test lock on it, and the journal would look owned while that child lives
+            with _fork_lock:
+                try:
+                    fd = os.open(_owner_file(path), os.O_RDWR)
+                except FileNotFoundError:
+                    continue  # not a journal a worker ever owned
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live worker owns it and replays it itself
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    found.append(path)
+                finally:
+                    os.close(fd)
         return found
 
     def journaled(self, job_ids: Collection[str]) -> set[str]:
@@ -241,11 +244,12 @@ class Journal:
             if path == self.path:
                 continue
             try:
-                conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-                try:
-                    found.update(row[0] for row in conn.execute(query, wanted))
-                finally:
-                    conn.close()
+                with _fork_lock:  # the sweep's thread must not be in SQLite when a child forks
+                    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                    try:
+                        found.update(row[0] for row in conn.execute(query, wanted))
+                    finally:
+                        conn.close()
             except sqlite3.Error as exc:  # not a journal, or being created: nothing to read
                 log.debug("journal %s not read: %s", path, exc)
         return found
@@ -400,9 +404,11 @@ def replay_orphans(journal: Journal, store: Callable[[], Store]) -> int:
 
 
 # -- fork safety -------------------------------------------------------------------------------
-#: Held around every SQLite transaction and taken around every fork: SQLite keeps its file
-#: locks' bookkeeping per process, and a child forked while another thread holds a lock would
-#: wait forever for it.
+#: Held around every SQLite call of this module and taken around every fork: SQLite keeps its
+#: file locks' bookkeeping and its own mutexes per process, and a child forked while another
+#: thread is inside SQLite (a lock held, or a connection being opened) would wait forever for
+#: what that thread held. (The sweep's read of the other journals once ran unguarded: an RQ
+#: work horse forked during it never claimed its job.)
 _fork_lock = threading.RLock()
 _journals: weakref.WeakSet[Journal] = weakref.WeakSet()
 

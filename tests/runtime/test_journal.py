@@ -246,6 +246,38 @@ def test_journaled_reads_every_journal_of_the_directory_live_or_gone(tmp_path: P
     mine.close()
 
 
+def test_the_sweeps_reads_of_other_journals_hold_the_fork_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker forks its children while its sweep reads the other journals: a child forked
+    while that thread is inside SQLite (its mutexes) or holds an owner file's flock inherits
+    them held, and an RQ work horse forked so never claimed its job. So those reads, as every
+    other SQLite call of the journal, happen under the lock every fork takes."""
+    from jobledger import journal as journal_module
+
+    mine = Journal.for_instance(tmp_path, "w1")
+    gone = Journal.for_instance(tmp_path, "w2")
+    gone.append(succeed("a", "w2:x"))
+    gone.close()
+    outside: list[str] = []
+    connect, flock = sqlite3.connect, journal_module.fcntl.flock
+
+    def checked(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if not journal_module._fork_lock._is_owned():  # type: ignore[attr-defined]
+                outside.append(name)
+            return call(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(journal_module.sqlite3, "connect", checked("connect", connect))
+    monkeypatch.setattr(journal_module.fcntl, "flock", checked("flock", flock))
+    assert mine.journaled({"a", "b"}) == {"a"}
+    assert mine.orphans() == [gone.path]
+    assert outside == []
+    mine.close()
+
+
 def test_an_owner_in_another_process_is_alive_until_it_exits(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     done_r, done_w = os.pipe()
