@@ -27,7 +27,7 @@ def test_fifty_jobs_succeed_in_the_ledger(sidekiq: SidekiqApp, supervisor: Super
 def test_restart_of_a_failed_job_runs_it_again_with_its_jid(
     sidekiq: SidekiqApp, supervisor: Supervisor
 ) -> None:
-    sidekiq.redis.set("jl:hold", "1")  # the job waits in the queue until told to fail
+    sidekiq.redis.set("jl:hold", "1")  # the job is held until it is told to fail
     sidekiq.start(concurrency=1)
     (jid,) = sidekiq.enqueue(1)
     sidekiq.redis.set(f"jl:fail:{jid}", "1")

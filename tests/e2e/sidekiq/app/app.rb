@@ -61,17 +61,18 @@ Sidekiq.configure_server do |config|
   config.server_middleware { |chain| chain.add Jobledger::ServerMiddleware }
 end
 
-# The tests' job: notes each start and completion in Redis (jl:starts, jl:completes), fails
-# while jl:fail:<jid> exists, and stays in flight while jl:hold exists (up to 60 s).
+# The tests' job: notes each start and completion in Redis (jl:starts, jl:completes), stays
+# in flight while jl:hold exists (up to 60 s), then fails if jl:fail:<jid> exists (set while
+# the job is held: a test learns the jid only once the job may already run).
 class TrackedJob
   include Sidekiq::Worker
   sidekiq_options retry: false
 
   def perform(number)
     note("jl:starts", number)
-    raise "told to fail" if Sidekiq.redis { |r| r.exists?("jl:fail:#{jid}") }
     deadline = Time.now + 60
     sleep 0.05 while Sidekiq.redis { |r| r.exists?("jl:hold") } && Time.now < deadline
+    raise "told to fail" if Sidekiq.redis { |r| r.exists?("jl:fail:#{jid}") }
     note("jl:completes", number)
   end
 
