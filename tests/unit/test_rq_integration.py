@@ -4,6 +4,7 @@ name, recording at enqueue. Against a real Redis (RQ needs one), a ledger in mem
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -17,7 +18,7 @@ from rq.job import Dependency, Job
 from jobledger.config import Settings
 from jobledger.errors import ConfigError, StagingError
 from jobledger.integrations.base import registry
-from jobledger.integrations.rq import Queue, RQIntegration, install
+from jobledger.integrations.rq import Queue, RQIntegration, SimpleWorker, install
 from jobledger.integrations.rq.marks import (
     FIELDS,
     TRACKED,
@@ -29,7 +30,7 @@ from jobledger.integrations.rq.publish import forget_runs
 from jobledger.model import JobRecord, JobState, OrphanPolicy, Republish
 from jobledger.query import JobQuery
 from jobledger.stores.base import Transition
-from jobledger.testing import MemoryStore
+from jobledger.testing import MemoryStore, wait_for
 
 S = JobState
 
@@ -253,3 +254,28 @@ def test_with_the_ledger_down_a_unique_enqueue_goes_out_without_the_key(
         assert redis.hget(first.key, UNRECORDED) == b"1"
     finally:
         down.close()
+
+
+def test_a_warm_shutdown_ends_the_command_listener_that_took_the_unsubscribe_reply_first(
+    rq_env: tuple[RQIntegration, MemoryStore, Redis, str],
+) -> None:
+    """RQ sets the listener's stop flag only after the unsubscribe: a listener that handles
+    the reply first waits 60 s for a new subscription, and redis-py 8.2 joins it unbounded.
+    Here the listener always handles it first; the worker still ends it at once."""
+    _, _, redis, name = rq_env
+    worker = SimpleWorker([name], connection=redis, name=f"{name}-w")
+    worker.subscribe()
+    pubsub, listener = worker.pubsub, worker.pubsub_thread
+    assert pubsub is not None and listener is not None
+    send = pubsub.unsubscribe
+
+    def unsubscribe_and_let_the_listener_take_the_reply(*channels: str) -> None:
+        send(*channels)
+        wait_for("the listener to handle the reply", lambda: not pubsub.subscribed)
+
+    pubsub.unsubscribe = unsubscribe_and_let_the_listener_take_the_reply  # type: ignore[method-assign]
+    stopping = threading.Thread(target=worker.unsubscribe, daemon=True)
+    stopping.start()
+    stopping.join(timeout=20)  # RQ's own order took 60 s here, and left the listener running
+    assert not stopping.is_alive()
+    assert not listener.is_alive()
